@@ -1,0 +1,227 @@
+//! The decision path: resolve a subject's limits for a quota type from the enforced policy snapshot,
+//! then check-and-consume them in the storage backend. Also owns the snapshot handle (`ArcSwap`):
+//! readers never lock; a reload builds a whole new `Policy` and stores it in one step.
+
+use crate::policy::{LimitSpec, Policy, QuotaLimits, Slot, Subject};
+use crate::storage::{ConsumeRequest, Counter, CounterKey, Storage, StorageError};
+use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// The enforced policy plus what the last load attempt said.
+pub struct PolicyHandle {
+    current: ArcSwap<Policy>,
+    status: Mutex<LoadStatus>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadStatus {
+    pub loaded_at: SystemTime,
+    /// The last failed load, when it happened after the last successful one.
+    pub last_error: Option<(String, SystemTime)>,
+}
+
+impl PolicyHandle {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(policy),
+            status: Mutex::new(LoadStatus {
+                loaded_at: SystemTime::now(),
+                last_error: None,
+            }),
+        }
+    }
+
+    /// The enforced policy; cheap, lock-free.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.current.load()
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        self.current.store(Arc::new(policy));
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.loaded_at = SystemTime::now();
+        s.last_error = None;
+    }
+
+    /// Record a rejected policy; the enforced one stays. Keeps the time of the first failure of a
+    /// run of failures, so `/status` says since when the file has been broken.
+    pub fn record_error(&self, error: String) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let since = s
+            .last_error
+            .as_ref()
+            .map_or_else(SystemTime::now, |(_, t)| *t);
+        s.last_error = Some((error, since));
+    }
+
+    pub fn status(&self) -> LoadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Why a request was allowed or refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    WithinLimits,
+    Unlimited,
+    QuotaExceeded,
+    /// The subject's tier does not include this quota type.
+    NotInTier,
+}
+
+/// One limit's state after a decision, ready for headers and bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitState {
+    pub slot: Slot,
+    /// Nominal quota units per window, for `RateLimit-Policy`.
+    pub quota: u64,
+    pub window_s: i64,
+    /// Capacity: burst of a rate, limit of a calendar quota.
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_after_ns: i64,
+    pub retry_after_ns: i64,
+    pub allowed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Reason,
+    pub limits: Vec<LimitState>,
+    /// A repeat of an earlier request id: this is the first decision, nothing was consumed.
+    pub replayed: bool,
+    pub now_ns: i64,
+}
+
+impl Decision {
+    /// The limit that matters most to the client: the one refusing (longest wait) when refused,
+    /// else the one with the least remaining.
+    pub fn binding(&self) -> Option<&LimitState> {
+        if self.allowed {
+            self.limits.iter().min_by_key(|l| l.remaining)
+        } else {
+            self.limits
+                .iter()
+                .filter(|l| !l.allowed)
+                .max_by_key(|l| l.retry_after_ns)
+        }
+    }
+
+    pub fn retry_after_ns(&self) -> i64 {
+        self.binding().map_or(0, |l| l.retry_after_ns)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+pub struct Engine<S> {
+    store: S,
+}
+
+impl<S: Storage> Engine<S> {
+    pub fn new(store: S) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Check and consume `cost` units of `quota` for `subject` at `now_ns`. With a `request_id`, a
+    /// repeat returns the first decision and consumes nothing.
+    pub async fn check(
+        &self,
+        subject: &Subject,
+        quota: &str,
+        cost: u64,
+        request_id: Option<&str>,
+        now_ns: i64,
+    ) -> Result<Decision, EngineError> {
+        let (quota_name, specs) = match subject.tier.quotas.get_key_value(quota) {
+            None => return Ok(Decision::without_counters(false, Reason::NotInTier, now_ns)),
+            Some((_, QuotaLimits::Unlimited)) => {
+                return Ok(Decision::without_counters(true, Reason::Unlimited, now_ns));
+            }
+            Some((name, QuotaLimits::Limited(specs))) => (name, specs),
+        };
+        let counters: Vec<Counter> = specs
+            .iter()
+            .map(|spec| Counter {
+                key: CounterKey {
+                    subject: subject.id.clone(),
+                    quota: quota_name.clone(),
+                    slot: spec.slot(),
+                },
+                limit: spec.limit_at(subject.time_zone, now_ns),
+            })
+            .collect();
+        let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
+        let outcome = self
+            .store
+            .check_and_consume(&ConsumeRequest {
+                counters: &counters,
+                cost,
+                now_ns,
+                idempotency_key: idempotency_key.as_deref(),
+            })
+            .await?;
+        let limits = specs
+            .iter()
+            .zip(&outcome.counters)
+            .map(|(spec, r)| limit_state(spec, r))
+            .collect();
+        Ok(Decision {
+            allowed: outcome.allowed,
+            reason: if outcome.allowed {
+                Reason::WithinLimits
+            } else {
+                Reason::QuotaExceeded
+            },
+            limits,
+            replayed: outcome.replayed,
+            now_ns,
+        })
+    }
+}
+
+fn limit_state(spec: &LimitSpec, r: &crate::storage::CounterReport) -> LimitState {
+    let (quota, window_s) = spec.quota_and_window_s();
+    LimitState {
+        slot: spec.slot(),
+        quota,
+        window_s,
+        limit: r.limit,
+        remaining: r.remaining,
+        reset_after_ns: r.reset_after_ns,
+        retry_after_ns: r.retry_after_ns,
+        allowed: r.allowed,
+    }
+}
+
+impl Decision {
+    fn without_counters(allowed: bool, reason: Reason, now_ns: i64) -> Self {
+        Decision {
+            allowed,
+            reason,
+            limits: Vec::new(),
+            replayed: false,
+            now_ns,
+        }
+    }
+}
+
+/// Now, as Unix nanoseconds.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,12 @@
+//! Tollgate's quota engine: the policy model and its validation, the limiter algorithms, the
+//! storage backends that hold counters, and the engine that turns a request into a decision.
+//! It does no network I/O of its own beyond what a storage backend needs.
+
+pub mod calendar;
+pub mod engine;
+pub mod limiter;
+pub mod policy;
+pub mod storage;
+
+pub use engine::{Decision, Engine, EngineError, PolicyHandle};
+pub use policy::{EntitlementSource, Policy, PolicyErrors};

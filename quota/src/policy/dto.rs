@@ -1,0 +1,127 @@
+//! The policy file format as written by policy authors (serde DTOs). Every struct rejects unknown
+//! fields, so a misspelled key is an error instead of a silently ignored setting. Values that other
+//! parts of the file refer to are `Spanned`, so cross-reference errors can point at the spot.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// A label for this policy version; the enforced version also carries a content hash.
+    pub version: Option<Spanned<String>>,
+    pub failure_mode: Option<Spanned<FailureModeDto>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<UpstreamDto>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteDto>>,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Spanned<BTreeMap<String, Spanned<QuotaDto>>>>,
+    #[serde(default)]
+    pub subjects: Vec<Spanned<SubjectDto>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureModeDto {
+    FailOpen,
+    FailClosed,
+    Local,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamDto {
+    /// `host:port`.
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub tls: bool,
+    /// TLS server name; defaults to the host part of `address`.
+    pub sni: Option<String>,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_io_ms")]
+    pub read_timeout_ms: u64,
+    #[serde(default = "default_io_ms")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_connect_ms() -> u64 {
+    2_000
+}
+fn default_io_ms() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDto {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchDto,
+    pub upstream: Spanned<String>,
+    pub quota: Spanned<String>,
+    #[serde(default = "one")]
+    pub cost: u64,
+    #[serde(default)]
+    pub expensive: bool,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchDto {
+    pub method: Option<Spanned<String>>,
+    pub host: Option<String>,
+    pub path_prefix: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaDto {
+    #[serde(default)]
+    pub rates: Vec<Spanned<RateDto>>,
+    pub daily: Option<Spanned<u64>>,
+    pub monthly: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub unlimited: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateDto {
+    pub limit: Spanned<u64>,
+    pub per: PeriodDto,
+    /// Bucket capacity; defaults to `limit`.
+    pub burst: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum PeriodDto {
+    Second,
+    Minute,
+    Hour,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectDto {
+    pub key: Spanned<String>,
+    pub id: String,
+    pub tier: Spanned<String>,
+    #[serde(default = "utc")]
+    pub time_zone: Spanned<String>,
+}
+
+fn utc() -> Spanned<String> {
+    Spanned::new(
+        "UTC".to_string(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}

@@ -1,0 +1,592 @@
+//! Loading a policy: read one YAML file or every `*.yaml`/`*.yml` file of a directory, parse each into
+//! DTOs, then validate the whole and build the runtime `Policy`. Every error names the file, line,
+//! column and field path and says what was expected; all errors found are reported, not just the first.
+
+use super::dto::{
+    FailureModeDto, PeriodDto, PolicyFile, QuotaDto, RouteDto, SubjectDto, UpstreamDto,
+};
+use super::{
+    FailureMode, LimitSpec, Policy, QuotaLimits, RatePeriod, Route, Subject, Tier, Upstream,
+};
+use crate::calendar::CalendarPeriod;
+use chrono_tz::Tz;
+use serde_saphyr::{Location, Spanned};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One problem in a policy source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// The source as a whole: unreadable, or a directory without policy files.
+    #[error("{file}: {message}")]
+    Source { file: String, message: String },
+    /// A spot in a file.
+    #[error("{file}:{line}:{column}: {path}: {message}")]
+    At {
+        file: String,
+        line: u32,
+        column: u32,
+        path: String,
+        message: String,
+    },
+}
+
+/// Every problem found in a policy; a policy with any of them is not enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// Load a policy file, or every policy file directly inside a directory (in name order).
+pub fn load_path(path: &Path) -> Result<Policy, PolicyErrors> {
+    let display = path.display().to_string();
+    let source_err = |message: String| {
+        PolicyErrors(vec![PolicyError::Source {
+            file: display.clone(),
+            message,
+        }])
+    };
+    let meta = std::fs::metadata(path).map_err(|e| source_err(format!("cannot read: {e}")))?;
+    let mut files = Vec::new();
+    if meta.is_dir() {
+        let entries =
+            std::fs::read_dir(path).map_err(|e| source_err(format!("cannot read: {e}")))?;
+        for entry in entries.flatten() {
+            let p = entry.path();
+            let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
+            if is_yaml && p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(source_err(
+                "no policy files (*.yaml, *.yml) in this directory".into(),
+            ));
+        }
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut sources = Vec::with_capacity(files.len());
+    for f in files {
+        let name = f.display().to_string();
+        match std::fs::read_to_string(&f) {
+            Ok(text) => sources.push((name, text)),
+            Err(e) => {
+                return Err(PolicyErrors(vec![PolicyError::Source {
+                    file: name,
+                    message: format!("cannot read: {e}"),
+                }]));
+            }
+        }
+    }
+    parse_sources(&sources)
+}
+
+/// Build a policy from named YAML texts (a file name or any label used in error messages).
+pub fn parse_sources(sources: &[(String, String)]) -> Result<Policy, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut parsed = Vec::with_capacity(sources.len());
+    let mut hasher = Sha256::new();
+    for (name, text) in sources {
+        hasher.update(text.as_bytes());
+        hasher.update([0u8]);
+        match parse_file(name, text) {
+            Ok(file) => parsed.push((name.as_str(), file)),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    let hash = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Builder::default().build(parsed, hash)
+}
+
+fn parse_file(name: &str, text: &str) -> Result<PolicyFile, PolicyError> {
+    let mut field_path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, PolicyFile>(de).map_err(|e| {
+            field_path = clean_path(&e.path().to_string());
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let loc = e.location().unwrap_or(Location::UNKNOWN);
+        PolicyError::At {
+            file: name.to_string(),
+            line: loc.line() as u32,
+            column: loc.column() as u32,
+            path: if field_path.is_empty() || field_path == "?" {
+                "(document)".into()
+            } else {
+                field_path
+            },
+            message: bare_message(&e.without_snippet().to_string()),
+        }
+    })
+}
+
+/// `Spanned` values show up as an inner `value` field in serde paths; users never wrote it.
+fn clean_path(path: &str) -> String {
+    path.replace(".value", "")
+        .replace(".referenced", "")
+        .replace(".defined", "")
+}
+
+/// The YAML library prefixes messages with `error: line N column M: `; we print the location
+/// ourselves, in `file:line:column` form.
+fn bare_message(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or(rendered);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.find(" column ") {
+        Some(i) if first.starts_with("line ") => first[i + 8..]
+            .split_once(": ")
+            .map_or(first, |(_, rest)| rest),
+        _ => first,
+    }
+    .split(" at line ")
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}
+
+#[derive(Default)]
+struct Builder<'a> {
+    errors: Vec<PolicyError>,
+    version: Option<(String, &'a str)>,
+    failure_mode: Option<FailureMode>,
+    upstreams: HashMap<String, Arc<Upstream>>,
+    tiers: HashMap<String, Arc<Tier>>,
+    /// Names defined but invalid (already reported): references to them are not errors again.
+    broken_upstreams: HashSet<String>,
+    declared_quotas: HashSet<String>,
+}
+
+impl<'a> Builder<'a> {
+    fn err(
+        &mut self,
+        file: &str,
+        loc: Location,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(PolicyError::At {
+            file: file.to_string(),
+            line: loc.line() as u32,
+            column: loc.column() as u32,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn build(
+        mut self,
+        files: Vec<(&'a str, PolicyFile)>,
+        hash: String,
+    ) -> Result<Policy, PolicyErrors> {
+        // Definitions first (upstreams, tiers), then what refers to them (routes, subjects), so the
+        // order of files in a directory does not matter.
+        for (file, doc) in &files {
+            self.header(file, doc);
+            for (name, up) in &doc.upstreams {
+                self.upstream(file, name, up);
+            }
+            for (name, quotas) in &doc.tiers {
+                self.tier(file, name, quotas);
+            }
+        }
+        let mut defined_quotas: Vec<String> = self.declared_quotas.iter().cloned().collect();
+        defined_quotas.sort();
+        let mut routes = Vec::new();
+        let mut subjects = HashMap::new();
+        for (file, doc) in &files {
+            for (i, route) in doc.routes.iter().enumerate() {
+                if let Some(r) = self.route(file, i, route, &defined_quotas) {
+                    if routes.iter().any(|o: &Route| o.name == r.name) {
+                        self.err(
+                            file,
+                            route.referenced,
+                            format!("routes[{i}].name"),
+                            format!("route `{}` is defined twice", r.name),
+                        );
+                    }
+                    routes.push(r);
+                }
+            }
+            for (i, subject) in doc.subjects.iter().enumerate() {
+                if let Some(s) = self.subject(file, i, &subject.value) {
+                    let key = subject.value.key.value.clone();
+                    if subjects.insert(key, Arc::new(s)).is_some() {
+                        self.err(
+                            file,
+                            subject.value.key.referenced,
+                            format!("subjects[{i}].key"),
+                            "this API key is already given to another subject",
+                        );
+                    }
+                }
+            }
+        }
+        if !self.errors.is_empty() {
+            return Err(PolicyErrors(self.errors));
+        }
+        // Most specific route first; the sort is stable, so equal prefixes keep file order.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        Ok(Policy {
+            version: self
+                .version
+                .map_or_else(|| "unversioned".to_string(), |(v, _)| v),
+            hash,
+            failure_mode: self.failure_mode.unwrap_or_default(),
+            routes,
+            tiers: self.tiers,
+            subjects,
+        })
+    }
+
+    fn header(&mut self, file: &'a str, doc: &PolicyFile) {
+        if let Some(v) = &doc.version {
+            if let Some((_, first)) = &self.version {
+                let msg = format!("`version` is already set in {first}");
+                self.err(file, v.referenced, "version", msg);
+            } else {
+                self.version = Some((v.value.clone(), file));
+            }
+        }
+        if let Some(m) = &doc.failure_mode {
+            if self.failure_mode.is_some() {
+                self.err(
+                    file,
+                    m.referenced,
+                    "failure_mode",
+                    "`failure_mode` is set in more than one file",
+                );
+            }
+            self.failure_mode = Some(match m.value {
+                FailureModeDto::FailOpen => FailureMode::FailOpen,
+                FailureModeDto::FailClosed => FailureMode::FailClosed,
+                FailureModeDto::Local => FailureMode::Local,
+            });
+        }
+    }
+
+    fn upstream(&mut self, file: &str, name: &str, up: &Spanned<UpstreamDto>) {
+        let path = format!("upstreams.{name}");
+        if self.upstreams.contains_key(name) {
+            self.err(
+                file,
+                up.referenced,
+                &path,
+                format!("upstream `{name}` is defined twice"),
+            );
+            return;
+        }
+        let dto = &up.value;
+        let addr = dto.address.value.trim();
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                host
+            }
+            _ => {
+                self.err(
+                    file,
+                    dto.address.referenced,
+                    format!("{path}.address"),
+                    format!("expected `host:port` with a port from 1 to 65535, got `{addr}`"),
+                );
+                self.broken_upstreams.insert(name.to_string());
+                return;
+            }
+        };
+        for (field, v) in [
+            ("connect_timeout_ms", dto.connect_timeout_ms),
+            ("read_timeout_ms", dto.read_timeout_ms),
+            ("write_timeout_ms", dto.write_timeout_ms),
+        ] {
+            if v == 0 {
+                self.err(
+                    file,
+                    up.referenced,
+                    format!("{path}.{field}"),
+                    "expected a timeout of at least 1 ms",
+                );
+            }
+        }
+        let sni = dto.sni.clone().unwrap_or_else(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
+        self.upstreams.insert(
+            name.to_string(),
+            Arc::new(Upstream {
+                name: name.into(),
+                address: addr.to_string(),
+                tls: dto.tls,
+                sni,
+                connect_timeout: Duration::from_millis(dto.connect_timeout_ms),
+                read_timeout: Duration::from_millis(dto.read_timeout_ms),
+                write_timeout: Duration::from_millis(dto.write_timeout_ms),
+            }),
+        );
+    }
+
+    fn tier(
+        &mut self,
+        file: &str,
+        name: &str,
+        quotas: &Spanned<BTreeMap<String, Spanned<QuotaDto>>>,
+    ) {
+        if self.tiers.contains_key(name) {
+            self.err(
+                file,
+                quotas.referenced,
+                format!("tiers.{name}"),
+                format!("tier `{name}` is defined twice"),
+            );
+            return;
+        }
+        let mut out = HashMap::new();
+        for (quota, dto) in &quotas.value {
+            self.declared_quotas.insert(quota.clone());
+            let path = format!("tiers.{name}.{quota}");
+            if let Some(limits) = self.quota(file, &path, dto) {
+                out.insert(Arc::<str>::from(quota.as_str()), limits);
+            }
+        }
+        self.tiers.insert(
+            name.to_string(),
+            Arc::new(Tier {
+                name: name.into(),
+                quotas: out,
+            }),
+        );
+    }
+
+    fn quota(&mut self, file: &str, path: &str, dto: &Spanned<QuotaDto>) -> Option<QuotaLimits> {
+        let q = &dto.value;
+        let has_limits = !q.rates.is_empty() || q.daily.is_some() || q.monthly.is_some();
+        if q.unlimited {
+            if has_limits {
+                self.err(
+                    file,
+                    dto.referenced,
+                    path,
+                    "`unlimited: true` cannot be combined with rates, daily or monthly",
+                );
+                return None;
+            }
+            return Some(QuotaLimits::Unlimited);
+        }
+        if !has_limits {
+            self.err(
+                file,
+                dto.referenced,
+                path,
+                "expected at least one of `rates`, `daily`, `monthly`, or `unlimited: true`",
+            );
+            return None;
+        }
+        let before = self.errors.len();
+        let mut specs = Vec::new();
+        let mut periods = HashSet::new();
+        for (i, rate) in q.rates.iter().enumerate() {
+            let r = &rate.value;
+            let rpath = format!("{path}.rates[{i}]");
+            if r.limit.value == 0 {
+                self.err(
+                    file,
+                    r.limit.referenced,
+                    format!("{rpath}.limit"),
+                    "expected a limit of at least 1",
+                );
+            }
+            let burst = r.burst.as_ref().map_or(r.limit.value, |b| b.value);
+            if let Some(b) = &r.burst
+                && b.value == 0
+            {
+                self.err(
+                    file,
+                    b.referenced,
+                    format!("{rpath}.burst"),
+                    "expected a burst of at least 1",
+                );
+            }
+            if !periods.insert(r.per) {
+                self.err(
+                    file,
+                    rate.referenced,
+                    format!("{rpath}.per"),
+                    "only one rate per period (second, minute, hour) is allowed",
+                );
+            }
+            let period = match r.per {
+                PeriodDto::Second => RatePeriod::Second,
+                PeriodDto::Minute => RatePeriod::Minute,
+                PeriodDto::Hour => RatePeriod::Hour,
+            };
+            specs.push(LimitSpec::Rate {
+                limit: r.limit.value,
+                period,
+                burst,
+            });
+        }
+        for (field, value, period) in [
+            ("daily", &q.daily, CalendarPeriod::Day),
+            ("monthly", &q.monthly, CalendarPeriod::Month),
+        ] {
+            if let Some(v) = value {
+                if v.value == 0 {
+                    self.err(file, v.referenced, format!("{path}.{field}"), "expected a limit of at least 1 (remove the quota type from the tier to deny it)");
+                }
+                specs.push(LimitSpec::Calendar {
+                    limit: v.value,
+                    period,
+                });
+            }
+        }
+        (self.errors.len() == before).then_some(QuotaLimits::Limited(specs))
+    }
+
+    fn route(
+        &mut self,
+        file: &str,
+        i: usize,
+        route: &Spanned<RouteDto>,
+        quotas: &[String],
+    ) -> Option<Route> {
+        let r = &route.value;
+        let path = format!("routes[{i}]");
+        let before = self.errors.len();
+        let upstream = self.upstreams.get(&r.upstream.value).cloned();
+        if upstream.is_none() && !self.broken_upstreams.contains(&r.upstream.value) {
+            let mut known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
+            known.sort();
+            let msg = format!(
+                "unknown upstream `{}`; defined upstreams: {}",
+                r.upstream.value,
+                list(&known)
+            );
+            self.err(file, r.upstream.referenced, format!("{path}.upstream"), msg);
+        }
+        if !quotas.contains(&r.quota.value) {
+            let known: Vec<&str> = quotas.iter().map(String::as_str).collect();
+            let msg = format!(
+                "quota type `{}` is not defined by any tier; defined quota types: {}",
+                r.quota.value,
+                list(&known)
+            );
+            self.err(file, r.quota.referenced, format!("{path}.quota"), msg);
+        }
+        let prefix = &r.matcher.path_prefix;
+        if !prefix.value.starts_with('/') {
+            self.err(
+                file,
+                prefix.referenced,
+                format!("{path}.match.path_prefix"),
+                format!("expected a path starting with `/`, got `{}`", prefix.value),
+            );
+        }
+        let method = r.matcher.method.as_ref().map(|m| {
+            if m.value.is_empty() || !m.value.bytes().all(|b| b.is_ascii_alphabetic()) {
+                self.err(
+                    file,
+                    m.referenced,
+                    format!("{path}.match.method"),
+                    format!(
+                        "expected an HTTP method such as GET or POST, got `{}`",
+                        m.value
+                    ),
+                );
+            }
+            m.value.to_ascii_uppercase()
+        });
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Route {
+            name: r.name.as_str().into(),
+            method,
+            host: r.matcher.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            path_prefix: prefix.value.clone(),
+            upstream: upstream?,
+            quota: r.quota.value.as_str().into(),
+            cost: r.cost,
+            expensive: r.expensive,
+        })
+    }
+
+    fn subject(&mut self, file: &str, i: usize, s: &SubjectDto) -> Option<Subject> {
+        let path = format!("subjects[{i}]");
+        let before = self.errors.len();
+        if s.key.value.trim().is_empty() {
+            self.err(
+                file,
+                s.key.referenced,
+                format!("{path}.key"),
+                "expected a non-empty API key",
+            );
+        }
+        let tier = self.tiers.get(&s.tier.value).cloned();
+        if tier.is_none() {
+            let mut known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
+            known.sort();
+            let msg = format!(
+                "unknown tier `{}`; defined tiers: {}",
+                s.tier.value,
+                list(&known)
+            );
+            self.err(file, s.tier.referenced, format!("{path}.tier"), msg);
+        }
+        let tz = s.time_zone.value.parse::<Tz>().ok();
+        if tz.is_none() {
+            let msg = format!(
+                "unknown time zone `{}`; expected an IANA name such as `Europe/Berlin` or `UTC`",
+                s.time_zone.value
+            );
+            self.err(
+                file,
+                s.time_zone.referenced,
+                format!("{path}.time_zone"),
+                msg,
+            );
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Subject {
+            id: s.id.as_str().into(),
+            tier: tier?,
+            time_zone: tz?,
+        })
+    }
+}
+
+fn list(items: &[&str]) -> String {
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items.join(", ")
+    }
+}

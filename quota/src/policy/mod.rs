@@ -1,0 +1,228 @@
+//! The enforced policy: runtime types built from the YAML DTOs (`dto`) by the loader (`load`).
+//! A `Policy` is immutable; a reload builds a whole new one and swaps it in.
+
+pub mod dto;
+mod load;
+
+pub use load::{PolicyError, PolicyErrors, load_path, parse_sources};
+
+use crate::calendar::CalendarPeriod;
+use crate::limiter::Limit;
+use chrono_tz::Tz;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a gateway does when the shared counter store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Admit, count locally, log.
+    FailOpen,
+    /// Refuse with 503 and `Retry-After`.
+    #[default]
+    FailClosed,
+    /// Each gateway enforces its configured share of the limit on its own.
+    Local,
+}
+
+/// A whole, validated policy snapshot.
+#[derive(Debug)]
+pub struct Policy {
+    /// The author's label (`version:`), or `unversioned`.
+    pub version: String,
+    /// SHA-256 of the source files, hex; identifies exactly what is enforced.
+    pub hash: String,
+    pub failure_mode: FailureMode,
+    /// Most specific first: longest path prefix, then declaration order.
+    pub routes: Vec<Route>,
+    pub tiers: HashMap<String, Arc<Tier>>,
+    subjects: HashMap<String, Arc<Subject>>,
+}
+
+impl Policy {
+    /// The route for a request, most specific match first.
+    pub fn route(&self, method: &str, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
+        self.routes.iter().find(|r| r.matches(method, host, path))
+    }
+
+    pub fn subjects(&self) -> impl Iterator<Item = &Arc<Subject>> {
+        self.subjects.values()
+    }
+}
+
+/// Where a gateway learns which subject an API key belongs to. The policy file is one source; the
+/// control plane is another.
+pub trait EntitlementSource: Send + Sync {
+    fn subject_for_key(&self, api_key: &str) -> Option<Arc<Subject>>;
+}
+
+impl EntitlementSource for Policy {
+    fn subject_for_key(&self, api_key: &str) -> Option<Arc<Subject>> {
+        self.subjects.get(api_key).cloned()
+    }
+}
+
+#[derive(Debug)]
+pub struct Subject {
+    pub id: Arc<str>,
+    pub tier: Arc<Tier>,
+    pub time_zone: Tz,
+}
+
+#[derive(Debug)]
+pub struct Tier {
+    pub name: Arc<str>,
+    /// Per quota type. A type missing here is not part of the tier: requests for it are refused.
+    pub quotas: HashMap<Arc<str>, QuotaLimits>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuotaLimits {
+    Unlimited,
+    Limited(Vec<LimitSpec>),
+}
+
+/// One limit of a quota type, independent of any subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSpec {
+    Rate {
+        limit: u64,
+        period: RatePeriod,
+        burst: u64,
+    },
+    Calendar {
+        limit: u64,
+        period: CalendarPeriod,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RatePeriod {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl RatePeriod {
+    pub fn seconds(self) -> i64 {
+        match self {
+            RatePeriod::Second => 1,
+            RatePeriod::Minute => 60,
+            RatePeriod::Hour => 3600,
+        }
+    }
+}
+
+/// Which counter of a subject's quota type a limit uses. It excludes the limit's value, so a
+/// changed limit keeps counting on the same counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Slot {
+    pub fn name(self) -> &'static str {
+        match self {
+            Slot::Second => "second",
+            Slot::Minute => "minute",
+            Slot::Hour => "hour",
+            Slot::Day => "day",
+            Slot::Month => "month",
+        }
+    }
+}
+
+impl LimitSpec {
+    pub fn slot(&self) -> Slot {
+        match self {
+            LimitSpec::Rate { period, .. } => match period {
+                RatePeriod::Second => Slot::Second,
+                RatePeriod::Minute => Slot::Minute,
+                RatePeriod::Hour => Slot::Hour,
+            },
+            LimitSpec::Calendar { period, .. } => match period {
+                CalendarPeriod::Day => Slot::Day,
+                CalendarPeriod::Month => Slot::Month,
+            },
+        }
+    }
+
+    /// The quota as a header shows it: units per window of `w` seconds (calendar windows are
+    /// nominal: a day is 86400 s, a month 30 days).
+    pub fn quota_and_window_s(&self) -> (u64, i64) {
+        match *self {
+            LimitSpec::Rate { limit, period, .. } => (limit, period.seconds()),
+            LimitSpec::Calendar { limit, period } => match period {
+                CalendarPeriod::Day => (limit, 86_400),
+                CalendarPeriod::Month => (limit, 30 * 86_400),
+            },
+        }
+    }
+
+    /// The limiter for this spec at `now_ns` for a subject in `tz`.
+    pub fn limit_at(&self, tz: Tz, now_ns: i64) -> Limit {
+        match *self {
+            LimitSpec::Rate {
+                limit,
+                period,
+                burst,
+            } => Limit::Bucket {
+                emission_ns: period.seconds() * 1_000_000_000
+                    / i64::try_from(limit.max(1)).unwrap_or(i64::MAX),
+                burst,
+            },
+            LimitSpec::Calendar { limit, period } => {
+                let w = crate::calendar::window(period, tz, now_ns);
+                Limit::Window {
+                    limit,
+                    window: w.id,
+                    reset_at_ns: w.reset_at_ns,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// Upper case; `None` matches any method.
+    pub method: Option<String>,
+    /// Lower case, without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstream: Arc<Upstream>,
+    pub quota: Arc<str>,
+    pub cost: u64,
+    pub expensive: bool,
+}
+
+impl Route {
+    fn matches(&self, method: &str, host: Option<&str>, path: &str) -> bool {
+        self.method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|h| host.is_some_and(|got| got.eq_ignore_ascii_case(h)))
+            && path.starts_with(&self.path_prefix)
+    }
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    /// `host:port`
+    pub address: String,
+    pub tls: bool,
+    pub sni: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+}

@@ -1,0 +1,83 @@
+//! Where counters live. One async trait, `Storage`, takes from several counters at once, all or
+//! nothing; its error says whether the failure is transient, which drives the policy's failure
+//! mode. Backends: `memory` (the embedded default).
+
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+use crate::limiter::Limit;
+use crate::policy::Slot;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Identifies one counter: a subject's quota type at one slot (second, day, ...). Cloning is cheap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub subject: Arc<str>,
+    pub quota: Arc<str>,
+    pub slot: Slot,
+}
+
+/// A counter and the limit it is checked against for this request.
+#[derive(Debug, Clone)]
+pub struct Counter {
+    pub key: CounterKey,
+    pub limit: Limit,
+}
+
+/// Take `cost` from every counter, or from none.
+#[derive(Debug)]
+pub struct ConsumeRequest<'a> {
+    pub counters: &'a [Counter],
+    pub cost: u64,
+    pub now_ns: i64,
+    /// When set, a repeat of the same key returns the first outcome and consumes nothing more.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// One counter's state after the decision, in the order of `ConsumeRequest::counters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterReport {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_after_ns: i64,
+    pub retry_after_ns: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub allowed: bool,
+    pub counters: Vec<CounterReport>,
+    /// True when this is the stored outcome of an earlier request with the same idempotency key.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+    #[error("counter store did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("counter store rejected the operation: {0}")]
+    Rejected(String),
+}
+
+impl StorageError {
+    /// Transient errors may succeed on retry and trigger the policy's failure mode; the others are
+    /// bugs or misconfiguration.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::Timeout(_)
+        )
+    }
+}
+
+pub trait Storage: Send + Sync + 'static {
+    fn check_and_consume(
+        &self,
+        req: &ConsumeRequest<'_>,
+    ) -> impl Future<Output = Result<Outcome, StorageError>> + Send;
+}

@@ -1,0 +1,242 @@
+//! Engine behaviour every storage backend must show. Each test body runs once per backend through
+//! `for_each_backend!` (only the in-memory store exists so far; shared backends join the list).
+
+use quota::engine::{Engine, Reason};
+use quota::policy::{EntitlementSource, Policy, parse_sources};
+use quota::storage::{MemoryStore, Storage};
+use std::sync::Arc;
+
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(quota::storage::MemoryStore::new()).await;
+                }
+            )*
+        }
+    };
+}
+
+for_each_backend!(
+    admits_exactly_the_limit_then_refuses_until_reset,
+    concurrent_requests_admit_exactly_the_limit,
+    several_counters_are_all_or_nothing,
+    repeated_request_id_returns_first_decision_and_charges_once,
+    daily_quota_resets_at_the_subjects_local_midnight,
+    counters_survive_a_limit_change,
+    quota_type_outside_the_tier_is_refused,
+);
+
+const S: i64 = 1_000_000_000;
+
+fn policy(tiers: &str, tz: &str) -> Policy {
+    let yaml = format!(
+        "tiers:\n{tiers}\nsubjects:\n  - {{ key: k, id: alice, tier: t, time_zone: {tz} }}\n"
+    );
+    parse_sources(&[("test.yaml".into(), yaml)]).expect("test policy is valid")
+}
+
+fn at(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap()
+        .timestamp_nanos_opt()
+        .unwrap()
+}
+
+async fn admits_exactly_the_limit_then_refuses_until_reset<S: Storage>(store: S) {
+    let p = policy("  t:\n    lookup: { daily: 5 }", "UTC");
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(store);
+    let now = at("2026-11-22T18:00:00Z");
+    for i in 0..5 {
+        let d = engine.check(&alice, "lookup", 1, None, now).await.unwrap();
+        assert!(d.allowed, "request {i}");
+        assert_eq!(d.limits[0].remaining, 4 - i);
+    }
+    let d = engine.check(&alice, "lookup", 1, None, now).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.reason, Reason::QuotaExceeded);
+    assert_eq!(d.limits[0].remaining, 0);
+    assert_eq!(d.retry_after_ns(), 6 * 3600 * S, "until midnight UTC");
+}
+
+async fn concurrent_requests_admit_exactly_the_limit<S: Storage>(store: S) {
+    let p = policy(
+        "  t:\n    lookup:\n      rates: [ { limit: 1, per: hour, burst: 1000 } ]\n      daily: 37",
+        "UTC",
+    );
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Arc::new(Engine::new(store));
+    let now = at("2026-11-22T12:00:00Z");
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (engine, alice) = (engine.clone(), alice.clone());
+            tokio::spawn(async move {
+                engine
+                    .check(&alice, "lookup", 1, None, now)
+                    .await
+                    .unwrap()
+                    .allowed
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 37);
+}
+
+async fn several_counters_are_all_or_nothing<S: Storage>(store: S) {
+    let p = policy(
+        "  t:\n    lookup:\n      rates: [ { limit: 1, per: hour, burst: 10 } ]\n      daily: 3",
+        "UTC",
+    );
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    assert!(
+        engine
+            .check(&alice, "lookup", 2, None, now)
+            .await
+            .unwrap()
+            .allowed
+    );
+    // The daily quota has 1 left: a cost of 2 is refused and must not take from the bucket either.
+    let refused = engine.check(&alice, "lookup", 2, None, now).await.unwrap();
+    assert!(!refused.allowed);
+    assert_eq!(
+        refused.limits[0].remaining, 8,
+        "bucket untouched by the refused request"
+    );
+    let ok = engine.check(&alice, "lookup", 1, None, now).await.unwrap();
+    assert!(ok.allowed);
+    assert_eq!(ok.limits[0].remaining, 7);
+    assert_eq!(ok.limits[1].remaining, 0);
+}
+
+async fn repeated_request_id_returns_first_decision_and_charges_once<S: Storage>(store: S) {
+    let p = policy("  t:\n    lookup: { daily: 10 }", "UTC");
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    let first = engine
+        .check(&alice, "lookup", 3, Some("req-1"), now)
+        .await
+        .unwrap();
+    let again = engine
+        .check(&alice, "lookup", 3, Some("req-1"), now + S)
+        .await
+        .unwrap();
+    assert!(first.allowed && !first.replayed);
+    assert!(again.replayed);
+    assert_eq!(again.limits, first.limits);
+    let next = engine
+        .check(&alice, "lookup", 1, Some("req-2"), now)
+        .await
+        .unwrap();
+    assert_eq!(next.limits[0].remaining, 6, "10 - 3 (once) - 1");
+}
+
+async fn daily_quota_resets_at_the_subjects_local_midnight<S: Storage>(store: S) {
+    // New York is UTC-5 in November: local midnight is 05:00 UTC.
+    let p = policy("  t:\n    lookup: { daily: 2 }", "America/New_York");
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(store);
+    let before = at("2026-11-22T04:59:59Z");
+    for _ in 0..2 {
+        assert!(
+            engine
+                .check(&alice, "lookup", 1, None, before)
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    let refused = engine
+        .check(&alice, "lookup", 1, None, before)
+        .await
+        .unwrap();
+    assert!(!refused.allowed);
+    assert_eq!(refused.retry_after_ns(), S, "one second to local midnight");
+    // Midnight UTC is not midnight for this subject: still refused.
+    let utc_midnight = engine
+        .check(&alice, "lookup", 1, None, at("2026-11-22T00:30:00Z"))
+        .await;
+    assert!(!utc_midnight.unwrap().allowed);
+    let after = engine
+        .check(&alice, "lookup", 1, None, at("2026-11-22T05:00:00Z"))
+        .await
+        .unwrap();
+    assert!(after.allowed);
+    assert_eq!(after.limits[0].remaining, 1);
+}
+
+async fn counters_survive_a_limit_change<S: Storage>(store: S) {
+    let engine = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    let old = policy("  t:\n    lookup: { daily: 5 }", "UTC");
+    let alice = old.subject_for_key("k").unwrap();
+    for _ in 0..3 {
+        assert!(
+            engine
+                .check(&alice, "lookup", 1, None, now)
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    let new = policy("  t:\n    lookup: { daily: 4 }", "UTC");
+    let alice = new.subject_for_key("k").unwrap();
+    let d = engine.check(&alice, "lookup", 1, None, now).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!(
+        d.limits[0].remaining, 0,
+        "3 used before the change count against the new limit"
+    );
+    assert!(
+        !engine
+            .check(&alice, "lookup", 1, None, now)
+            .await
+            .unwrap()
+            .allowed
+    );
+}
+
+async fn quota_type_outside_the_tier_is_refused<S: Storage>(store: S) {
+    let p = policy(
+        "  t:\n    lookup: { daily: 5 }\n    chat: { unlimited: true }",
+        "UTC",
+    );
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(store);
+    let d = engine.check(&alice, "export", 1, None, 0).await.unwrap();
+    assert_eq!((d.allowed, d.reason), (false, Reason::NotInTier));
+    let d = engine
+        .check(&alice, "chat", 1_000_000, None, 0)
+        .await
+        .unwrap();
+    assert_eq!((d.allowed, d.reason), (true, Reason::Unlimited));
+}
+
+#[test]
+fn memory_store_sweep_drops_only_idle_state() {
+    let store = MemoryStore::new();
+    let p = policy(
+        "  t:\n    lookup:\n      rates: [ { limit: 1, per: second } ]",
+        "UTC",
+    );
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(store);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(engine.check(&alice, "lookup", 1, None, 0))
+        .unwrap();
+    engine.store().sweep(0);
+    assert_eq!(engine.store().len(), 1, "bucket still refilling");
+    engine.store().sweep(2 * S);
+    assert!(engine.store().is_empty());
+}
