@@ -1,1 +1,96 @@
-fn main() {}
+//! `gateway`: run the quota-enforcing proxy, or check a policy file without starting anything.
+
+use clap::{Parser, Subcommand};
+use gateway::server::{RunConfig, run};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Tollgate: a quota and rate-limit gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and its API listener.
+    Run {
+        /// Policy file, or directory of policy files (hot-reloaded).
+        #[arg(long)]
+        config: PathBuf,
+        /// Address of the proxy.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address of the API: /check, /metrics, /status, /healthz.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        api_listen: SocketAddr,
+        /// Proxy worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Seconds to finish in-flight requests after SIGTERM.
+        #[arg(long, default_value_t = 5)]
+        grace_period: u64,
+    },
+    /// Validate a policy file or directory; prints every error and exits non-zero if any.
+    Check { path: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Check { path } => match quota::policy::load_path(&path) {
+            Ok(p) => {
+                println!(
+                    "{}: OK (version {}, {} routes, {} tiers, {} subjects, sha256 {})",
+                    path.display(),
+                    p.version,
+                    p.routes.len(),
+                    p.tiers.len(),
+                    p.subjects().count(),
+                    p.hash
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            config,
+            listen,
+            api_listen,
+            threads,
+            grace_period,
+        } => {
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let cfg = RunConfig {
+                config,
+                listen,
+                api_listen,
+                threads,
+                grace_period_s: grace_period,
+            };
+            match run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gateway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

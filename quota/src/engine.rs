@@ -37,6 +37,11 @@ impl PolicyHandle {
         self.current.load()
     }
 
+    /// The enforced policy as an owned `Arc`, for holding across awaits.
+    pub fn load_full(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
     pub fn replace(&self, policy: Policy) {
         self.current.store(Arc::new(policy));
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());

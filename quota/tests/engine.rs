@@ -33,7 +33,8 @@ const S: i64 = 1_000_000_000;
 
 fn policy(tiers: &str, tz: &str) -> Policy {
     let yaml = format!(
-        "tiers:\n{tiers}\nsubjects:\n  - {{ key: k, id: alice, tier: t, time_zone: {tz} }}\n"
+        "upstreams:\n  u: {{ address: '127.0.0.1:1' }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: u, quota: lookup }}\n\
+         tiers:\n{tiers}\nsubjects:\n  - {{ key: k, id: alice, tier: t, time_zone: {tz} }}\n"
     );
     parse_sources(&[("test.yaml".into(), yaml)]).expect("test policy is valid")
 }

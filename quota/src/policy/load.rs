@@ -220,6 +220,7 @@ impl<'a> Builder<'a> {
         defined_quotas.sort();
         let mut routes = Vec::new();
         let mut subjects = HashMap::new();
+        let mut subjects_by_id: HashMap<Arc<str>, Arc<Subject>> = HashMap::new();
         for (file, doc) in &files {
             for (i, route) in doc.routes.iter().enumerate() {
                 if let Some(r) = self.route(file, i, route, &defined_quotas) {
@@ -236,8 +237,29 @@ impl<'a> Builder<'a> {
             }
             for (i, subject) in doc.subjects.iter().enumerate() {
                 if let Some(s) = self.subject(file, i, &subject.value) {
+                    // Several keys of one subject share one entitlement; they must agree on it.
+                    let s = match subjects_by_id.get(&s.id) {
+                        Some(known)
+                            if known.tier.name == s.tier.name && known.time_zone == s.time_zone =>
+                        {
+                            known.clone()
+                        }
+                        Some(known) => {
+                            let msg = format!(
+                                "subject `{}` is already defined with tier `{}` and time zone `{}`; all its keys must agree",
+                                s.id, known.tier.name, known.time_zone
+                            );
+                            self.err(file, subject.referenced, format!("subjects[{i}]"), msg);
+                            continue;
+                        }
+                        None => {
+                            let s = Arc::new(s);
+                            subjects_by_id.insert(s.id.clone(), s.clone());
+                            s
+                        }
+                    };
                     let key = subject.value.key.value.clone();
-                    if subjects.insert(key, Arc::new(s)).is_some() {
+                    if subjects.insert(key, s).is_some() {
                         self.err(
                             file,
                             subject.value.key.referenced,
@@ -247,6 +269,16 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+        }
+        if routes.is_empty() && self.errors.is_empty() {
+            // Most often a file caught half-written by an editor: enforcing it would refuse everything.
+            let file = files.first().map_or("(policy)", |(f, _)| *f);
+            self.err(
+                file,
+                Location::UNKNOWN,
+                "routes",
+                "no routes defined; a policy needs at least one route",
+            );
         }
         if !self.errors.is_empty() {
             return Err(PolicyErrors(self.errors));
@@ -262,6 +294,7 @@ impl<'a> Builder<'a> {
             routes,
             tiers: self.tiers,
             subjects,
+            subjects_by_id,
         })
     }
 

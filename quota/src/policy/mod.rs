@@ -36,7 +36,9 @@ pub struct Policy {
     /// Most specific first: longest path prefix, then declaration order.
     pub routes: Vec<Route>,
     pub tiers: HashMap<String, Arc<Tier>>,
+    /// By API key.
     subjects: HashMap<String, Arc<Subject>>,
+    subjects_by_id: HashMap<Arc<str>, Arc<Subject>>,
 }
 
 impl Policy {
@@ -46,8 +48,13 @@ impl Policy {
         self.routes.iter().find(|r| r.matches(method, host, path))
     }
 
+    /// Every distinct subject (one subject may hold several API keys).
     pub fn subjects(&self) -> impl Iterator<Item = &Arc<Subject>> {
-        self.subjects.values()
+        self.subjects_by_id.values()
+    }
+
+    pub fn subject_by_id(&self, id: &str) -> Option<&Arc<Subject>> {
+        self.subjects_by_id.get(id)
     }
 }
 

@@ -1,0 +1,157 @@
+//! The API listener (a separate address from the proxy): `POST /check` (CheckAndConsume on the same
+//! engine), `GET /metrics` (Prometheus), `GET /status` (enforced policy and last load error),
+//! `GET /healthz`.
+
+use crate::headers::{ceil_s, rfc3339};
+use crate::state::AppState;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use quota::engine::{Reason, now_ns};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/check", post(check))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Errors of the API, each with a status and a JSON body `{error, detail}`.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("unknown subject `{0}`")]
+    UnknownSubject(String),
+    #[error("quota service unavailable")]
+    Unavailable(#[from] quota::EngineError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::UnknownSubject(_) => (StatusCode::NOT_FOUND, "unknown_subject"),
+            ApiError::Unavailable(e) => {
+                tracing::error!(error = %e, "check failed");
+                (StatusCode::SERVICE_UNAVAILABLE, "quota_unavailable")
+            }
+        };
+        let body = json!({ "error": code, "detail": self.to_string() });
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    subject: String,
+    quota: String,
+    #[serde(default = "one")]
+    cost: u64,
+    request_id: Option<String>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CheckRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let policy = state.policy.load_full();
+    let subject = policy
+        .subject_by_id(&req.subject)
+        .ok_or_else(|| ApiError::UnknownSubject(req.subject.clone()))?;
+    let d = state
+        .engine
+        .check(
+            subject,
+            &req.quota,
+            req.cost,
+            req.request_id.as_deref(),
+            now_ns(),
+        )
+        .await?;
+    let m = &state.metrics;
+    if d.replayed {
+        // Counted when first decided.
+    } else if d.allowed {
+        m.quota_consumed
+            .with_label_values(&[&req.quota])
+            .inc_by(req.cost);
+    } else {
+        m.quota_rejected.with_label_values(&[&req.quota]).inc();
+    }
+    let binding = d.binding();
+    let retry_ns = d.retry_after_ns();
+    let reset_ns = if d.allowed {
+        binding.map_or(0, |l| l.reset_after_ns)
+    } else {
+        retry_ns
+    };
+    let body = json!({
+        "allowed": d.allowed,
+        "reason": match d.reason {
+            Reason::WithinLimits => "within_limits",
+            Reason::Unlimited => "unlimited",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::NotInTier => "quota_not_in_tier",
+        },
+        "limit": binding.map(|l| l.limit),
+        "remaining": binding.map(|l| l.remaining),
+        "reset_at": binding.map(|_| rfc3339(d.now_ns + reset_ns)),
+        "retry_after_ms": (retry_ns + 999_999) / 1_000_000,
+        "replayed": d.replayed,
+        "limits": d.limits.iter().map(|l| json!({
+            "window": l.slot.name(),
+            "limit": l.limit,
+            "remaining": l.remaining,
+            "reset_after_s": ceil_s(l.reset_after_ns),
+        })).collect::<Vec<_>>(),
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+fn unix_rfc3339(t: SystemTime) -> String {
+    let ns = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    rfc3339(ns)
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let policy = state.policy.load();
+    let s = state.policy.status();
+    axum::Json(json!({
+        "policy": {
+            "version": policy.version,
+            "hash": policy.hash,
+            "loaded_at": unix_rfc3339(s.loaded_at),
+            "source": state.config_path.display().to_string(),
+            "routes": policy.routes.len(),
+            "subjects": policy.subjects().count(),
+        },
+        "last_error": s.last_error.map(|(message, since)| json!({
+            "message": message,
+            "since": unix_rfc3339(since),
+        })),
+        "backend": "memory",
+    }))
+}

@@ -1,0 +1,87 @@
+//! Prometheus metrics of one gateway, in a registry owned by the gateway (no global registry).
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub quota_consumed: IntCounterVec,
+    pub quota_rejected: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub request_duration: Histogram,
+    pub upstream_errors: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let quota_consumed = IntCounterVec::new(
+            Opts::new(
+                "quota_consumed_total",
+                "Quota units consumed by admitted requests",
+            ),
+            &["type"],
+        )?;
+        let quota_rejected = IntCounterVec::new(
+            Opts::new(
+                "quota_reject_total",
+                "Requests refused because a quota was exhausted",
+            ),
+            &["type"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_requests_total",
+                "Requests answered, by route and status",
+            ),
+            &["route", "status"],
+        )?;
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_request_duration_seconds",
+                "Time from request to the end of the response",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "upstream_errors_total",
+                "Failed upstream connections or exchanges",
+            ),
+            &["upstream"],
+        )?;
+        let policy_reloads = IntCounterVec::new(
+            Opts::new("policy_reload_total", "Policy reload attempts by result"),
+            &["result"],
+        )?;
+        registry.register(Box::new(quota_consumed.clone()))?;
+        registry.register(Box::new(quota_rejected.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(policy_reloads.clone()))?;
+        // Show both results from the start, so a dashboard sees 0 rather than no series.
+        policy_reloads.with_label_values(&["success"]);
+        policy_reloads.with_label_values(&["error"]);
+        Ok(Self {
+            registry,
+            quota_consumed,
+            quota_rejected,
+            requests,
+            request_duration,
+            upstream_errors,
+            policy_reloads,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

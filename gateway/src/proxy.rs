@@ -1,0 +1,305 @@
+//! The proxy (`ProxyHttp`): identify the subject, find the route, decide against the engine before
+//! any upstream connection, answer refusals itself, and forward admitted requests with bodies
+//! streamed through untouched.
+
+use crate::headers::{ceil_s, ratelimit, ratelimit_policy, refusal_body};
+use crate::state::AppState;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use quota::engine::{Decision, Reason, now_ns};
+use quota::policy::{EntitlementSource, Upstream};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Gateway {
+    state: Arc<AppState>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+/// Per-request state carried between the proxy phases.
+pub struct Ctx {
+    started: Instant,
+    request_id: String,
+    route: Option<Arc<str>>,
+    quota: Option<Arc<str>>,
+    upstream: Option<Arc<Upstream>>,
+    decision: Option<Decision>,
+}
+
+/// The API key from `Authorization: Bearer <key>` or `x-api-key`.
+fn api_key(req: &RequestHeader) -> Option<&str> {
+    if let Some(v) = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, key) = v.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then_some(key.trim());
+    }
+    req.headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+fn host(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .host()
+        .or_else(|| req.headers.get("host").and_then(|v| v.to_str().ok()))
+}
+
+fn has_body(req: &RequestHeader) -> bool {
+    req.headers.contains_key("transfer-encoding")
+        || req
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: serde_json::Value,
+    extra: &[(&'static str, String)],
+    request_id: &str,
+) -> Result<()> {
+    let body = Bytes::from(body.to_string());
+    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("x-request-id", request_id)?;
+    for (name, value) in extra {
+        resp.insert_header(*name, value)?;
+    }
+    // An unread request body would be taken for the next request on this connection.
+    if has_body(session.req_header()) {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+fn error_body(error: &str, message: impl Into<String>, request_id: &str) -> serde_json::Value {
+    serde_json::json!({ "error": error, "message": message.into(), "request_id": request_id })
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            quota: None,
+            upstream: None,
+            decision: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = match req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if !id.is_empty() && id.len() <= 200 => id.to_string(),
+            _ => uuid::Uuid::now_v7().to_string(),
+        };
+        let policy = self.state.policy.load_full();
+        let subject = match api_key(req) {
+            Some(key) if !key.is_empty() => policy.subject_for_key(key),
+            _ => None,
+        };
+        let Some(subject) = subject else {
+            let msg = "a valid API key is required (Authorization: Bearer <key> or x-api-key)";
+            respond_json(
+                session,
+                401,
+                error_body("unauthorized", msg, &ctx.request_id),
+                &[],
+                &ctx.request_id,
+            )
+            .await?;
+            return Ok(true);
+        };
+        let route = policy.route(req.method.as_str(), host(req), req.uri.path());
+        let Some(route) = route else {
+            let msg = format!("no route for {} {}", req.method, req.uri.path());
+            respond_json(
+                session,
+                404,
+                error_body("no_route", msg, &ctx.request_id),
+                &[],
+                &ctx.request_id,
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.route = Some(route.name.clone());
+        ctx.quota = Some(route.quota.clone());
+        ctx.upstream = Some(route.upstream.clone());
+        let (quota, cost) = (route.quota.clone(), route.cost);
+        let decision = self
+            .state
+            .engine
+            .check(&subject, &quota, cost, None, now_ns())
+            .await;
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, subject = %subject.id, "quota check failed");
+                let body = error_body(
+                    "quota_unavailable",
+                    "quota service unavailable",
+                    &ctx.request_id,
+                );
+                respond_json(
+                    session,
+                    503,
+                    body,
+                    &[("retry-after", "1".into())],
+                    &ctx.request_id,
+                )
+                .await?;
+                return Ok(true);
+            }
+        };
+        let m = &self.state.metrics;
+        match decision.reason {
+            Reason::WithinLimits | Reason::Unlimited => {
+                m.quota_consumed
+                    .with_label_values(&[&quota[..]])
+                    .inc_by(cost);
+                ctx.decision = Some(decision);
+                Ok(false)
+            }
+            Reason::QuotaExceeded => {
+                m.quota_rejected.with_label_values(&[&quota[..]]).inc();
+                let mut extra = vec![(
+                    "retry-after",
+                    ceil_s(decision.retry_after_ns()).max(1).to_string(),
+                )];
+                extra.extend(ratelimit_policy(&quota, &decision).map(|v| ("ratelimit-policy", v)));
+                extra.extend(ratelimit(&quota, &decision).map(|v| ("ratelimit", v)));
+                let body = refusal_body(&quota, &decision, &ctx.request_id);
+                respond_json(session, 429, body, &extra, &ctx.request_id).await?;
+                Ok(true)
+            }
+            Reason::NotInTier => {
+                m.quota_rejected.with_label_values(&[&quota[..]]).inc();
+                let msg = format!(
+                    "tier `{}` does not include quota `{quota}`",
+                    subject.tier.name
+                );
+                let mut body = error_body("quota_not_in_tier", msg, &ctx.request_id);
+                body["quota"] = quota.to_string().into();
+                respond_json(session, 403, body, &[], &ctx.request_id).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(up) = ctx.upstream.as_ref() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no upstream chosen",
+            ));
+        };
+        let addr: SocketAddr = match up.address.parse() {
+            Ok(a) => a,
+            Err(_) => tokio::net::lookup_host(up.address.as_str())
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    Error::explain(
+                        ErrorType::ConnectNoRoute,
+                        format!("cannot resolve upstream {}", up.address),
+                    )
+                })?,
+        };
+        let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
+        peer.options.connection_timeout = Some(up.connect_timeout);
+        peer.options.read_timeout = Some(up.read_timeout);
+        peer.options.write_timeout = Some(up.write_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream_request.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(up) = ctx.upstream.as_ref().filter(|u| u.tls) {
+            upstream_request.insert_header("host", &up.sni)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.insert_header("x-request-id", &ctx.request_id)?;
+        if let (Some(d), Some(quota)) = (&ctx.decision, &ctx.quota) {
+            if let Some(v) = ratelimit_policy(quota, d) {
+                resp.insert_header("ratelimit-policy", v)?;
+            }
+            if let Some(v) = ratelimit(quota, d) {
+                resp.insert_header("ratelimit", v)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let m = &self.state.metrics;
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route = ctx.route.as_deref().unwrap_or("-");
+        m.requests
+            .with_label_values(&[route, status_label(status)])
+            .inc();
+        m.request_duration
+            .observe(ctx.started.elapsed().as_secs_f64());
+        if let (Some(e), Some(up)) = (e, &ctx.upstream)
+            && e.esource() == &ErrorSource::Upstream
+        {
+            m.upstream_errors.with_label_values(&[&*up.name]).inc();
+            tracing::warn!(upstream = %up.name, request_id = %ctx.request_id, error = %e, "upstream error");
+        }
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        429 => "429",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

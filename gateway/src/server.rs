@@ -1,0 +1,110 @@
+//! Wiring: build the shared state, start the API listener, the policy watcher and the counter sweeper
+//! on a small runtime of their own, then run the pingora proxy service until a signal stops it.
+
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::state::{AppState, Store};
+use anyhow::Context;
+use pingora::proxy::http_proxy_service;
+use pingora::server::Server;
+use pingora::server::configuration::{Opt, ServerConf};
+use quota::PolicyHandle;
+use quota::engine::{Engine, now_ns};
+use quota::policy::load_path;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct RunConfig {
+    pub config: PathBuf,
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub threads: usize,
+    pub grace_period_s: u64,
+}
+
+/// Build the state from the policy at `config`; fails with every policy error when it is invalid.
+pub fn build_state(config: PathBuf) -> anyhow::Result<Arc<AppState>> {
+    let policy = load_path(&config).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+    tracing::info!(version = %policy.version, hash = %policy.hash, "policy loaded");
+    Ok(Arc::new(AppState {
+        policy: PolicyHandle::new(policy),
+        engine: Engine::new(Store::new()),
+        metrics: Metrics::new().context("registering metrics")?,
+        config_path: config,
+    }))
+}
+
+/// Run the gateway until SIGINT/SIGTERM. Only returns on a startup error.
+pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let state = build_state(cfg.config.clone())?;
+    // Bind the API here so a taken port is reported at once, before the proxy starts.
+    let api = std::net::TcpListener::bind(cfg.api_listen)
+        .with_context(|| format!("binding the API listener on {}", cfg.api_listen))?;
+    api.set_nonblocking(true)?;
+    let api_addr = api.local_addr()?;
+    let control = state.clone();
+    std::thread::Builder::new()
+        .name("tollgate-control".into())
+        .spawn(move || control_plane_tasks(control, api))
+        .context("starting the control thread")?;
+    println!("api listening on {api_addr}");
+    println!("proxy listening on {}", cfg.listen);
+
+    let conf = ServerConf {
+        threads: cfg.threads.max(1),
+        grace_period_seconds: Some(cfg.grace_period_s),
+        graceful_shutdown_timeout_seconds: Some(cfg.grace_period_s),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(state));
+    proxy.add_tcp(&cfg.listen.to_string());
+    server.add_service(proxy);
+    server.run_forever()
+}
+
+/// The API listener, the policy watcher and the sweeper of idle counters, on their own runtime so
+/// they never compete with proxy workers for a thread.
+fn control_plane_tasks(state: Arc<AppState>, api: std::net::TcpListener) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the control runtime");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let watcher = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::reload::watch(watcher).await {
+                tracing::error!(error = %e, "cannot watch the policy; hot reload is off");
+            }
+        });
+        let sweeper = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                sweeper.engine.store().sweep(now_ns());
+            }
+        });
+        let listener = match tokio::net::TcpListener::from_std(api) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use the API listener");
+                std::process::exit(1);
+            }
+        };
+        if let Err(e) = axum::serve(listener, crate::api::app(state)).await {
+            tracing::error!(error = %e, "API listener failed");
+            std::process::exit(1);
+        }
+    });
+}
