@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use quota::engine::{Reason, now_ns};
+use quota::engine::Reason;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/test/clock", post(set_clock))
         .with_state(state)
 }
 
@@ -32,6 +33,8 @@ enum ApiError {
     Invalid(String),
     #[error("unknown subject `{0}`")]
     UnknownSubject(String),
+    #[error("not found")]
+    NotFound,
     #[error("quota service unavailable")]
     Unavailable(#[from] quota::EngineError),
 }
@@ -41,6 +44,7 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::UnknownSubject(_) => (StatusCode::NOT_FOUND, "unknown_subject"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(e) => {
                 tracing::error!(error = %e, "check failed");
                 (StatusCode::SERVICE_UNAVAILABLE, "quota_unavailable")
@@ -79,7 +83,7 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             &req.quota,
             req.cost,
             req.request_id.as_deref(),
-            now_ns(),
+            state.clock.now_ns(),
         )
         .await?;
     let m = &state.metrics;
@@ -154,4 +158,31 @@ async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         })),
         "backend": "memory",
     }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetClock {
+    /// RFC 3339.
+    now: String,
+}
+
+/// Only with `gateway run --test-clock`: set the gateway's clock, for tests of calendar resets.
+async fn set_clock(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: SetClock =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let t = chrono::DateTime::parse_from_rfc3339(&req.now)
+        .ok()
+        .and_then(|t| t.timestamp_nanos_opt())
+        .ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "`now`: expected an RFC 3339 time, got `{}`",
+                req.now
+            ))
+        })?;
+    if !state.clock.set(t) {
+        return Err(ApiError::NotFound);
+    }
+    tracing::warn!(now = %req.now, "gateway clock set by the test API");
+    Ok(axum::Json(json!({ "now": rfc3339(state.clock.now_ns()) })).into_response())
 }

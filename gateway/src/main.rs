@@ -36,6 +36,9 @@ enum Command {
         /// Seconds to finish in-flight requests after SIGTERM.
         #[arg(long, default_value_t = 5)]
         grace_period: u64,
+        /// Testing only: allow POST /test/clock on the API listener to set the gateway's clock.
+        #[arg(long, hide = true)]
+        test_clock: bool,
     },
     /// Validate a policy file or directory; prints every error and exits non-zero if any.
     Check { path: PathBuf },
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             api_listen,
             threads,
             grace_period,
+            test_clock,
         } => {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
                 api_listen,
                 threads,
                 grace_period_s: grace_period,
+                test_clock,
             };
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use quota::engine::{Decision, Reason, now_ns};
+use quota::engine::{Decision, Reason};
 use quota::policy::{EntitlementSource, Upstream};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -157,7 +157,7 @@ impl ProxyHttp for Gateway {
         let decision = self
             .state
             .engine
-            .check(&subject, &quota, cost, None, now_ns())
+            .check(&subject, &quota, cost, None, self.state.clock.now_ns())
             .await;
         let decision = match decision {
             Ok(d) => d,

@@ -3,13 +3,13 @@
 
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::state::{AppState, Store};
+use crate::state::{AppState, Clock, Store};
 use anyhow::Context;
 use pingora::proxy::http_proxy_service;
 use pingora::server::Server;
 use pingora::server::configuration::{Opt, ServerConf};
 use quota::PolicyHandle;
-use quota::engine::{Engine, now_ns};
+use quota::engine::Engine;
 use quota::policy::load_path;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,10 +22,12 @@ pub struct RunConfig {
     pub api_listen: SocketAddr,
     pub threads: usize,
     pub grace_period_s: u64,
+    /// Let `POST /test/clock` move the gateway's clock (tests only).
+    pub test_clock: bool,
 }
 
 /// Build the state from the policy at `config`; fails with every policy error when it is invalid.
-pub fn build_state(config: PathBuf) -> anyhow::Result<Arc<AppState>> {
+pub fn build_state(config: PathBuf, clock: Clock) -> anyhow::Result<Arc<AppState>> {
     let policy = load_path(&config).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     tracing::info!(version = %policy.version, hash = %policy.hash, "policy loaded");
     Ok(Arc::new(AppState {
@@ -33,12 +35,21 @@ pub fn build_state(config: PathBuf) -> anyhow::Result<Arc<AppState>> {
         engine: Engine::new(Store::new()),
         metrics: Metrics::new().context("registering metrics")?,
         config_path: config,
+        clock,
     }))
 }
 
 /// Run the gateway until SIGINT/SIGTERM. Only returns on a startup error.
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let state = build_state(cfg.config.clone())?;
+    let clock = if cfg.test_clock {
+        tracing::warn!(
+            "--test-clock: the clock can be moved through the API; never use this in production"
+        );
+        Clock::adjustable()
+    } else {
+        Clock::system()
+    };
+    let state = build_state(cfg.config.clone(), clock)?;
     // Bind the API here so a taken port is reported at once, before the proxy starts.
     let api = std::net::TcpListener::bind(cfg.api_listen)
         .with_context(|| format!("binding the API listener on {}", cfg.api_listen))?;
@@ -92,7 +103,7 @@ fn control_plane_tasks(state: Arc<AppState>, api: std::net::TcpListener) {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                sweeper.engine.store().sweep(now_ns());
+                sweeper.engine.store().sweep(sweeper.clock.now_ns());
             }
         });
         let listener = match tokio::net::TcpListener::from_std(api) {

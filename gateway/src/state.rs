@@ -5,6 +5,7 @@ use quota::PolicyHandle;
 use quota::engine::Engine;
 use quota::storage::MemoryStore;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// The counter store the gateway runs on. The in-memory store is the embedded default.
 pub type Store = MemoryStore;
@@ -15,4 +16,43 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The policy file or directory, watched for changes.
     pub config_path: PathBuf,
+    pub clock: Clock,
+}
+
+/// The gateway's notion of now. Production uses the system clock; `--test-clock` lets an end-to-end
+/// test move time (to cross a subject's local midnight) through the API listener.
+pub struct Clock {
+    /// `None`: the system clock, not adjustable. `Some`: offset added to the system clock.
+    offset_ns: Option<AtomicI64>,
+}
+
+impl Clock {
+    pub fn system() -> Self {
+        Self { offset_ns: None }
+    }
+
+    pub fn adjustable() -> Self {
+        Self {
+            offset_ns: Some(AtomicI64::new(0)),
+        }
+    }
+
+    pub fn now_ns(&self) -> i64 {
+        let offset = self
+            .offset_ns
+            .as_ref()
+            .map_or(0, |o| o.load(Ordering::Relaxed));
+        quota::engine::now_ns().saturating_add(offset)
+    }
+
+    /// Make `now_ns()` return `t_ns` at this instant; false when the clock is not adjustable.
+    pub fn set(&self, t_ns: i64) -> bool {
+        match &self.offset_ns {
+            Some(o) => {
+                o.store(t_ns - quota::engine::now_ns(), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
 }
