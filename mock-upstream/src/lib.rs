@@ -1,0 +1,112 @@
+//! `mock-upstream`: a real HTTP/SSE server that behaves like the OpenAI and
+//! Anthropic APIs and like plain lookup APIs, with faults on request, so the
+//! gateway's tests can run against something that streams like the real thing.
+//!
+//! This file owns the router, the request-id/request-counting middleware and
+//! `serve`. Faults: [`faults`]; bookkeeping: [`stats`].
+
+use std::io;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+
+mod anthropic;
+pub mod faults;
+mod llm;
+mod openai;
+mod plain;
+mod sse;
+pub mod stats;
+pub mod tokens;
+
+pub use stats::{MockState, RequestCounts, RequestRecord};
+
+/// Request and response header carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Largest request body accepted.
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// The id of the current request, put in the request extensions by the
+/// middleware for handlers to read.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestId(pub String);
+
+/// The whole mock as a router.
+pub fn app(state: Arc<MockState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/healthz", get(plain::healthz))
+        .route("/stats", get(stats::list_records))
+        .route("/stats/{request_id}", get(stats::get_record))
+        .route("/_mock/requests", get(stats::request_counts))
+        .route("/_mock/reset", post(stats::reset))
+        .fallback(plain::echo)
+        // Big prompts are legitimate test input; axum's 2 MB default is not.
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            request_context,
+        ))
+        .with_state(state)
+}
+
+/// Serve `app` on an already bound listener until the server fails.
+pub async fn serve(listener: TcpListener, state: Arc<MockState>) -> io::Result<()> {
+    // Without TCP_NODELAY, small SSE frames can sit in Nagle's buffer and
+    // blur the chunk timing tests observe.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("could not set TCP_NODELAY: {e}");
+        }
+    });
+    axum::serve(listener, app(state)).await
+}
+
+/// Paths that observe the mock rather than use it, so they are not counted.
+fn is_introspection(path: &str) -> bool {
+    path == "/healthz"
+        || path == "/stats"
+        || path.starts_with("/stats/")
+        || path == "/_mock"
+        || path.starts_with("/_mock/")
+}
+
+/// Counts the request, settles its id (given or generated) and echoes it in
+/// the response.
+async fn request_context(
+    State(state): State<Arc<MockState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if !is_introspection(path) {
+        state.count_request(path);
+    }
+    let given = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned);
+    let id = given.unwrap_or_else(|| state.next_request_id());
+    // The id is visible ASCII either way (checked by to_str, or generated).
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("mock"));
+    request
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, value.clone());
+    tracing::debug!(method = %request.method(), uri = %request.uri(), request_id = %id, "request");
+    request.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    response
+}
