@@ -1,1 +1,177 @@
-fn main() {}
+//! Benchmark (run with `scripts/bench`): prints, in one run,
+//! (a) engine decisions per second on the in-memory store, 1 and 10,000 distinct subjects;
+//! (b) requests/s and p50/p99 latency straight to `mock-upstream` and through the gateway with
+//!     quotas on, and their ratio (the baseline is measured in the same run: these machines are
+//!     noisy, absolute numbers are not comparable between runs).
+
+use quota::engine::Engine;
+use quota::policy::{EntitlementSource, parse_sources};
+use quota::storage::MemoryStore;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_e2e::{Gateway, MockUpstream, policy};
+
+const DECISIONS: usize = 400_000;
+const HTTP_REQUESTS: usize = 20_000;
+const CONCURRENCY: usize = 32;
+
+fn engine_policy(subjects: usize) -> quota::Policy {
+    let mut y = String::from(
+        "upstreams:\n  u: { address: '127.0.0.1:1' }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: u, quota: lookup }\n\
+         tiers:\n  t:\n    lookup:\n      rates: [ { limit: 1000000000, per: second } ]\n      daily: 1000000000000\nsubjects:\n",
+    );
+    for i in 0..subjects {
+        y.push_str(&format!(
+            "  - {{ key: k{i}, id: s{i}, tier: t, time_zone: Europe/Berlin }}\n"
+        ));
+    }
+    parse_sources(&[("bench.yaml".into(), y)]).expect("bench policy")
+}
+
+/// Decisions/s with `tasks` concurrent callers on a multi-thread runtime.
+fn engine_rate(subjects: usize, tasks: usize) -> f64 {
+    let p = engine_policy(subjects);
+    let subs: Arc<Vec<_>> = Arc::new(
+        (0..subjects)
+            .map(|i| p.subject_for_key(&format!("k{i}")).unwrap())
+            .collect(),
+    );
+    let engine = Arc::new(Engine::new(MemoryStore::new()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(tasks)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        let per_task = DECISIONS / tasks;
+        let handles: Vec<_> = (0..tasks)
+            .map(|t| {
+                let (engine, subs) = (engine.clone(), subs.clone());
+                tokio::spawn(async move {
+                    let now = quota::engine::now_ns();
+                    for i in 0..per_task {
+                        let s = &subs[(i * 7919 + t) % subs.len()];
+                        let d = engine
+                            .check(s, "lookup", 1, None, now + i as i64)
+                            .await
+                            .unwrap();
+                        assert!(d.allowed);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    DECISIONS as f64 / started.elapsed().as_secs_f64()
+}
+
+struct Load {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn load(url: String, key: Option<&'static str>) -> Load {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build()
+        .unwrap();
+    // Warm up connections.
+    for _ in 0..CONCURRENCY {
+        let mut r = client.get(&url);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send().await.unwrap().bytes().await.unwrap();
+    }
+    let started = Instant::now();
+    let handles: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(HTTP_REQUESTS / CONCURRENCY);
+                for _ in 0..HTTP_REQUESTS / CONCURRENCY {
+                    let t = Instant::now();
+                    let mut r = client.get(&url);
+                    if let Some(k) = key {
+                        r = r.bearer_auth(k);
+                    }
+                    let resp = r.send().await.unwrap();
+                    assert!(resp.status().is_success(), "status {}", resp.status());
+                    resp.bytes().await.unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(HTTP_REQUESTS);
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    Load {
+        rps: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: all[all.len() / 2],
+        p99: all[all.len() * 99 / 100],
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing to filter.
+    println!("## Engine (in-memory store, {DECISIONS} decisions)\n");
+    println!("| subjects | callers | decisions/s |");
+    println!("|---:|---:|---:|");
+    for (subjects, tasks) in [(1, 1), (10_000, 1), (10_000, 2)] {
+        println!(
+            "| {subjects} | {tasks} | {:.0} |",
+            engine_rate(subjects, tasks)
+        );
+    }
+
+    let mock = MockUpstream::start();
+    let tiers = "  pro:\n    lookup:\n      rates: [ { limit: 100000000, per: second } ]\n      daily: 100000000000";
+    let gw = Gateway::start(&policy(
+        mock.addr,
+        &[("lookup", "/lookup", "lookup", 1)],
+        tiers,
+        &["pro"],
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let direct = rt.block_on(load(mock.url("/lookup/1"), None));
+    let proxied = rt.block_on(load(gw.url("/lookup/1"), Some("key-pro")));
+    println!(
+        "\n## HTTP ({HTTP_REQUESTS} GET /lookup, {CONCURRENCY} connections, loopback, same run)\n"
+    );
+    println!("| path | req/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    for (name, l) in [
+        ("direct to mock-upstream", &direct),
+        ("through gateway, quotas on", &proxied),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} |",
+            l.rps,
+            ms(l.p50),
+            ms(l.p99)
+        );
+    }
+    println!(
+        "| **gateway / direct** | {:.2}x | {:.2}x | {:.2}x |",
+        proxied.rps / direct.rps,
+        ms(proxied.p50) / ms(direct.p50),
+        ms(proxied.p99) / ms(direct.p99)
+    );
+}

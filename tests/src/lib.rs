@@ -1,1 +1,290 @@
-//! placeholder
+//! Harness for end-to-end tests and benchmarks: start the real `gateway` and `mock-upstream`
+//! binaries on loopback, wait until they serve, write policy files, and stop everything on drop.
+//!
+//! The binaries are taken from the same target directory as the test executable, so build them
+//! first (`cargo build --workspace`; the README's test command does).
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary built next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bench>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace{})",
+        path.display(),
+        if dir.ends_with("release") {
+            " --release"
+        } else {
+            ""
+        }
+    );
+    path
+}
+
+/// The workspace root (for shipped policy files).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed when dropped; its stdout lines arrive on a channel.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var_os("TOLLGATE_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("spawn process");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Wait for a stdout line starting with `prefix`; returns the rest of the line.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("process did not print `{prefix}` in time"),
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_tcp(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The mock LLM/lookup upstream on an OS-chosen port.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+impl MockUpstream {
+    pub fn start() -> MockUpstream {
+        let mut proc =
+            Proc::spawn(Command::new(bin("mock-upstream")).args(["--listen", "127.0.0.1:0"]));
+        let addr = proc
+            .wait_line("listening on ")
+            .parse()
+            .expect("mock address");
+        MockUpstream { addr, _proc: proc }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running gateway with its policy file in a temporary directory.
+pub struct Gateway {
+    pub proxy: SocketAddr,
+    pub api: SocketAddr,
+    pub policy_file: PathBuf,
+    proc: Proc,
+    _dir: TempDir,
+}
+
+impl Gateway {
+    /// Start a gateway enforcing `policy_yaml`.
+    pub fn start(policy_yaml: &str) -> Gateway {
+        Self::start_with(policy_yaml, &[])
+    }
+
+    /// Start a gateway with extra `gateway run` arguments.
+    pub fn start_with(policy_yaml: &str, extra_args: &[&str]) -> Gateway {
+        let dir = TempDir::new("gw");
+        let policy_file = dir.0.join("policy.yaml");
+        std::fs::write(&policy_file, policy_yaml).expect("write policy");
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut proc = Proc::spawn(
+            Command::new(bin("gateway"))
+                .args([
+                    "run",
+                    "--config",
+                    policy_file.to_str().expect("utf-8 path"),
+                    "--listen",
+                    &proxy.to_string(),
+                    "--api-listen",
+                    "127.0.0.1:0",
+                    "--threads",
+                    "2",
+                ])
+                .args(extra_args),
+        );
+        let api = proc
+            .wait_line("api listening on ")
+            .parse()
+            .expect("api address");
+        wait_tcp(proxy);
+        Gateway {
+            proxy,
+            api,
+            policy_file,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Replace the policy file the way an editor does: write a new file, rename it over the old.
+    pub fn rewrite_policy(&self, yaml: &str) {
+        let tmp = self.policy_file.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write policy");
+        std::fs::rename(&tmp, &self.policy_file).expect("replace policy");
+    }
+
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+}
+
+/// A policy with one upstream (`up`) at `upstream`, a route per `(name, path_prefix, quota, cost)`,
+/// the given tiers block (YAML under `tiers:`), and subjects `key-<tier>` → `user-<tier>` for the
+/// tiers listed in `subject_tiers`.
+pub fn policy(
+    upstream: SocketAddr,
+    routes: &[(&str, &str, &str, u64)],
+    tiers: &str,
+    subject_tiers: &[&str],
+) -> String {
+    let mut y = format!(
+        "version: test\nupstreams:\n  up: {{ address: '{upstream}', read_timeout_ms: 10000 }}\nroutes:\n"
+    );
+    for (name, prefix, quota, cost) in routes {
+        y.push_str(&format!(
+            "  - {{ name: {name}, match: {{ path_prefix: '{prefix}' }}, upstream: up, quota: {quota}, cost: {cost} }}\n"
+        ));
+    }
+    y.push_str("tiers:\n");
+    y.push_str(tiers);
+    y.push_str("\nsubjects:\n");
+    for t in subject_tiers {
+        y.push_str(&format!(
+            "  - {{ key: key-{t}, id: user-{t}, tier: {t}, time_zone: UTC }}\n"
+        ));
+    }
+    y
+}
+
+/// Record a measured figure: printed, and appended as `name value` to the file named by
+/// `TOLLGATE_FIGURES` when set.
+pub fn figure(name: &str, value: impl std::fmt::Display) {
+    println!("figure {name} {value}");
+    if let Some(path) = std::env::var_os("TOLLGATE_FIGURES") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{name} {value}");
+        }
+    }
+}
+
+/// Poll `cond` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
