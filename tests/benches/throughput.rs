@@ -1,8 +1,8 @@
 //! Benchmark (run with `scripts/bench`): prints, in one run,
 //! (a) engine decisions per second on the in-memory store, 1 and 10,000 distinct subjects;
-//! (b) requests/s and p50/p99 latency straight to `mock-upstream` and through the gateway with
-//!     quotas on, and their ratio (the baseline is measured in the same run: these machines are
-//!     noisy, absolute numbers are not comparable between runs).
+//! (b) requests/s and p50/p99 latency straight to `mock-upstream`, through the gateway on an
+//!     unlimited route (the bare proxy) and with quotas on, and their ratios. Baselines are
+//!     measured in the same run: these machines are noisy, absolute numbers do not compare.
 
 use quota::engine::Engine;
 use quota::policy::{EntitlementSource, parse_sources};
@@ -100,8 +100,13 @@ async fn load(url: String, key: Option<&'static str>) -> Load {
                         r = r.bearer_auth(k);
                     }
                     let resp = r.send().await.unwrap();
-                    assert!(resp.status().is_success(), "status {}", resp.status());
-                    resp.bytes().await.unwrap();
+                    let status = resp.status();
+                    let body = resp.bytes().await.unwrap();
+                    assert!(
+                        status.is_success(),
+                        "status {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
                     lat.push(t.elapsed());
                 }
                 lat
@@ -138,29 +143,32 @@ fn main() {
     }
 
     let mock = MockUpstream::start();
-    let tiers = "  pro:\n    lookup:\n      rates: [ { limit: 100000000, per: second } ]\n      daily: 100000000000";
-    let gw = Gateway::start(&policy(
-        mock.addr,
-        &[("lookup", "/lookup", "lookup", 1)],
-        tiers,
-        &["pro"],
-    ));
+    let tiers = "  pro:\n    lookup:\n      rates: [ { limit: 100000000, per: second } ]\n      daily: 100000000000\n    bare: { unlimited: true }";
+    let routes = [
+        ("lookup", "/lookup", "lookup", 1),
+        ("bare", "/bare", "bare", 1),
+    ];
+    let gw = Gateway::start(&policy(mock.addr, &routes, tiers, &["pro"]));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let direct = rt.block_on(load(mock.url("/lookup/1"), None));
+    // The bare proxy: the same gateway, key and route lookup, but an unlimited quota (no counters).
+    let bare = rt.block_on(load(gw.url("/bare/1"), Some("key-pro")));
     let proxied = rt.block_on(load(gw.url("/lookup/1"), Some("key-pro")));
     println!(
         "\n## HTTP ({HTTP_REQUESTS} GET /lookup, {CONCURRENCY} connections, loopback, same run)\n"
     );
     println!("| path | req/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|");
-    for (name, l) in [
+    let rows = [
         ("direct to mock-upstream", &direct),
-        ("through gateway, quotas on", &proxied),
-    ] {
+        ("through gateway, unlimited route (bare proxy)", &bare),
+        ("through gateway, quotas on (rate + daily)", &proxied),
+    ];
+    for (name, l) in rows {
         println!(
             "| {name} | {:.0} | {:.3} | {:.3} |",
             l.rps,
@@ -168,10 +176,12 @@ fn main() {
             ms(l.p99)
         );
     }
-    println!(
-        "| **gateway / direct** | {:.2}x | {:.2}x | {:.2}x |",
-        proxied.rps / direct.rps,
-        ms(proxied.p50) / ms(direct.p50),
-        ms(proxied.p99) / ms(direct.p99)
-    );
+    for (name, base) in [("direct", &direct), ("bare proxy", &bare)] {
+        println!(
+            "| **quotas on / {name}** | {:.2}x | {:.2}x | {:.2}x |",
+            proxied.rps / base.rps,
+            ms(proxied.p50) / ms(base.p50),
+            ms(proxied.p99) / ms(base.p99)
+        );
+    }
 }
