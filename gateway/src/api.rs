@@ -78,12 +78,13 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         .ok_or_else(|| ApiError::UnknownSubject(req.subject.clone()))?;
     let d = state
         .engine
-        .check(
+        .decide(
             subject,
             &req.quota,
             req.cost,
             req.request_id.as_deref(),
             state.clock.now_ns(),
+            policy.failure,
         )
         .await?;
     let m = &state.metrics;
@@ -116,6 +117,7 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         "reset_at": binding.map(|_| rfc3339(d.now_ns + reset_ns)),
         "retry_after_ms": (retry_ns + 999_999) / 1_000_000,
         "replayed": d.replayed,
+        "degraded": d.degraded.map(|m| format!("{m:?}")),
         "limits": d.limits.iter().map(|l| json!({
             "window": l.slot.name(),
             "limit": l.limit,
@@ -127,6 +129,9 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if let quota::storage::AnyStore::Redis(r) = state.engine.store() {
+        state.metrics.sync_backend(r.stats());
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -156,7 +161,14 @@ async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "message": message,
             "since": unix_rfc3339(since),
         })),
-        "backend": "memory",
+        "backend": match state.engine.store() {
+            quota::storage::AnyStore::Memory(_) => json!({ "kind": "memory", "state": "up" }),
+            quota::storage::AnyStore::Redis(r) => json!({
+                "kind": "redis",
+                "state": if r.stats().up { "up" } else { "down" },
+            }),
+        },
+        "failure_mode": format!("{:?}", policy.failure.mode),
     }))
 }
 

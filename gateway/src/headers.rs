@@ -110,6 +110,7 @@ mod tests {
             ],
             replayed: false,
             now_ns: 1_795_000_000_000_000_000,
+            degraded: None,
         }
     }
 

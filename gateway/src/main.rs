@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use gateway::server::{RunConfig, run};
+use quota::storage::RedisConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,19 @@ enum Command {
         /// Seconds to finish in-flight requests after SIGTERM.
         #[arg(long, default_value_t = 5)]
         grace_period: u64,
+        /// Keep counters in Redis, shared by every gateway using it: `redis://HOST:PORT[/DB]`.
+        /// Give it several times for the nodes of a Redis Cluster.
+        #[arg(long = "redis", value_name = "URL")]
+        redis: Vec<String>,
+        /// Treat a single --redis URL as a Cluster node.
+        #[arg(long)]
+        redis_cluster: bool,
+        /// Prefix of every Redis key.
+        #[arg(long, default_value = "tg")]
+        redis_prefix: String,
+        /// Limit on each Redis call; past it the policy's failure mode applies.
+        #[arg(long, default_value_t = 50)]
+        redis_timeout_ms: u64,
         /// Testing only: allow POST /test/clock on the API listener to set the gateway's clock.
         #[arg(long, hide = true)]
         test_clock: bool,
@@ -78,7 +92,18 @@ fn main() -> ExitCode {
             threads,
             grace_period,
             test_clock,
+            redis,
+            redis_cluster,
+            redis_prefix,
+            redis_timeout_ms,
         } => {
+            let redis = (!redis.is_empty()).then(|| {
+                let mut cfg = RedisConfig::new(redis);
+                cfg.cluster |= redis_cluster;
+                cfg.prefix = redis_prefix;
+                cfg.timeout = std::time::Duration::from_millis(redis_timeout_ms.max(1));
+                cfg
+            });
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let cfg = RunConfig {
@@ -88,6 +113,7 @@ fn main() -> ExitCode {
                 threads,
                 grace_period_s: grace_period,
                 test_clock,
+                redis,
             };
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

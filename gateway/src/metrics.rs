@@ -1,6 +1,10 @@
 //! Prometheus metrics of one gateway, in a registry owned by the gateway (no global registry).
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use quota::storage::redis::BackendStats;
 
 pub struct Metrics {
     registry: Registry,
@@ -10,6 +14,10 @@ pub struct Metrics {
     pub request_duration: Histogram,
     pub upstream_errors: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    pub backend_fallbacks: IntCounterVec,
+    backend_errors: IntCounter,
+    backend_state: IntGauge,
+    redis_calls: IntCounter,
 }
 
 impl Metrics {
@@ -63,6 +71,23 @@ impl Metrics {
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
+        let backend_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "backend_fallback_total",
+                "Decisions taken locally because the shared store was unreachable, by failure mode",
+            ),
+            &["mode"],
+        )?;
+        let backend_errors =
+            IntCounter::new("backend_errors_total", "Failed calls to the shared store")?;
+        let backend_state =
+            IntGauge::new("backend_state", "Shared store reachable (1) or not (0)")?;
+        let redis_calls = IntCounter::new("redis_calls_total", "Calls made to Redis")?;
+        registry.register(Box::new(backend_fallbacks.clone()))?;
+        registry.register(Box::new(backend_errors.clone()))?;
+        registry.register(Box::new(backend_state.clone()))?;
+        registry.register(Box::new(redis_calls.clone()))?;
+        backend_state.set(1);
         // Show both results from the start, so a dashboard sees 0 rather than no series.
         policy_reloads.with_label_values(&["success"]);
         policy_reloads.with_label_values(&["error"]);
@@ -74,7 +99,20 @@ impl Metrics {
             request_duration,
             upstream_errors,
             policy_reloads,
+            backend_fallbacks,
+            backend_errors,
+            backend_state,
+            redis_calls,
         })
+    }
+
+    /// Bring the backend metrics up to date with the store's own counters.
+    pub fn sync_backend(&self, stats: BackendStats) {
+        self.backend_state.set(i64::from(stats.up));
+        self.backend_errors
+            .inc_by(stats.errors.saturating_sub(self.backend_errors.get()));
+        self.redis_calls
+            .inc_by(stats.calls.saturating_sub(self.redis_calls.get()));
     }
 
     /// The Prometheus text exposition of every metric.

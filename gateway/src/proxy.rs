@@ -157,7 +157,14 @@ impl ProxyHttp for Gateway {
         let decision = self
             .state
             .engine
-            .check(&subject, &quota, cost, None, self.state.clock.now_ns())
+            .decide(
+                &subject,
+                &quota,
+                cost,
+                None,
+                self.state.clock.now_ns(),
+                policy.failure,
+            )
             .await;
         let decision = match decision {
             Ok(d) => d,
@@ -180,6 +187,11 @@ impl ProxyHttp for Gateway {
             }
         };
         let m = &self.state.metrics;
+        if let Some(mode) = decision.degraded {
+            m.backend_fallbacks
+                .with_label_values(&[fallback_label(mode)])
+                .inc();
+        }
         match decision.reason {
             Reason::WithinLimits | Reason::Unlimited => {
                 m.quota_consumed
@@ -301,5 +313,13 @@ fn status_label(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
+    }
+}
+
+fn fallback_label(mode: quota::policy::FailureMode) -> &'static str {
+    match mode {
+        quota::policy::FailureMode::FailOpen => "fail_open",
+        quota::policy::FailureMode::FailClosed => "fail_closed",
+        quota::policy::FailureMode::Local => "local",
     }
 }

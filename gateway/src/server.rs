@@ -11,6 +11,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use quota::PolicyHandle;
 use quota::engine::Engine;
 use quota::policy::load_path;
+use quota::storage::{MemoryStore, RedisConfig, RedisStore};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,15 +25,29 @@ pub struct RunConfig {
     pub grace_period_s: u64,
     /// Let `POST /test/clock` move the gateway's clock (tests only).
     pub test_clock: bool,
+    /// Shared counters in Redis; `None` keeps them in memory.
+    pub redis: Option<RedisConfig>,
 }
 
 /// Build the state from the policy at `config`; fails with every policy error when it is invalid.
-pub fn build_state(config: PathBuf, clock: Clock) -> anyhow::Result<Arc<AppState>> {
+/// With Redis, must run inside the Tokio runtime that will drive the Redis connection.
+pub fn build_state(
+    config: PathBuf,
+    clock: Clock,
+    redis: Option<&RedisConfig>,
+) -> anyhow::Result<Arc<AppState>> {
     let policy = load_path(&config).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     tracing::info!(version = %policy.version, hash = %policy.hash, "policy loaded");
+    let store = match redis {
+        None => Store::Memory(MemoryStore::new()),
+        Some(cfg) => {
+            tracing::info!(urls = ?cfg.urls, cluster = cfg.cluster, prefix = %cfg.prefix, "counters in redis");
+            Store::Redis(Box::new(RedisStore::new(cfg).context("configuring redis")?))
+        }
+    };
     Ok(Arc::new(AppState {
         policy: PolicyHandle::new(policy),
-        engine: Engine::new(Store::new()),
+        engine: Engine::new(store),
         metrics: Metrics::new().context("registering metrics")?,
         config_path: config,
         clock,
@@ -49,7 +64,17 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     } else {
         Clock::system()
     };
-    let state = build_state(cfg.config.clone(), clock)?;
+    // The runtime of the API, the watcher and the Redis connection; the proxy has its own.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tollgate-control")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let state = {
+        let _in_rt = rt.enter();
+        build_state(cfg.config.clone(), clock, cfg.redis.as_ref())?
+    };
     // Bind the API here so a taken port is reported at once, before the proxy starts.
     let api = std::net::TcpListener::bind(cfg.api_listen)
         .with_context(|| format!("binding the API listener on {}", cfg.api_listen))?;
@@ -58,7 +83,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let control = state.clone();
     std::thread::Builder::new()
         .name("tollgate-control".into())
-        .spawn(move || control_plane_tasks(control, api))
+        .spawn(move || control_plane_tasks(rt, control, api))
         .context("starting the control thread")?;
     println!("api listening on {api_addr}");
     println!("proxy listening on {}", cfg.listen);
@@ -78,19 +103,12 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
 }
 
 /// The API listener, the policy watcher and the sweeper of idle counters, on their own runtime so
-/// they never compete with proxy workers for a thread.
-fn control_plane_tasks(state: Arc<AppState>, api: std::net::TcpListener) {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the control runtime");
-            std::process::exit(1);
-        }
-    };
+/// they never compete with proxy workers for a thread (it also drives the Redis connection).
+fn control_plane_tasks(
+    rt: tokio::runtime::Runtime,
+    state: Arc<AppState>,
+    api: std::net::TcpListener,
+) {
     rt.block_on(async move {
         let watcher = state.clone();
         tokio::spawn(async move {
@@ -103,7 +121,11 @@ fn control_plane_tasks(state: Arc<AppState>, api: std::net::TcpListener) {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                sweeper.engine.store().sweep(sweeper.clock.now_ns());
+                let now = sweeper.clock.now_ns();
+                if let Store::Memory(m) = sweeper.engine.store() {
+                    m.sweep(now);
+                }
+                sweeper.engine.fallback().sweep(now);
             }
         });
         let listener = match tokio::net::TcpListener::from_std(api) {

@@ -3,12 +3,12 @@
 use crate::metrics::Metrics;
 use quota::PolicyHandle;
 use quota::engine::Engine;
-use quota::storage::MemoryStore;
+use quota::storage::AnyStore;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-/// The counter store the gateway runs on. The in-memory store is the embedded default.
-pub type Store = MemoryStore;
+/// The counter store the gateway runs on: in memory (the embedded default) or Redis.
+pub type Store = AnyStore;
 
 pub struct AppState {
     pub policy: PolicyHandle,

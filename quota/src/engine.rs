@@ -2,8 +2,9 @@
 //! then check-and-consume them in the storage backend. Also owns the snapshot handle (`ArcSwap`):
 //! readers never lock; a reload builds a whole new `Policy` and stores it in one step.
 
-use crate::policy::{LimitSpec, Policy, QuotaLimits, Slot, Subject};
-use crate::storage::{ConsumeRequest, Counter, CounterKey, Storage, StorageError};
+use crate::limiter::Limit;
+use crate::policy::{FailureMode, FailurePolicy, LimitSpec, Policy, QuotaLimits, Slot, Subject};
+use crate::storage::{ConsumeRequest, Counter, CounterKey, MemoryStore, Storage, StorageError};
 use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -101,6 +102,9 @@ pub struct Decision {
     /// A repeat of an earlier request id: this is the first decision, nothing was consumed.
     pub replayed: bool,
     pub now_ns: i64,
+    /// Decided by this gateway alone because the shared store was unreachable (`fail_open` or
+    /// `local`).
+    pub degraded: Option<FailureMode>,
 }
 
 impl Decision {
@@ -130,19 +134,27 @@ pub enum EngineError {
 
 pub struct Engine<S> {
     store: S,
+    /// Counters of this gateway alone, used while the shared store is unreachable.
+    fallback: MemoryStore,
 }
 
 impl<S: Storage> Engine<S> {
     pub fn new(store: S) -> Self {
-        Self { store }
+        Self {
+            store,
+            fallback: MemoryStore::new(),
+        }
     }
 
     pub fn store(&self) -> &S {
         &self.store
     }
 
-    /// Check and consume `cost` units of `quota` for `subject` at `now_ns`. With a `request_id`, a
-    /// repeat returns the first decision and consumes nothing.
+    pub fn fallback(&self) -> &MemoryStore {
+        &self.fallback
+    }
+
+    /// `decide` with the default failure policy (`fail_closed`).
     pub async fn check(
         &self,
         subject: &Subject,
@@ -150,6 +162,30 @@ impl<S: Storage> Engine<S> {
         cost: u64,
         request_id: Option<&str>,
         now_ns: i64,
+    ) -> Result<Decision, EngineError> {
+        self.decide(
+            subject,
+            quota,
+            cost,
+            request_id,
+            now_ns,
+            FailurePolicy::default(),
+        )
+        .await
+    }
+
+    /// Check and consume `cost` units of `quota` for `subject` at `now_ns`. With a `request_id`, a
+    /// repeat returns the first decision and consumes nothing. When the store is unreachable,
+    /// `failure` says what to do: refuse (`fail_closed`: the error is returned), admit and count
+    /// locally (`fail_open`), or enforce `local_share` of every limit locally (`local`).
+    pub async fn decide(
+        &self,
+        subject: &Subject,
+        quota: &str,
+        cost: u64,
+        request_id: Option<&str>,
+        now_ns: i64,
+        failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
         let (quota_name, specs) = match subject.tier.quotas.get_key_value(quota) {
             None => return Ok(Decision::without_counters(false, Reason::NotInTier, now_ns)),
@@ -170,15 +206,42 @@ impl<S: Storage> Engine<S> {
             })
             .collect();
         let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
-        let outcome = self
-            .store
-            .check_and_consume(&ConsumeRequest {
-                counters: &counters,
-                cost,
-                now_ns,
-                idempotency_key: idempotency_key.as_deref(),
-            })
-            .await?;
+        let req = ConsumeRequest {
+            counters: &counters,
+            cost,
+            now_ns,
+            idempotency_key: idempotency_key.as_deref(),
+        };
+        let (outcome, degraded) = match self.store.check_and_consume(&req).await {
+            Ok(o) => (o, None),
+            Err(e) if e.is_transient() && failure.mode != FailureMode::FailClosed => {
+                tracing::debug!(error = %e, mode = ?failure.mode, "shared store unreachable; deciding locally");
+                let share = if failure.mode == FailureMode::Local {
+                    failure.local_share
+                } else {
+                    1.0
+                };
+                let local: Vec<Counter> = counters
+                    .iter()
+                    .map(|c| Counter {
+                        key: c.key.clone(),
+                        limit: scaled(c.limit, share),
+                    })
+                    .collect();
+                let mut o = self
+                    .fallback
+                    .check_and_consume(&ConsumeRequest {
+                        counters: &local,
+                        ..req
+                    })
+                    .await?;
+                if failure.mode == FailureMode::FailOpen {
+                    o.allowed = true;
+                }
+                (o, Some(failure.mode))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let limits = specs
             .iter()
             .zip(&outcome.counters)
@@ -194,7 +257,28 @@ impl<S: Storage> Engine<S> {
             limits,
             replayed: outcome.replayed,
             now_ns,
+            degraded,
         })
+    }
+}
+
+/// A limit reduced to `share` of itself: what one gateway of a fleet may admit alone.
+fn scaled(limit: Limit, share: f64) -> Limit {
+    let part = |v: u64| ((v as f64 * share).ceil() as u64).max(1);
+    match limit {
+        Limit::Bucket { emission_ns, burst } => Limit::Bucket {
+            emission_ns: (emission_ns as f64 / share).round() as i64,
+            burst: part(burst),
+        },
+        Limit::Window {
+            limit,
+            window,
+            reset_at_ns,
+        } => Limit::Window {
+            limit: part(limit),
+            window,
+            reset_at_ns,
+        },
     }
 }
 
@@ -220,6 +304,7 @@ impl Decision {
             limits: Vec::new(),
             replayed: false,
             now_ns,
+            degraded: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Engine behaviour every storage backend must show. Each test body runs once per backend through
-//! `for_each_backend!` (only the in-memory store exists so far; shared backends join the list).
+//! `for_each_backend!`: the in-memory store and Redis (`TOLLGATE_REDIS_URL`, default
+//! `redis://127.0.0.1:6379`; every test uses its own key prefix).
 
 use quota::engine::{Engine, Reason};
 use quota::policy::{EntitlementSource, Policy, parse_sources};
@@ -16,7 +17,36 @@ macro_rules! for_each_backend {
                 }
             )*
         }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::redis_store()).await;
+                }
+            )*
+        }
     };
+}
+
+fn redis_store() -> quota::storage::RedisStore {
+    let url =
+        std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut cfg = quota::storage::RedisConfig::new(vec![url]);
+    cfg.prefix = format!("tgtest-{}", uuid_like());
+    // Generous: debug builds on a loaded machine; the timeout itself is tested elsewhere.
+    cfg.timeout = std::time::Duration::from_secs(2);
+    quota::storage::RedisStore::new(&cfg).expect("redis store")
+}
+
+/// A prefix unique to this test: process id, time and a counter.
+fn uuid_like() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        quota::engine::now_ns(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 for_each_backend!(

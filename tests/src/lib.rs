@@ -157,6 +157,207 @@ impl Drop for TempDir {
     }
 }
 
+/// A `redis-server` command on loopback `port` that keeps nothing on disk but its working files.
+fn redis_server(port: u16, dir: &Path) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .arg("--dir")
+    .arg(dir);
+    cmd
+}
+
+/// An HTTP client for tests: no proxy from the environment, bounded waits.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// GET `url` and parse the JSON answer.
+pub async fn get_json(url: impl reqwest::IntoUrl) -> serde_json::Value {
+    let r = client().get(url).send().await.expect("GET");
+    r.json().await.expect("JSON body")
+}
+
+/// POST `body` as JSON to `url` and parse the JSON answer.
+pub async fn post_json(url: impl reqwest::IntoUrl, body: &serde_json::Value) -> serde_json::Value {
+    let r = client().post(url).json(body).send().await.expect("POST");
+    r.json().await.expect("JSON body")
+}
+
+/// A private `redis-server` on its own port, so a test may kill and restart it.
+pub struct RedisServer {
+    pub port: u16,
+    proc: Option<Proc>,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = TempDir::new("redis");
+        let mut r = RedisServer {
+            port: free_port(),
+            proc: None,
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port, with an empty dataset.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port.to_string();
+        let proc = Proc::spawn(&mut redis_server(self.port, &self.dir.0));
+        wait_tcp(format!("127.0.0.1:{port}").parse().expect("addr"));
+        self.proc = Some(proc);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// A Redis Cluster of `n` masters on loopback, created with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _nodes: Vec<Proc>,
+    _dir: TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> RedisCluster {
+        let dir = TempDir::new("cluster");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let nodes: Vec<Proc> = ports
+            .iter()
+            .map(|p| {
+                let node_dir = dir.0.join(p.to_string());
+                std::fs::create_dir_all(&node_dir).expect("node dir");
+                Proc::spawn(redis_server(*p, &node_dir).args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ]))
+            })
+            .collect();
+        for p in &ports {
+            wait_tcp(format!("127.0.0.1:{p}").parse().expect("addr"));
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in &ports {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster did not become ready");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster {
+            ports,
+            _nodes: nodes,
+            _dir: dir,
+        }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+}
+
+/// Where a gateway keeps its counters.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Memory,
+    /// A Redis URL (several for Cluster nodes) and the key prefix of this test.
+    Redis {
+        urls: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl Backend {
+    /// The shared Redis of the test machine (`TOLLGATE_REDIS_URL`, default 127.0.0.1:6379), with a
+    /// key prefix no other test uses.
+    pub fn shared_redis() -> Backend {
+        let url =
+            std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        Backend::Redis {
+            urls: vec![url],
+            prefix: unique_prefix(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Memory => Vec::new(),
+            Backend::Redis { urls, prefix } => {
+                let mut a = vec![
+                    "--redis-prefix".to_string(),
+                    prefix.clone(),
+                    "--redis-timeout-ms".into(),
+                    "250".into(),
+                ];
+                for u in urls {
+                    a.push("--redis".into());
+                    a.push(u.clone());
+                }
+                a
+            }
+        }
+    }
+}
+
+/// A key prefix unique to this process and call.
+pub fn unique_prefix() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("tgtest-{}-{t}-{n}", std::process::id())
+}
+
 /// A running gateway with its policy file in a temporary directory.
 pub struct Gateway {
     pub proxy: SocketAddr,
@@ -174,6 +375,11 @@ impl Gateway {
 
     /// Start a gateway with extra `gateway run` arguments.
     pub fn start_with(policy_yaml: &str, extra_args: &[&str]) -> Gateway {
+        Self::start_on(&Backend::Memory, policy_yaml, extra_args)
+    }
+
+    /// Start a gateway keeping its counters in `backend`.
+    pub fn start_on(backend: &Backend, policy_yaml: &str, extra_args: &[&str]) -> Gateway {
         let dir = TempDir::new("gw");
         let policy_file = dir.0.join("policy.yaml");
         std::fs::write(&policy_file, policy_yaml).expect("write policy");
@@ -191,6 +397,7 @@ impl Gateway {
                     "--threads",
                     "2",
                 ])
+                .args(backend.args())
                 .args(extra_args),
         );
         let api = proc

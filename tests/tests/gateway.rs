@@ -5,23 +5,46 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tollgate_e2e::{Gateway, MockUpstream, bin, eventually, figure, policy, workspace_root};
+use tollgate_e2e::{
+    Backend, Gateway, MockUpstream, bin, client, eventually, figure, get_json, policy, post_json,
+    workspace_root,
+};
+
+/// Each quota test body runs once per counter backend: in memory and on the shared Redis.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(tollgate_e2e::Backend::Memory).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(tollgate_e2e::Backend::shared_redis()).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    admits_up_to_the_limit_then_refuses_with_429_body_and_headers,
+    daily_quota_resets_at_the_subjects_local_midnight,
+    concurrent_requests_on_one_key_admit_exactly_the_limit,
+    editing_the_policy_changes_the_enforced_limit_without_restart,
+    broken_policy_keeps_the_old_limit_and_status_shows_the_error,
+    check_with_a_repeated_request_id_charges_once,
+);
 
 const LOOKUP: &[(&str, &str, &str, u64)] = &[("lookup", "/lookup", "lookup", 1)];
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
 async fn upstream_requests(mock: &MockUpstream) -> u64 {
-    let v: Value = client()
-        .get(mock.url("/_mock/requests"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(mock.url("/_mock/requests")).await;
     v["total"].as_u64().unwrap()
 }
 
@@ -50,10 +73,9 @@ async fn get(gw: &Gateway, path: &str, key: &str) -> reqwest::Response {
         .unwrap()
 }
 
-#[tokio::test]
-async fn admits_up_to_the_limit_then_refuses_with_429_body_and_headers() {
+async fn admits_up_to_the_limit_then_refuses_with_429_body_and_headers(backend: Backend) {
     let mock = MockUpstream::start();
-    let gw = Gateway::start(&free_lookup(mock.addr, 3));
+    let gw = Gateway::start_on(&backend, &free_lookup(mock.addr, 3), &[]);
     for i in 0..3u64 {
         let r = client()
             .get(gw.url("/lookup/42"))
@@ -120,11 +142,10 @@ async fn admits_up_to_the_limit_then_refuses_with_429_body_and_headers() {
     );
 }
 
-#[tokio::test]
-async fn daily_quota_resets_at_the_subjects_local_midnight() {
+async fn daily_quota_resets_at_the_subjects_local_midnight(backend: Backend) {
     let mock = MockUpstream::start();
     let yaml = free_lookup(mock.addr, 2).replace("time_zone: UTC", "time_zone: America/New_York");
-    let gw = Gateway::start_with(&yaml, &["--test-clock"]);
+    let gw = Gateway::start_on(&backend, &yaml, &["--test-clock"]);
     let set_clock = |now: &'static str| {
         let url = gw.api_url("/test/clock");
         async move {
@@ -214,10 +235,9 @@ async fn quota_type_missing_from_the_tier_is_403() {
     );
 }
 
-#[tokio::test]
-async fn concurrent_requests_on_one_key_admit_exactly_the_limit() {
+async fn concurrent_requests_on_one_key_admit_exactly_the_limit(backend: Backend) {
     let mock = MockUpstream::start();
-    let gw = Gateway::start(&free_lookup(mock.addr, 40));
+    let gw = Gateway::start_on(&backend, &free_lookup(mock.addr, 40), &[]);
     let c = client();
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -244,10 +264,9 @@ async fn concurrent_requests_on_one_key_admit_exactly_the_limit() {
     assert_eq!(upstream_requests(&mock).await, 40);
 }
 
-#[tokio::test]
-async fn editing_the_policy_changes_the_enforced_limit_without_restart() {
+async fn editing_the_policy_changes_the_enforced_limit_without_restart(backend: Backend) {
     let mock = MockUpstream::start();
-    let gw = Gateway::start(&free_lookup(mock.addr, 2));
+    let gw = Gateway::start_on(&backend, &free_lookup(mock.addr, 2), &[]);
     for _ in 0..2 {
         assert_eq!(lookup(&gw, "key-free").await, StatusCode::OK);
     }
@@ -265,21 +284,11 @@ async fn editing_the_policy_changes_the_enforced_limit_without_restart() {
     assert_eq!(lookup(&gw, "key-free").await, StatusCode::TOO_MANY_REQUESTS);
 }
 
-#[tokio::test]
-async fn broken_policy_keeps_the_old_limit_and_status_shows_the_error() {
+async fn broken_policy_keeps_the_old_limit_and_status_shows_the_error(backend: Backend) {
     let mock = MockUpstream::start();
     let good = free_lookup(mock.addr, 2);
-    let gw = Gateway::start(&good);
-    let status = || async {
-        client()
-            .get(gw.api_url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
+    let gw = Gateway::start_on(&backend, &good, &[]);
+    let status = || async { get_json(gw.api_url("/status")).await };
     let before = status().await;
     assert_eq!(before["last_error"], Value::Null);
     assert_eq!(lookup(&gw, "key-free").await, StatusCode::OK);
@@ -328,24 +337,15 @@ async fn broken_policy_keeps_the_old_limit_and_status_shows_the_error() {
     );
 }
 
-#[tokio::test]
-async fn check_with_a_repeated_request_id_charges_once() {
+async fn check_with_a_repeated_request_id_charges_once(backend: Backend) {
     let mock = MockUpstream::start();
-    let gw = Gateway::start(&free_lookup(mock.addr, 10));
+    let gw = Gateway::start_on(&backend, &free_lookup(mock.addr, 10), &[]);
     let check_url = gw.api_url("/check");
     let check = |id: &'static str| {
         let url = check_url.clone();
         async move {
             let body = serde_json::json!({ "subject": "user-free", "quota": "lookup", "cost": 3, "request_id": id });
-            client()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
+            post_json(url, &body).await
         }
     };
     let first = check("r1").await;

@@ -12,6 +12,8 @@ pub struct PolicyFile {
     /// A label for this policy version; the enforced version also carries a content hash.
     pub version: Option<Spanned<String>>,
     pub failure_mode: Option<Spanned<FailureModeDto>>,
+    /// With `failure_mode: local`: the share of each limit one gateway enforces on its own.
+    pub local_share: Option<Spanned<f64>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<UpstreamDto>>,
     #[serde(default)]

@@ -176,6 +176,7 @@ struct Builder<'a> {
     errors: Vec<PolicyError>,
     version: Option<(String, &'a str)>,
     failure_mode: Option<FailureMode>,
+    local_share: Option<f64>,
     upstreams: HashMap<String, Arc<Upstream>>,
     tiers: HashMap<String, Arc<Tier>>,
     /// Names defined but invalid (already reported): references to them are not errors again.
@@ -290,7 +291,10 @@ impl<'a> Builder<'a> {
                 .version
                 .map_or_else(|| "unversioned".to_string(), |(v, _)| v),
             hash,
-            failure_mode: self.failure_mode.unwrap_or_default(),
+            failure: super::FailurePolicy {
+                mode: self.failure_mode.unwrap_or_default(),
+                local_share: self.local_share.unwrap_or(1.0),
+            },
             routes,
             tiers: self.tiers,
             subjects,
@@ -321,6 +325,23 @@ impl<'a> Builder<'a> {
                 FailureModeDto::FailClosed => FailureMode::FailClosed,
                 FailureModeDto::Local => FailureMode::Local,
             });
+        }
+        if let Some(share) = &doc.local_share {
+            if !(share.value > 0.0 && share.value <= 1.0) {
+                let msg = format!(
+                    "expected a share in (0, 1], such as 0.25 for one of four gateways, got {}",
+                    share.value
+                );
+                self.err(file, share.referenced, "local_share", msg);
+            } else if self.local_share.is_some() {
+                self.err(
+                    file,
+                    share.referenced,
+                    "local_share",
+                    "`local_share` is set in more than one file",
+                );
+            }
+            self.local_share = Some(share.value);
         }
     }
 

@@ -25,6 +25,23 @@ pub enum FailureMode {
     Local,
 }
 
+/// The failure mode and, for `Local`, the share of each limit one gateway enforces alone.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailurePolicy {
+    pub mode: FailureMode,
+    /// In (0, 1]; with N gateways, 1/N keeps the fleet within the limit during an outage.
+    pub local_share: f64,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self {
+            mode: FailureMode::default(),
+            local_share: 1.0,
+        }
+    }
+}
+
 /// A whole, validated policy snapshot.
 #[derive(Debug)]
 pub struct Policy {
@@ -32,7 +49,7 @@ pub struct Policy {
     pub version: String,
     /// SHA-256 of the source files, hex; identifies exactly what is enforced.
     pub hash: String,
-    pub failure_mode: FailureMode,
+    pub failure: FailurePolicy,
     /// Most specific first: longest path prefix, then declaration order.
     pub routes: Vec<Route>,
     pub tiers: HashMap<String, Arc<Tier>>,

@@ -1,10 +1,13 @@
 //! Where counters live. One async trait, `Storage`, takes from several counters at once, all or
 //! nothing; its error says whether the failure is transient, which drives the policy's failure
-//! mode. Backends: `memory` (the embedded default).
+//! mode. Backends: `memory` (the embedded default) and `redis` (shared by a fleet of gateways);
+//! `AnyStore` picks one at run time.
 
 pub mod memory;
+pub mod redis;
 
 pub use memory::MemoryStore;
+pub use redis::{RedisConfig, RedisStore};
 
 use crate::limiter::Limit;
 use crate::policy::Slot;
@@ -80,4 +83,20 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         req: &ConsumeRequest<'_>,
     ) -> impl Future<Output = Result<Outcome, StorageError>> + Send;
+}
+
+/// The backend chosen by configuration.
+pub enum AnyStore {
+    Memory(MemoryStore),
+    /// Boxed: much larger than the memory store, and there is one per gateway.
+    Redis(Box<RedisStore>),
+}
+
+impl Storage for AnyStore {
+    async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
+        match self {
+            AnyStore::Memory(s) => s.check_and_consume(req).await,
+            AnyStore::Redis(s) => s.check_and_consume(req).await,
+        }
+    }
 }
