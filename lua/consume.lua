@@ -14,12 +14,21 @@
 -- ARGV[3]        '1' to make the decision idempotent under KEYS[1], else '0'
 -- ARGV[4]        idempotency record TTL in milliseconds
 -- ARGV[5]        grace after a window's reset before its key expires, in milliseconds
--- then for counter i, three values at 6 + 3*(i-1):
+-- ARGV[6]        lease fraction in parts per million (0 = no lease)
+-- ARGV[7]        largest lease, in units
+-- ARGV[8]        smallest lease worth taking, in units (smaller grants are not taken)
+-- then for counter i, three values at 9 + 3*(i-1):
 --   'b', emission_us, burst      token bucket (GCRA); the key holds the theoretical arrival time
 --   'w', limit, reset_at_us      calendar window; the key names the window and holds units used
 --
--- Returns { allowed, replayed, then per counter: allowed, limit, remaining, reset_after_us,
---           retry_after_us }  (allowed/replayed as 1/0). A replay returns the first decision.
+-- Lease: when the request is admitted, the script may also take LEASE more units from every counter
+-- (the same number from each, since a gateway can only admit locally when all counters allow it):
+-- LEASE = min over counters of min(largest, floor(remaining after cost * fraction)), or 0 when
+-- below the smallest worth taking. The lease shrinks as the shared remainder shrinks.
+--
+-- Returns { allowed, replayed, lease, then per counter: allowed, limit, remaining, reset_after_us,
+--           retry_after_us }  (allowed/replayed as 1/0; remaining after cost and lease). A replay
+--           returns the first decision.
 
 local now = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
@@ -39,7 +48,7 @@ local verdicts = {}
 local all = true
 for i = 1, n do
   local key = KEYS[i + 1]
-  local base = 6 + 3 * (i - 1)
+  local base = 9 + 3 * (i - 1)
   local kind = ARGV[base]
   local a = tonumber(ARGV[base + 1])
   local b = tonumber(ARGV[base + 2])
@@ -77,7 +86,30 @@ for i = 1, n do
   all = all and v.allowed
 end
 
-local reply = { all and 1 or 0, 0 }
+local lease = 0
+local ppm, largest, smallest = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+if all and ppm > 0 then
+  lease = largest
+  for i = 1, n do
+    lease = math.min(lease, math.floor(verdicts[i].remaining * ppm / 1000000))
+  end
+  if lease < smallest then
+    lease = 0
+  end
+  for i = 1, n do
+    local v = verdicts[i]
+    if v.kind == 'b' then
+      local t = tonumber(ARGV[9 + 3 * (i - 1) + 1])
+      v.next = v.next + lease * t
+      v.reset_after = v.next - now
+    else
+      v.next = v.next + lease
+    end
+    v.remaining = v.remaining - lease
+  end
+end
+
+local reply = { all and 1 or 0, 0, lease }
 for i = 1, n do
   local v = verdicts[i]
   local key = KEYS[i + 1]
@@ -93,8 +125,8 @@ for i = 1, n do
     -- Refused by another counter: report what this one holds now, not what it would have held.
     if v.kind == 'b' then
       local tat = math.max(v.stored or now, now)
-      v.remaining = math.floor(math.max(tonumber(ARGV[6 + 3 * (i - 1) + 1]) * v.limit - (tat - now), 0)
-        / tonumber(ARGV[6 + 3 * (i - 1) + 1]))
+      local t = tonumber(ARGV[9 + 3 * (i - 1) + 1])
+      v.remaining = math.floor(math.max(t * v.limit - (tat - now), 0) / t)
       v.reset_after = tat - now
     else
       v.remaining = math.max(v.limit - (v.stored or 0), 0)

@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use quota::engine::Reason;
+use quota::storage::AnyStore;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -129,9 +130,7 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    if let quota::storage::AnyStore::Redis(r) = state.engine.store() {
-        state.metrics.sync_backend(r.stats());
-    }
+    state.metrics.sync_backend(state.engine.store());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -162,10 +161,16 @@ async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "since": unix_rfc3339(since),
         })),
         "backend": match state.engine.store() {
-            quota::storage::AnyStore::Memory(_) => json!({ "kind": "memory", "state": "up" }),
-            quota::storage::AnyStore::Redis(r) => json!({
+            AnyStore::Memory(_) => json!({ "kind": "memory", "state": "up" }),
+            AnyStore::Redis(r) => json!({
                 "kind": "redis",
                 "state": if r.stats().up { "up" } else { "down" },
+            }),
+            AnyStore::Leased(l) => json!({
+                "kind": "redis",
+                "leases": true,
+                "state": if l.redis().stats().up { "up" } else { "down" },
+                "lease_units_held": l.held_units(),
             }),
         },
         "failure_mode": format!("{:?}", policy.failure.mode),

@@ -50,6 +50,12 @@ enum Command {
         /// Limit on each Redis call; past it the policy's failure mode applies.
         #[arg(long, default_value_t = 50)]
         redis_timeout_ms: u64,
+        /// With --redis: ask Redis for every request instead of admitting locally from leases.
+        #[arg(long)]
+        no_leases: bool,
+        /// With leases: unused lease units go back to Redis after this long.
+        #[arg(long, default_value_t = 2000)]
+        lease_ttl_ms: u64,
         /// Testing only: allow POST /test/clock on the API listener to set the gateway's clock.
         #[arg(long, hide = true)]
         test_clock: bool,
@@ -96,7 +102,13 @@ fn main() -> ExitCode {
             redis_cluster,
             redis_prefix,
             redis_timeout_ms,
+            no_leases,
+            lease_ttl_ms,
         } => {
+            let leases = (!no_leases).then(|| quota::storage::LeaseConfig {
+                ttl: std::time::Duration::from_millis(lease_ttl_ms.max(1)),
+                ..Default::default()
+            });
             let redis = (!redis.is_empty()).then(|| {
                 let mut cfg = RedisConfig::new(redis);
                 cfg.cluster |= redis_cluster;
@@ -114,6 +126,7 @@ fn main() -> ExitCode {
                 grace_period_s: grace_period,
                 test_clock,
                 redis,
+                leases,
             };
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

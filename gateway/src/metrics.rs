@@ -4,7 +4,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-use quota::storage::redis::BackendStats;
+use quota::storage::AnyStore;
 
 pub struct Metrics {
     registry: Registry,
@@ -18,6 +18,8 @@ pub struct Metrics {
     backend_errors: IntCounter,
     backend_state: IntGauge,
     redis_calls: IntCounter,
+    local_decisions: IntCounter,
+    lease_units: IntGauge,
 }
 
 impl Metrics {
@@ -87,6 +89,13 @@ impl Metrics {
         registry.register(Box::new(backend_errors.clone()))?;
         registry.register(Box::new(backend_state.clone()))?;
         registry.register(Box::new(redis_calls.clone()))?;
+        let local_decisions = IntCounter::new(
+            "quota_local_decisions_total",
+            "Decisions admitted from local leases, without a Redis call",
+        )?;
+        let lease_units = IntGauge::new("lease_units_held", "Quota units held in local leases")?;
+        registry.register(Box::new(local_decisions.clone()))?;
+        registry.register(Box::new(lease_units.clone()))?;
         backend_state.set(1);
         // Show both results from the start, so a dashboard sees 0 rather than no series.
         policy_reloads.with_label_values(&["success"]);
@@ -103,11 +112,25 @@ impl Metrics {
             backend_errors,
             backend_state,
             redis_calls,
+            local_decisions,
+            lease_units,
         })
     }
 
     /// Bring the backend metrics up to date with the store's own counters.
-    pub fn sync_backend(&self, stats: BackendStats) {
+    pub fn sync_backend(&self, store: &AnyStore) {
+        if let AnyStore::Leased(l) = store {
+            self.local_decisions.inc_by(
+                l.local_decisions()
+                    .saturating_sub(self.local_decisions.get()),
+            );
+            self.lease_units
+                .set(i64::try_from(l.held_units()).unwrap_or(i64::MAX));
+        }
+        let Some(redis) = store.redis() else {
+            return;
+        };
+        let stats = redis.stats();
         self.backend_state.set(i64::from(stats.up));
         self.backend_errors
             .inc_by(stats.errors.saturating_sub(self.backend_errors.get()));

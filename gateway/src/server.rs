@@ -6,12 +6,13 @@ use crate::proxy::Gateway;
 use crate::state::{AppState, Clock, Store};
 use anyhow::Context;
 use pingora::proxy::http_proxy_service;
-use pingora::server::Server;
 use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
 use quota::PolicyHandle;
 use quota::engine::Engine;
 use quota::policy::load_path;
-use quota::storage::{MemoryStore, RedisConfig, RedisStore};
+use quota::storage::{LeaseConfig, LeasedStore, MemoryStore, RedisConfig, RedisStore};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct RunConfig {
     pub test_clock: bool,
     /// Shared counters in Redis; `None` keeps them in memory.
     pub redis: Option<RedisConfig>,
+    /// With Redis: admit locally from leases (`None`: ask Redis for every request).
+    pub leases: Option<LeaseConfig>,
 }
 
 /// Build the state from the policy at `config`; fails with every policy error when it is invalid.
@@ -35,6 +38,7 @@ pub fn build_state(
     config: PathBuf,
     clock: Clock,
     redis: Option<&RedisConfig>,
+    leases: Option<LeaseConfig>,
 ) -> anyhow::Result<Arc<AppState>> {
     let policy = load_path(&config).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     tracing::info!(version = %policy.version, hash = %policy.hash, "policy loaded");
@@ -42,7 +46,19 @@ pub fn build_state(
         None => Store::Memory(MemoryStore::new()),
         Some(cfg) => {
             tracing::info!(urls = ?cfg.urls, cluster = cfg.cluster, prefix = %cfg.prefix, "counters in redis");
-            Store::Redis(Box::new(RedisStore::new(cfg).context("configuring redis")?))
+            let redis = RedisStore::new(cfg).context("configuring redis")?;
+            match leases {
+                Some(l) => {
+                    tracing::info!(
+                        fraction = l.fraction,
+                        max = l.max,
+                        ttl_ms = l.ttl.as_millis() as u64,
+                        "local-first admission with leases"
+                    );
+                    Store::Leased(Box::new(LeasedStore::new(redis, l)))
+                }
+                None => Store::Redis(Box::new(redis)),
+            }
         }
     };
     Ok(Arc::new(AppState {
@@ -73,7 +89,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .context("starting the control runtime")?;
     let state = {
         let _in_rt = rt.enter();
-        build_state(cfg.config.clone(), clock, cfg.redis.as_ref())?
+        build_state(cfg.config.clone(), clock, cfg.redis.as_ref(), cfg.leases)?
     };
     // Bind the API here so a taken port is reported at once, before the proxy starts.
     let api = std::net::TcpListener::bind(cfg.api_listen)
@@ -96,9 +112,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
-    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(state));
+    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(state.clone()));
     proxy.add_tcp(&cfg.listen.to_string());
     server.add_service(proxy);
+    server.add_service(background_service(
+        "lease return on shutdown",
+        ReturnLeasesOnShutdown(state),
+    ));
     server.run_forever()
 }
 
@@ -116,6 +136,19 @@ fn control_plane_tasks(
                 tracing::error!(error = %e, "cannot watch the policy; hot reload is off");
             }
         });
+        if let Store::Leased(leased) = state.engine.store() {
+            let every = (leased.config().ttl / 2).max(Duration::from_millis(50));
+            let returner = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if let Store::Leased(l) = returner.engine.store() {
+                        let _ = l.return_leases(returner.clock.now_ns(), false).await;
+                    }
+                }
+            });
+        }
         let sweeper = state.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -140,4 +173,21 @@ fn control_plane_tasks(
             std::process::exit(1);
         }
     });
+}
+
+/// On graceful shutdown (SIGTERM), give back every unused lease so the fleet can use it.
+struct ReturnLeasesOnShutdown(Arc<AppState>);
+
+#[async_trait::async_trait]
+impl BackgroundService for ReturnLeasesOnShutdown {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Store::Leased(leased) = self.0.engine.store() else {
+            return;
+        };
+        let _ = shutdown.changed().await;
+        match leased.return_leases(self.0.clock.now_ns(), true).await {
+            Ok(()) => tracing::info!("unused leases returned"),
+            Err(e) => tracing::warn!(error = %e, "unused leases not returned"),
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! Engine behaviour every storage backend must show. Each test body runs once per backend through
-//! `for_each_backend!`: the in-memory store and Redis (`TOLLGATE_REDIS_URL`, default
-//! `redis://127.0.0.1:6379`; every test uses its own key prefix).
+//! `for_each_backend!`: the in-memory store, Redis (`TOLLGATE_REDIS_URL`, default
+//! `redis://127.0.0.1:6379`; every test uses its own key prefix) and Redis with leases.
 
 use quota::engine::{Engine, Reason};
 use quota::policy::{EntitlementSource, Policy, parse_sources};
@@ -22,6 +22,15 @@ macro_rules! for_each_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(super::redis_store()).await;
+                }
+            )*
+        }
+        mod redis_leased {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let store = quota::storage::LeasedStore::new(super::redis_store(), Default::default());
+                    super::$name(store).await;
                 }
             )*
         }

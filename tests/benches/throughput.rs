@@ -1,6 +1,9 @@
 //! Benchmark (run with `scripts/bench`): prints, in one run,
 //! (a) engine decisions per second on the in-memory store, 1 and 10,000 distinct subjects;
-//! (b) requests/s and p50/p99 latency straight to `mock-upstream`, through the gateway on an
+//! (b) per storage backend — memory only, Redis on every request, Redis with leases — decisions/s,
+//!     p99 of one decision and Redis round trips per 1,000 decisions (needs a Redis at
+//!     `TOLLGATE_REDIS_URL`, default 127.0.0.1:6379);
+//! (c) requests/s and p50/p99 latency straight to `mock-upstream`, through the gateway on an
 //!     unlimited route (the bare proxy) and with quotas on, and their ratios. Baselines are
 //!     measured in the same run: these machines are noisy, absolute numbers do not compare.
 
@@ -14,6 +17,116 @@ use tollgate_e2e::{Gateway, MockUpstream, policy};
 const DECISIONS: usize = 400_000;
 const HTTP_REQUESTS: usize = 20_000;
 const CONCURRENCY: usize = 32;
+
+const BACKEND_DECISIONS: usize = 40_000;
+const BACKEND_CALLERS: usize = 16;
+
+struct BackendRun {
+    rate: f64,
+    p99: Duration,
+    redis_calls_per_1000: Option<f64>,
+}
+
+/// `BACKEND_DECISIONS` decisions on one subject from `BACKEND_CALLERS` concurrent callers.
+async fn backend_run<S: quota::storage::Storage>(
+    engine: Arc<Engine<S>>,
+    calls: impl Fn(&S) -> Option<u64>,
+) -> BackendRun {
+    let p = engine_policy(1);
+    let subject = p.subject_for_key("k0").unwrap();
+    let before = calls(engine.store());
+    let started = Instant::now();
+    let handles: Vec<_> = (0..BACKEND_CALLERS)
+        .map(|_| {
+            let (engine, subject) = (engine.clone(), subject.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(BACKEND_DECISIONS / BACKEND_CALLERS);
+                for _ in 0..BACKEND_DECISIONS / BACKEND_CALLERS {
+                    let t = Instant::now();
+                    let d = engine
+                        .check(&subject, "lookup", 1, None, quota::engine::now_ns())
+                        .await
+                        .unwrap();
+                    assert!(d.allowed);
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    let after = calls(engine.store());
+    BackendRun {
+        rate: all.len() as f64 / elapsed.as_secs_f64(),
+        p99: all[all.len() * 99 / 100],
+        redis_calls_per_1000: before
+            .zip(after)
+            .map(|(b, a)| (a - b) as f64 * 1000.0 / all.len() as f64),
+    }
+}
+
+fn backends() {
+    use quota::storage::{LeaseConfig, LeasedStore, RedisConfig, RedisStore};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = || {
+        let url =
+            std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let mut cfg = RedisConfig::new(vec![url]);
+        cfg.prefix = tollgate_e2e::unique_prefix();
+        cfg.timeout = Duration::from_secs(1);
+        RedisStore::new(&cfg).unwrap()
+    };
+    let memory = rt.block_on(backend_run(
+        Arc::new(Engine::new(MemoryStore::new())),
+        |_| None,
+    ));
+    let every = rt.block_on(async {
+        backend_run(Arc::new(Engine::new(redis())), |s: &RedisStore| {
+            Some(s.stats().calls)
+        })
+        .await
+    });
+    let leased = rt.block_on(async {
+        let store = LeasedStore::new(redis(), LeaseConfig::default());
+        backend_run(Arc::new(Engine::new(store)), |s: &LeasedStore| {
+            Some(s.redis().stats().calls)
+        })
+        .await
+    });
+    println!(
+        "\n## Storage backends ({BACKEND_DECISIONS} decisions, 1 subject, {BACKEND_CALLERS} concurrent callers; limit far above the rate)\n"
+    );
+    println!("| backend | decisions/s | p99 µs | Redis round trips / 1,000 decisions |");
+    println!("|---|---:|---:|---:|");
+    for (name, r) in [
+        ("memory only", &memory),
+        ("Redis on every request", &every),
+        ("Redis with leases", &leased),
+    ] {
+        let trips = r
+            .redis_calls_per_1000
+            .map_or("-".to_string(), |c| format!("{c:.1}"));
+        println!(
+            "| {name} | {:.0} | {:.0} | {trips} |",
+            r.rate,
+            r.p99.as_secs_f64() * 1e6
+        );
+    }
+    println!(
+        "| **leases / every request** | {:.1}x | {:.3}x | |",
+        leased.rate / every.rate,
+        leased.p99.as_secs_f64() / every.p99.as_secs_f64()
+    );
+}
 
 fn engine_policy(subjects: usize) -> quota::Policy {
     let mut y = String::from(
@@ -141,6 +254,8 @@ fn main() {
             engine_rate(subjects, tasks)
         );
     }
+
+    backends();
 
     let mock = MockUpstream::start();
     let tiers = "  pro:\n    lookup:\n      rates: [ { limit: 100000000, per: second } ]\n      daily: 100000000000\n    bare: { unlimited: true }";

@@ -99,6 +99,15 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Ask the process to stop gracefully (SIGTERM).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success(), "SIGTERM delivered");
+    }
 }
 
 impl Drop for Proc {
@@ -431,6 +440,11 @@ impl Gateway {
 
     pub fn stop(&mut self) {
         self.proc.kill();
+    }
+
+    /// SIGTERM: the graceful shutdown an orchestrator asks for.
+    pub fn terminate(&self) {
+        self.proc.terminate();
     }
 }
 

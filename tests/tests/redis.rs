@@ -67,6 +67,24 @@ async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
     let (ok, refused) = spread(&refs, 2000, 24).await;
     figure("fleet_admitted_over_limit", ok as i64 - 500);
     assert_eq!((ok, refused), (500, 1500));
+    // Most of those were admitted locally, from leases.
+    let mut local = 0;
+    for g in &gws {
+        let m = client()
+            .get(g.api_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        local += m
+            .lines()
+            .find_map(|l| l.strip_prefix("quota_local_decisions_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert!(local > 0, "leases were used");
 
     // 100 at once across the fleet, on a fresh set of counters.
     let backend = Backend::shared_redis();
@@ -279,4 +297,30 @@ async fn redis_cluster_takes_all_counters_of_a_request_or_none() {
     // Another subject (another hash slot, likely another node) counts on its own.
     let r: Value = post_json(gws[1].api_url("/check"), &check("user-pro")).await;
     assert_eq!(r["remaining"], 40, "{r}");
+}
+
+#[tokio::test]
+async fn leases_are_returned_on_graceful_shutdown() {
+    let mock = MockUpstream::start();
+    let backend = Backend::shared_redis();
+    let yaml = lookup_policy(mock.addr, "{ daily: 1000 }", "");
+    let leaving = Gateway::start_on(&backend, &yaml, &["--lease-ttl-ms", "600000"]);
+    let staying = Gateway::start_on(&backend, &yaml, &[]);
+    assert_eq!(spread(&[&leaving], 1, 1).await, (1, 0));
+    let shared = || async {
+        let body = serde_json::json!({ "subject": "user-free", "quota": "lookup", "cost": 0 });
+        post_json(staying.api_url("/check"), &body).await["remaining"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        shared().await,
+        999 - 999 / 16,
+        "the leaving gateway holds a lease"
+    );
+    leaving.terminate();
+    assert!(
+        eventually(Duration::from_secs(5), || async { shared().await == 999 }).await,
+        "its unused units are back for the fleet"
+    );
 }

@@ -1,11 +1,13 @@
 //! Where counters live. One async trait, `Storage`, takes from several counters at once, all or
 //! nothing; its error says whether the failure is transient, which drives the policy's failure
-//! mode. Backends: `memory` (the embedded default) and `redis` (shared by a fleet of gateways);
-//! `AnyStore` picks one at run time.
+//! mode. Backends: `memory` (the embedded default), `redis` (shared by a fleet of gateways) and
+//! `lease` (Redis with local-first admission); `AnyStore` picks one at run time.
 
+pub mod lease;
 pub mod memory;
 pub mod redis;
 
+pub use lease::{LeaseConfig, LeasedStore};
 pub use memory::MemoryStore;
 pub use redis::{RedisConfig, RedisStore};
 
@@ -90,6 +92,19 @@ pub enum AnyStore {
     Memory(MemoryStore),
     /// Boxed: much larger than the memory store, and there is one per gateway.
     Redis(Box<RedisStore>),
+    /// Redis with local-first admission from leases.
+    Leased(Box<LeasedStore>),
+}
+
+impl AnyStore {
+    /// The Redis store underneath, if any.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        match self {
+            AnyStore::Memory(_) => None,
+            AnyStore::Redis(r) => Some(r),
+            AnyStore::Leased(l) => Some(l.redis()),
+        }
+    }
 }
 
 impl Storage for AnyStore {
@@ -97,6 +112,7 @@ impl Storage for AnyStore {
         match self {
             AnyStore::Memory(s) => s.check_and_consume(req).await,
             AnyStore::Redis(s) => s.check_and_consume(req).await,
+            AnyStore::Leased(s) => s.check_and_consume(req).await,
         }
     }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 const CONSUME: &str = include_str!("../../../lua/consume.lua");
+const LEASE_RETURN: &str = include_str!("../../../lua/lease_return.lua");
 /// How long a decision stays replayable by its idempotency key.
 const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Calendar-window keys outlive their window by a day, so yesterday's count can be reconciled.
@@ -68,6 +69,7 @@ struct ClusterConn {
 pub struct RedisStore {
     conn: Conn,
     consume: redis::Script,
+    lease_return: redis::Script,
     prefix: String,
     timeout: Duration,
     breaker: Breaker,
@@ -116,6 +118,7 @@ impl RedisStore {
         Ok(Self {
             conn,
             consume: redis::Script::new(CONSUME),
+            lease_return: redis::Script::new(LEASE_RETURN),
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_open_for),
@@ -261,14 +264,45 @@ impl ConnectionLike for ConnRef {
     }
 }
 
+/// How many extra units a consume may take as a lease (see `lua/consume.lua`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseAsk {
+    /// Share of the remainder after the cost, in parts per million; 0 asks for no lease.
+    pub fraction_ppm: u64,
+    pub max: u64,
+    pub min: u64,
+}
+
+/// Unused units of a lease to give back to one counter.
+#[derive(Debug, Clone)]
+pub struct LeaseReturn {
+    pub key: String,
+    pub units: u64,
+    /// `Some(emission)` for a bucket, `None` for a calendar window.
+    pub emission_ns: Option<i64>,
+}
+
 impl Storage for RedisStore {
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
+        self.consume(req, LeaseAsk::default()).await.map(|(o, _)| o)
+    }
+}
+
+impl RedisStore {
+    /// Check and consume like `Storage::check_and_consume`, also taking a lease of up to `ask`
+    /// extra units from every counter when admitted. Returns the lease granted (0 for none).
+    pub async fn consume(
+        &self,
+        req: &ConsumeRequest<'_>,
+        ask: LeaseAsk,
+    ) -> Result<(Outcome, u64), StorageError> {
         let Some(first) = req.counters.first() else {
-            return Ok(Outcome {
+            let none = Outcome {
                 allowed: true,
                 counters: Vec::new(),
                 replayed: false,
-            });
+            };
+            return Ok((none, 0));
         };
         let mut inv = self.consume.prepare_invoke();
         let idem_key = format!(
@@ -289,7 +323,10 @@ impl Storage for RedisStore {
                 "0"
             })
             .arg(IDEMPOTENCY_TTL_MS)
-            .arg(WINDOW_GRACE_MS);
+            .arg(WINDOW_GRACE_MS)
+            .arg(ask.fraction_ppm)
+            .arg(ask.max)
+            .arg(ask.min);
         for c in req.counters {
             match c.limit {
                 Limit::Bucket { emission_ns, burst } => {
@@ -307,16 +344,40 @@ impl Storage for RedisStore {
             .await?;
         parse_reply(&reply, req.counters.len())
     }
+
+    /// Give back unused lease units. All `items` must belong to one subject (one hash slot).
+    pub async fn return_leases(
+        &self,
+        now_ns: i64,
+        items: &[LeaseReturn],
+    ) -> Result<(), StorageError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.lease_return.prepare_invoke();
+        inv.arg(now_ns / 1000);
+        for it in items {
+            inv.key(&it.key);
+            match it.emission_ns {
+                Some(e) => inv.arg("b").arg(it.units).arg((e / 1000).max(1)),
+                None => inv.arg("w").arg(it.units).arg(0),
+            };
+        }
+        let _: i64 = self
+            .call(|mut conn| async move { inv.invoke_async(&mut conn).await })
+            .await?;
+        Ok(())
+    }
 }
 
-fn parse_reply(reply: &[i64], n: usize) -> Result<Outcome, StorageError> {
-    if reply.len() != 2 + 5 * n {
+fn parse_reply(reply: &[i64], n: usize) -> Result<(Outcome, u64), StorageError> {
+    if reply.len() != 3 + 5 * n {
         return Err(StorageError::Rejected(format!(
             "consume script answered {} values for {n} counters",
             reply.len()
         )));
     }
-    let counters = reply[2..]
+    let counters = reply[3..]
         .chunks_exact(5)
         .map(|r| CounterReport {
             allowed: r[0] == 1,
@@ -326,11 +387,12 @@ fn parse_reply(reply: &[i64], n: usize) -> Result<Outcome, StorageError> {
             retry_after_ns: r[4].saturating_mul(1000),
         })
         .collect();
-    Ok(Outcome {
+    let outcome = Outcome {
         allowed: reply[0] == 1,
         counters,
         replayed: reply[1] == 1,
-    })
+    };
+    Ok((outcome, u64::try_from(reply[2]).unwrap_or(0)))
 }
 
 /// Closed (calls go through) until `threshold` consecutive transient failures; then open for

@@ -1,0 +1,183 @@
+//! Local-first admission with leases, on a real Redis: the bounds stated in
+//! `quota/src/storage/lease.rs` (never over the limit; under it by at most what other gateways
+//! hold, until they return it) and the Redis round trips it saves.
+
+use quota::engine::{Engine, now_ns};
+use quota::policy::{EntitlementSource, Policy, Subject, parse_sources};
+use quota::storage::{LeaseConfig, LeasedStore, RedisConfig, RedisStore};
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_e2e::{figure, unique_prefix};
+
+fn redis(prefix: &str) -> RedisStore {
+    let url =
+        std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut cfg = RedisConfig::new(vec![url]);
+    cfg.prefix = prefix.to_string();
+    cfg.timeout = Duration::from_secs(2);
+    RedisStore::new(&cfg).expect("redis store")
+}
+
+fn leased(prefix: &str, ttl: Duration) -> Engine<LeasedStore> {
+    Engine::new(LeasedStore::new(
+        redis(prefix),
+        LeaseConfig {
+            ttl,
+            ..LeaseConfig::default()
+        },
+    ))
+}
+
+fn policy(limits: &str) -> (Policy, Arc<Subject>) {
+    let yaml = format!(
+        "upstreams:\n  u: {{ address: '127.0.0.1:1' }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: u, quota: q }}\n\
+         tiers:\n  t:\n    q: {limits}\nsubjects:\n  - {{ key: k, id: s, tier: t }}\n"
+    );
+    let p = parse_sources(&[("leases.yaml".into(), yaml)]).expect("policy");
+    let s = p.subject_for_key("k").expect("subject");
+    (p, s)
+}
+
+/// Remaining of the daily quota as Redis holds it (a cost-0 check straight to Redis).
+async fn shared_remaining(prefix: &str, subject: &Subject) -> u64 {
+    let e = Engine::new(redis(prefix));
+    let d = e.check(subject, "q", 0, None, now_ns()).await.unwrap();
+    d.limits
+        .iter()
+        .find(|l| l.window_s == 86_400)
+        .unwrap()
+        .remaining
+}
+
+#[tokio::test]
+async fn steady_state_needs_few_redis_round_trips() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ rates: [ { limit: 1000000, per: second } ], daily: 100000000 }");
+    let engine = leased(&prefix, Duration::from_secs(30));
+    let n = 5_000u64;
+    for _ in 0..n {
+        assert!(
+            engine
+                .check(&s, "q", 1, None, now_ns())
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    let calls = engine.store().redis().stats().calls;
+    let per_1000 = calls as f64 * 1000.0 / n as f64;
+    figure("redis_calls_per_1000_decisions", format!("{per_1000:.1}"));
+    assert!(per_1000 <= 10.0, "{calls} Redis calls for {n} decisions");
+    assert_eq!(
+        engine.store().local_decisions() + calls,
+        n,
+        "every decision local or one call"
+    );
+}
+
+#[tokio::test]
+async fn leases_never_admit_over_the_limit_and_under_admit_only_what_others_hold() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 1000 }");
+    let (a, b) = (
+        leased(&prefix, Duration::from_secs(60)),
+        leased(&prefix, Duration::from_secs(60)),
+    );
+    // B admits one request and takes a lease of a sixteenth of the rest.
+    assert!(b.check(&s, "q", 1, None, now_ns()).await.unwrap().allowed);
+    let held_by_b = b.store().held_units();
+    assert_eq!(held_by_b, 999 / 16);
+    // A admits until refused: everything except what B holds.
+    let mut admitted_a = 0;
+    while a.check(&s, "q", 1, None, now_ns()).await.unwrap().allowed {
+        admitted_a += 1;
+        assert!(admitted_a <= 1000, "runaway");
+    }
+    assert_eq!(
+        admitted_a,
+        1000 - 1 - held_by_b,
+        "under by exactly what B holds"
+    );
+    // B uses part of its lease locally, then returns the rest; A can use what came back.
+    for _ in 0..10 {
+        assert!(b.check(&s, "q", 1, None, now_ns()).await.unwrap().allowed);
+    }
+    b.store().return_leases(now_ns(), true).await.unwrap();
+    assert_eq!(shared_remaining(&prefix, &s).await, held_by_b - 10);
+    let mut more = 0;
+    while a.check(&s, "q", 1, None, now_ns()).await.unwrap().allowed {
+        more += 1;
+    }
+    assert_eq!(
+        1 + admitted_a + 10 + more,
+        1000,
+        "the fleet admitted exactly the limit"
+    );
+}
+
+#[tokio::test]
+async fn unused_leases_go_back_when_they_expire() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 1000 }");
+    let ttl = Duration::from_millis(100);
+    let engine = leased(&prefix, ttl);
+    let t0 = now_ns();
+    let d = engine.check(&s, "q", 1, None, t0).await.unwrap();
+    assert_eq!(
+        d.limits[0].remaining, 999,
+        "the client sees its own remainder, lease included"
+    );
+    assert_eq!(shared_remaining(&prefix, &s).await, 999 - 999 / 16);
+    engine
+        .store()
+        .return_leases(t0 + ttl.as_nanos() as i64 - 1, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        shared_remaining(&prefix, &s).await,
+        999 - 999 / 16,
+        "not yet expired"
+    );
+    engine
+        .store()
+        .return_leases(t0 + ttl.as_nanos() as i64, false)
+        .await
+        .unwrap();
+    assert_eq!(shared_remaining(&prefix, &s).await, 999);
+    assert_eq!(engine.store().held_units(), 0);
+}
+
+#[tokio::test]
+async fn leased_tokens_of_a_rate_go_back_to_the_bucket() {
+    let prefix = unique_prefix();
+    // 1 per hour refill: the bucket only changes through what is taken and returned.
+    let (_p, s) = policy("{ rates: [ { limit: 1, per: hour, burst: 800 } ], daily: 100000 }");
+    let engine = leased(&prefix, Duration::from_secs(60));
+    assert!(
+        engine
+            .check(&s, "q", 1, None, now_ns())
+            .await
+            .unwrap()
+            .allowed
+    );
+    // The same lease from both counters (a request needs both to admit locally).
+    let held = 799 / 16;
+    assert_eq!(engine.store().held_units(), 2 * held);
+    let bucket = |d: quota::engine::Decision| {
+        d.limits
+            .iter()
+            .find(|l| l.window_s == 3600)
+            .unwrap()
+            .remaining
+    };
+    let plain = Engine::new(redis(&prefix));
+    assert_eq!(
+        bucket(plain.check(&s, "q", 0, None, now_ns()).await.unwrap()),
+        799 - held
+    );
+    engine.store().return_leases(now_ns(), true).await.unwrap();
+    assert_eq!(
+        bucket(plain.check(&s, "q", 0, None, now_ns()).await.unwrap()),
+        799
+    );
+}
