@@ -181,3 +181,28 @@ async fn leased_tokens_of_a_rate_go_back_to_the_bucket() {
         799
     );
 }
+
+#[tokio::test]
+async fn scripts_are_reloaded_when_redis_forgets_them() {
+    let server = tollgate_e2e::RedisServer::start();
+    let mut cfg = RedisConfig::new(vec![server.url()]);
+    cfg.timeout = Duration::from_secs(2);
+    let engine = Engine::new(RedisStore::new(&cfg).unwrap());
+    let (_p, s) = policy("{ daily: 10 }");
+    assert!(
+        engine
+            .check(&s, "q", 1, None, now_ns())
+            .await
+            .unwrap()
+            .allowed
+    );
+    // A restarted or failed-over Redis has an empty script cache: the next call gets NOSCRIPT.
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "SCRIPT", "FLUSH"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&flushed.stdout).contains("OK"));
+    let d = engine.check(&s, "q", 1, None, now_ns()).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!(d.limits[0].remaining, 8, "both requests counted");
+}
