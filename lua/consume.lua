@@ -1,4 +1,4 @@
--- consume.lua — take COST units from every counter of one request, or from none.
+-- consume.lua — take each counter's cost from every counter of one request, or from none.
 --
 -- Why a script: the check of every counter and the update of every counter must be one atomic step,
 -- or two gateways could both see "1 left" and both take it (MULTI cannot branch on values it reads).
@@ -7,32 +7,40 @@
 -- Time is passed in by the gateway (microseconds since the Unix epoch): Lua numbers are doubles,
 -- exact for integers below 2^53, which microsecond timestamps are and nanosecond ones are not.
 --
--- KEYS[1]        idempotency record (only read/written when ARGV[3] == '1')
--- KEYS[2..n+1]   counters
--- ARGV[1]        now_us
--- ARGV[2]        cost
--- ARGV[3]        '1' to make the decision idempotent under KEYS[1], else '0'
--- ARGV[4]        idempotency record TTL in milliseconds
--- ARGV[5]        grace after a window's reset before its key expires, in milliseconds
--- ARGV[6]        lease fraction in parts per million (0 = no lease)
--- ARGV[7]        largest lease, in units
--- ARGV[8]        smallest lease worth taking, in units (smaller grants are not taken)
--- then for counter i, three values at 9 + 3*(i-1):
---   'b', emission_us, burst      token bucket (GCRA); the key holds the theoretical arrival time
---   'w', limit, reset_at_us      calendar window; the key names the window and holds units used
+-- KEYS[1]          idempotency record (only read/written when ARGV[2] == '1')
+-- KEYS[2i], KEYS[2i+1]  counter i and its reservations (a hash: attempt -> "amount:expires_us")
+-- ARGV[1]          now_us
+-- ARGV[2]          '1' to make the decision idempotent under KEYS[1], else '0'
+-- ARGV[3]          idempotency record TTL in milliseconds
+-- ARGV[4]          grace after a window's reset before its key expires, in milliseconds
+-- ARGV[5]          lease fraction in parts per million (0 = no lease)
+-- ARGV[6]          largest lease, in units
+-- ARGV[7]          smallest lease worth taking, in units (smaller grants are not taken)
+-- ARGV[8]          reservation attempt id ('' = consume outright)
+-- ARGV[9]          reservation expiry, us
+-- then for counter i, four values at 10 + 4*(i-1):
+--   'b', emission_us, burst, cost      token bucket (GCRA); the key holds the theoretical arrival time
+--   'w', limit, reset_at_us, cost      calendar window; the key names the window and holds units used
 --
--- Lease: when the request is admitted, the script may also take LEASE more units from every counter
--- (the same number from each, since a gateway can only admit locally when all counters allow it):
--- LEASE = min over counters of min(largest, floor(remaining after cost * fraction)), or 0 when
--- below the smallest worth taking. The lease shrinks as the shared remainder shrinks.
+-- Reservations: a window's reserved units are held in its hash, not in its count, so they stop
+-- counting when they expire (a gateway that died before settling leaks nothing); expired entries
+-- are dropped here. A bucket takes the tokens at once (a bucket refills by itself) and keeps the
+-- record only so that settle.lua can refund what was not used.
+--
+-- Lease: when the request is admitted outright, the script may also take LEASE more units from
+-- every counter (the same number from each, since a gateway can only admit locally when all
+-- counters allow it): LEASE = min over counters of min(largest, floor(remaining after cost *
+-- fraction)), or 0 when below the smallest worth taking. It shrinks as the remainder shrinks.
 --
 -- Returns { allowed, replayed, lease, then per counter: allowed, limit, remaining, reset_after_us,
 --           retry_after_us }  (allowed/replayed as 1/0; remaining after cost and lease). A replay
 --           returns the first decision.
 
 local now = tonumber(ARGV[1])
-local cost = tonumber(ARGV[2])
-local idem = ARGV[3] == '1'
+local idem = ARGV[2] == '1'
+local attempt = ARGV[8]
+local reserving = attempt ~= ''
+local resv_expires = tonumber(ARGV[9])
 
 if idem then
   local first = redis.call('GET', KEYS[1])
@@ -43,17 +51,31 @@ if idem then
   end
 end
 
-local n = #KEYS - 1
+-- Units reserved in a window's hash and not yet expired; drops the expired ones.
+local function live_reserved(rkey)
+  local sum = 0
+  local entries = redis.call('HGETALL', rkey)
+  for j = 1, #entries, 2 do
+    local amount, expires = string.match(entries[j + 1], '(%d+):(%d+)')
+    if tonumber(expires) > now then
+      sum = sum + tonumber(amount)
+    else
+      redis.call('HDEL', rkey, entries[j])
+    end
+  end
+  return sum
+end
+
+local n = (#KEYS - 1) / 2
 local verdicts = {}
 local all = true
 for i = 1, n do
-  local key = KEYS[i + 1]
-  local base = 9 + 3 * (i - 1)
+  local key, rkey = KEYS[2 * i], KEYS[2 * i + 1]
+  local base = 10 + 4 * (i - 1)
   local kind = ARGV[base]
-  local a = tonumber(ARGV[base + 1])
-  local b = tonumber(ARGV[base + 2])
+  local a, b, cost = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local stored = tonumber(redis.call('GET', key))
-  local v = {}
+  local v = { kind = kind, cost = cost, key = key, rkey = rkey, t = a }
   if kind == 'b' then
     local t, burst = a, b
     local capacity = t * burst
@@ -67,28 +89,29 @@ for i = 1, n do
     v.reset_after = after - now
     v.retry_after = v.allowed and 0 or (allow_at - now)
     v.next = after
+    v.now_remaining = math.floor(math.max(capacity - (tat - now), 0) / t)
+    v.now_reset_after = tat - now
   else
     local limit, reset_at = a, b
-    local used = stored or 0
+    local own = stored or 0
+    local used = own + live_reserved(rkey)
     v.allowed = used + cost <= limit
-    local after = v.allowed and (used + cost) or used
     v.limit = limit
-    v.remaining = math.max(limit - after, 0)
+    v.remaining = math.max(limit - used - (v.allowed and cost or 0), 0)
     v.reset_after = math.max(reset_at - now, 0)
     v.retry_after = v.allowed and 0 or v.reset_after
-    v.next = after
+    v.next = own + ((v.allowed and not reserving) and cost or 0)
+    v.now_remaining = math.max(limit - used, 0)
     -- Never in the past, even for a clock injected by a test.
-    v.expire_at_ms = math.floor(math.max(reset_at, now) / 1000) + tonumber(ARGV[5])
+    v.expire_at_ms = math.floor(math.max(reset_at, now) / 1000) + tonumber(ARGV[4])
   end
-  v.kind = kind
-  v.stored = stored
   verdicts[i] = v
   all = all and v.allowed
 end
 
 local lease = 0
-local ppm, largest, smallest = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if all and ppm > 0 then
+local ppm, largest, smallest = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+if all and ppm > 0 and not reserving then
   lease = largest
   for i = 1, n do
     lease = math.min(lease, math.floor(verdicts[i].remaining * ppm / 1000000))
@@ -99,8 +122,7 @@ if all and ppm > 0 then
   for i = 1, n do
     local v = verdicts[i]
     if v.kind == 'b' then
-      local t = tonumber(ARGV[9 + 3 * (i - 1) + 1])
-      v.next = v.next + lease * t
+      v.next = v.next + lease * v.t
       v.reset_after = v.next - now
     else
       v.next = v.next + lease
@@ -112,24 +134,26 @@ end
 local reply = { all and 1 or 0, 0, lease }
 for i = 1, n do
   local v = verdicts[i]
-  local key = KEYS[i + 1]
   if all then
     if v.kind == 'b' then
       -- The bucket is full again at `next`: the key is not needed after that.
-      redis.call('SET', key, string.format('%.0f', v.next),
+      redis.call('SET', v.key, string.format('%.0f', v.next),
         'PX', math.max(math.ceil((v.next - now) / 1000), 1))
-    else
-      redis.call('SET', key, string.format('%.0f', v.next), 'PXAT', string.format('%.0f', v.expire_at_ms))
+    elseif v.next > 0 then
+      redis.call('SET', v.key, string.format('%.0f', v.next), 'PXAT', string.format('%.0f', v.expire_at_ms))
+    end
+    if reserving then
+      redis.call('HSET', v.rkey, attempt, string.format('%.0f:%.0f', v.cost, resv_expires))
+      local ttl_ms = math.ceil((resv_expires - now) / 1000) + 60000
+      if redis.call('PTTL', v.rkey) < ttl_ms then
+        redis.call('PEXPIRE', v.rkey, ttl_ms)
+      end
     end
   elseif v.allowed then
     -- Refused by another counter: report what this one holds now, not what it would have held.
+    v.remaining = v.now_remaining
     if v.kind == 'b' then
-      local tat = math.max(v.stored or now, now)
-      local t = tonumber(ARGV[9 + 3 * (i - 1) + 1])
-      v.remaining = math.floor(math.max(t * v.limit - (tat - now), 0) / t)
-      v.reset_after = tat - now
-    else
-      v.remaining = math.max(v.limit - (v.stored or 0), 0)
+      v.reset_after = v.now_reset_after
     end
   end
   table.insert(reply, v.allowed and 1 or 0)
@@ -140,6 +164,6 @@ for i = 1, n do
 end
 
 if idem then
-  redis.call('SET', KEYS[1], cjson.encode(reply), 'PX', tonumber(ARGV[4]))
+  redis.call('SET', KEYS[1], cjson.encode(reply), 'PX', tonumber(ARGV[3]))
 end
 return reply

@@ -15,30 +15,24 @@ pub fn ceil_s(ns: i64) -> i64 {
     }
 }
 
-fn policy_name(quota: &str, l: &LimitState) -> String {
-    format!("{quota}-{}", l.slot.name())
+fn policy_name(l: &LimitState) -> String {
+    format!("{}-{}", l.quota_type, l.slot.name())
 }
 
 /// `RateLimit-Policy: "lookup-minute";q=5;w=60, "lookup-day";q=100;w=86400`
-pub fn ratelimit_policy(quota: &str, d: &Decision) -> Option<String> {
+pub fn ratelimit_policy(d: &Decision) -> Option<String> {
     let mut out = String::new();
     for (i, l) in d.limits.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
-        let _ = write!(
-            out,
-            "\"{}\";q={};w={}",
-            policy_name(quota, l),
-            l.quota,
-            l.window_s
-        );
+        let _ = write!(out, "\"{}\";q={};w={}", policy_name(l), l.quota, l.window_s);
     }
     (!out.is_empty()).then_some(out)
 }
 
 /// `RateLimit: "lookup-minute";r=4;t=12, "lookup-day";r=99;t=3600`
-pub fn ratelimit(quota: &str, d: &Decision) -> Option<String> {
+pub fn ratelimit(d: &Decision) -> Option<String> {
     let mut out = String::new();
     for (i, l) in d.limits.iter().enumerate() {
         if i > 0 {
@@ -47,7 +41,7 @@ pub fn ratelimit(quota: &str, d: &Decision) -> Option<String> {
         let _ = write!(
             out,
             "\"{}\";r={};t={}",
-            policy_name(quota, l),
+            policy_name(l),
             l.remaining,
             ceil_s(l.reset_after_ns)
         );
@@ -88,6 +82,7 @@ mod tests {
             reason: Reason::QuotaExceeded,
             limits: vec![
                 LimitState {
+                    quota_type: "lookup".into(),
                     slot: Slot::Minute,
                     quota: 5,
                     window_s: 60,
@@ -98,6 +93,7 @@ mod tests {
                     allowed: true,
                 },
                 LimitState {
+                    quota_type: "lookup".into(),
                     slot: Slot::Day,
                     quota: 100,
                     window_s: 86_400,
@@ -118,11 +114,11 @@ mod tests {
     fn structured_fields_list_every_limit() {
         let d = decision();
         assert_eq!(
-            ratelimit_policy("lookup", &d).unwrap(),
+            ratelimit_policy(&d).unwrap(),
             "\"lookup-minute\";q=5;w=60, \"lookup-day\";q=100;w=86400"
         );
         assert_eq!(
-            ratelimit("lookup", &d).unwrap(),
+            ratelimit(&d).unwrap(),
             "\"lookup-minute\";r=3;t=24, \"lookup-day\";r=0;t=3600"
         );
     }

@@ -206,8 +206,8 @@ impl ProxyHttp for Gateway {
                     "retry-after",
                     ceil_s(decision.retry_after_ns()).max(1).to_string(),
                 )];
-                extra.extend(ratelimit_policy(&quota, &decision).map(|v| ("ratelimit-policy", v)));
-                extra.extend(ratelimit(&quota, &decision).map(|v| ("ratelimit", v)));
+                extra.extend(ratelimit_policy(&decision).map(|v| ("ratelimit-policy", v)));
+                extra.extend(ratelimit(&decision).map(|v| ("ratelimit", v)));
                 let body = refusal_body(&quota, &decision, &ctx.request_id);
                 respond_json(session, 429, body, &extra, &ctx.request_id).await?;
                 Ok(true)
@@ -273,11 +273,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header("x-request-id", &ctx.request_id)?;
-        if let (Some(d), Some(quota)) = (&ctx.decision, &ctx.quota) {
-            if let Some(v) = ratelimit_policy(quota, d) {
+        if let Some(d) = &ctx.decision {
+            if let Some(v) = ratelimit_policy(d) {
                 resp.insert_header("ratelimit-policy", v)?;
             }
-            if let Some(v) = ratelimit(quota, d) {
+            if let Some(v) = ratelimit(d) {
                 resp.insert_header("ratelimit", v)?;
             }
         }

@@ -4,7 +4,10 @@
 
 use crate::limiter::Limit;
 use crate::policy::{FailureMode, FailurePolicy, LimitSpec, Policy, QuotaLimits, Slot, Subject};
-use crate::storage::{ConsumeRequest, Counter, CounterKey, MemoryStore, Storage, StorageError};
+use crate::storage::{
+    ConsumeRequest, Counter, CounterKey, MemoryStore, Reservation, SettleRequest, Settled, Storage,
+    StorageError,
+};
 use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -80,8 +83,10 @@ pub enum Reason {
 }
 
 /// One limit's state after a decision, ready for headers and bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitState {
+    /// The quota type this limit belongs to.
+    pub quota_type: Arc<str>,
     pub slot: Slot,
     /// Nominal quota units per window, for `RateLimit-Policy`.
     pub quota: u64,
@@ -187,31 +192,82 @@ impl<S: Storage> Engine<S> {
         now_ns: i64,
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
-        let (quota_name, specs) = match subject.tier.quotas.get_key_value(quota) {
-            None => return Ok(Decision::without_counters(false, Reason::NotInTier, now_ns)),
-            Some((_, QuotaLimits::Unlimited)) => {
-                return Ok(Decision::without_counters(true, Reason::Unlimited, now_ns));
-            }
-            Some((name, QuotaLimits::Limited(specs))) => (name, specs),
-        };
-        let counters: Vec<Counter> = specs
-            .iter()
-            .map(|spec| Counter {
-                key: CounterKey {
-                    subject: subject.id.clone(),
-                    quota: quota_name.clone(),
-                    slot: spec.slot(),
-                },
-                limit: spec.limit_at(subject.time_zone, now_ns),
-            })
-            .collect();
         let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
+        let plan = match Plan::new(subject, &[(quota, cost)], now_ns) {
+            Ok(p) => p,
+            Err(d) => return Ok(d),
+        };
         let req = ConsumeRequest {
-            counters: &counters,
-            cost,
+            counters: &plan.counters,
             now_ns,
             idempotency_key: idempotency_key.as_deref(),
+            reservation: None,
         };
+        self.run(&plan, req, failure).await
+    }
+
+    /// Reserve several quotas at once (e.g. tokens and money) for one upstream attempt: all or
+    /// nothing. The reservation holds until `settle` with the same `attempt_id`, or until
+    /// `expires_ns` (then it stops counting, so a gateway that dies before settling leaks nothing).
+    pub async fn reserve(
+        &self,
+        subject: &Subject,
+        costs: &[(&str, u64)],
+        attempt_id: &str,
+        expires_ns: i64,
+        now_ns: i64,
+        failure: FailurePolicy,
+    ) -> Result<Decision, EngineError> {
+        let plan = match Plan::new(subject, costs, now_ns) {
+            Ok(p) => p,
+            Err(d) => return Ok(d),
+        };
+        let req = ConsumeRequest {
+            counters: &plan.counters,
+            now_ns,
+            idempotency_key: None,
+            reservation: Some(Reservation {
+                attempt_id,
+                expires_ns,
+            }),
+        };
+        self.run(&plan, req, failure).await
+    }
+
+    /// Settle an attempt reserved at `reserved_at_ns`: its reservation is replaced by the
+    /// `actual` amounts (refund or extra charge). Idempotent per attempt: a settlement delivered
+    /// twice charges once. Unreachable store: settled locally, so the local counts stay right.
+    pub async fn settle(
+        &self,
+        subject: &Subject,
+        actual: &[(&str, u64)],
+        attempt_id: &str,
+        reserved_at_ns: i64,
+        now_ns: i64,
+    ) -> Result<Settled, EngineError> {
+        let Ok(plan) = Plan::new(subject, actual, reserved_at_ns) else {
+            return Ok(Settled::Charged);
+        };
+        let req = SettleRequest {
+            counters: &plan.counters,
+            attempt_id,
+            now_ns,
+        };
+        match self.store.settle(&req).await {
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, attempt_id, "settling locally: shared store unreachable");
+                Ok(self.fallback.settle(&req).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn run(
+        &self,
+        plan: &Plan,
+        req: ConsumeRequest<'_>,
+        failure: FailurePolicy,
+    ) -> Result<Decision, EngineError> {
         let (outcome, degraded) = match self.store.check_and_consume(&req).await {
             Ok(o) => (o, None),
             Err(e) if e.is_transient() && failure.mode != FailureMode::FailClosed => {
@@ -221,11 +277,12 @@ impl<S: Storage> Engine<S> {
                 } else {
                     1.0
                 };
-                let local: Vec<Counter> = counters
+                let local: Vec<Counter> = plan
+                    .counters
                     .iter()
                     .map(|c| Counter {
-                        key: c.key.clone(),
                         limit: scaled(c.limit, share),
+                        ..c.clone()
                     })
                     .collect();
                 let mut o = self
@@ -242,23 +299,66 @@ impl<S: Storage> Engine<S> {
             }
             Err(e) => return Err(e.into()),
         };
-        let limits = specs
+        let limits = plan
+            .specs
             .iter()
             .zip(&outcome.counters)
-            .map(|(spec, r)| limit_state(spec, r))
+            .map(|((name, spec), r)| limit_state(name, spec, r))
             .collect();
         Ok(Decision {
             allowed: outcome.allowed,
-            reason: if outcome.allowed {
+            reason: if plan.counters.is_empty() {
+                Reason::Unlimited
+            } else if outcome.allowed {
                 Reason::WithinLimits
             } else {
                 Reason::QuotaExceeded
             },
             limits,
             replayed: outcome.replayed,
-            now_ns,
+            now_ns: req.now_ns,
             degraded,
         })
+    }
+}
+
+/// The counters one request touches, with the specs they come from.
+struct Plan {
+    counters: Vec<Counter>,
+    specs: Vec<(Arc<str>, LimitSpec)>,
+}
+
+impl Plan {
+    /// The counters for `costs` (quota type, cost) of `subject` at `now_ns`; a decision instead
+    /// when a quota type is outside the tier (refused) or every one is unlimited (admitted).
+    fn new(subject: &Subject, costs: &[(&str, u64)], now_ns: i64) -> Result<Plan, Decision> {
+        let mut plan = Plan {
+            counters: Vec::new(),
+            specs: Vec::new(),
+        };
+        for &(quota, cost) in costs {
+            let specs = match subject.tier.quotas.get_key_value(quota) {
+                None => return Err(Decision::without_counters(false, Reason::NotInTier, now_ns)),
+                Some((_, QuotaLimits::Unlimited)) => continue,
+                Some((name, QuotaLimits::Limited(specs))) => specs.iter().map(move |s| (name, s)),
+            };
+            for (name, spec) in specs {
+                plan.counters.push(Counter {
+                    key: CounterKey {
+                        subject: subject.id.clone(),
+                        quota: name.clone(),
+                        slot: spec.slot(),
+                    },
+                    limit: spec.limit_at(subject.time_zone, now_ns),
+                    cost,
+                });
+                plan.specs.push((name.clone(), *spec));
+            }
+        }
+        if plan.counters.is_empty() {
+            return Err(Decision::without_counters(true, Reason::Unlimited, now_ns));
+        }
+        Ok(plan)
     }
 }
 
@@ -282,9 +382,10 @@ fn scaled(limit: Limit, share: f64) -> Limit {
     }
 }
 
-fn limit_state(spec: &LimitSpec, r: &crate::storage::CounterReport) -> LimitState {
+fn limit_state(name: &Arc<str>, spec: &LimitSpec, r: &crate::storage::CounterReport) -> LimitState {
     let (quota, window_s) = spec.quota_and_window_s();
     LimitState {
+        quota_type: name.clone(),
         slot: spec.slot(),
         quota,
         window_s,

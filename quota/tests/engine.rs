@@ -3,7 +3,9 @@
 //! `redis://127.0.0.1:6379`; every test uses its own key prefix) and Redis with leases.
 
 use quota::engine::{Engine, Reason};
+use quota::policy::FailurePolicy;
 use quota::policy::{EntitlementSource, Policy, parse_sources};
+use quota::storage::Settled;
 use quota::storage::{MemoryStore, Storage};
 use std::sync::Arc;
 
@@ -66,6 +68,12 @@ for_each_backend!(
     daily_quota_resets_at_the_subjects_local_midnight,
     counters_survive_a_limit_change,
     quota_type_outside_the_tier_is_refused,
+    settling_replaces_the_reservation_with_the_actual_amount,
+    a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge,
+    an_expired_reservation_stops_counting,
+    reserving_several_quotas_is_all_or_nothing,
+    a_rate_bucket_refunds_what_was_not_used,
+    concurrent_reservations_and_settlements_are_exact,
 );
 
 const S: i64 = 1_000_000_000;
@@ -279,4 +287,256 @@ fn memory_store_sweep_drops_only_idle_state() {
     assert_eq!(engine.store().len(), 1, "bucket still refilling");
     engine.store().sweep(2 * S);
     assert!(engine.store().is_empty());
+}
+
+fn remaining(d: &quota::engine::Decision, quota: &str) -> u64 {
+    d.limits
+        .iter()
+        .filter(|l| &*l.quota_type == quota)
+        .map(|l| l.remaining)
+        .min()
+        .expect("a limit of that quota")
+}
+
+const TOKENS: &str =
+    "  t:\n    lookup: { daily: 1 }\n    tokens: { daily: 1000 }\n    micros: { daily: 500 }";
+
+async fn settling_replaces_the_reservation_with_the_actual_amount<S: Storage>(store: S) {
+    let p = policy(TOKENS, "UTC");
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    let exp = now + 60 * S;
+    let d = e
+        .reserve(
+            &s,
+            &[("tokens", 300)],
+            "a1",
+            exp,
+            now,
+            FailurePolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert!(d.allowed);
+    assert_eq!(remaining(&d, "tokens"), 700);
+    let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
+    assert_eq!(
+        remaining(&probe, "tokens"),
+        700,
+        "the reservation counts while held"
+    );
+    assert_eq!(
+        e.settle(&s, &[("tokens", 120)], "a1", now, now)
+            .await
+            .unwrap(),
+        Settled::Charged
+    );
+    let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
+    assert_eq!(
+        remaining(&probe, "tokens"),
+        880,
+        "refunded down to the actual 120"
+    );
+    // More than reserved: the extra is charged too.
+    e.reserve(
+        &s,
+        &[("tokens", 100)],
+        "a2",
+        exp,
+        now,
+        FailurePolicy::default(),
+    )
+    .await
+    .unwrap();
+    e.settle(&s, &[("tokens", 150)], "a2", now, now)
+        .await
+        .unwrap();
+    let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
+    assert_eq!(remaining(&probe, "tokens"), 730);
+}
+
+async fn a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge<S: Storage>(
+    store: S,
+) {
+    let p = policy(TOKENS, "UTC");
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    let exp = now + 60 * S;
+    e.reserve(
+        &s,
+        &[("tokens", 300)],
+        "req-1.attempt-1",
+        exp,
+        now,
+        FailurePolicy::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now)
+            .await
+            .unwrap(),
+        Settled::Charged
+    );
+    assert_eq!(
+        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now)
+            .await
+            .unwrap(),
+        Settled::AlreadySettled
+    );
+    // The client retried: a second real upstream call, charged as such.
+    e.reserve(
+        &s,
+        &[("tokens", 300)],
+        "req-1.attempt-2",
+        exp,
+        now,
+        FailurePolicy::default(),
+    )
+    .await
+    .unwrap();
+    e.settle(&s, &[("tokens", 70)], "req-1.attempt-2", now, now)
+        .await
+        .unwrap();
+    let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
+    assert_eq!(remaining(&probe, "tokens"), 1000 - 50 - 70);
+}
+
+async fn an_expired_reservation_stops_counting<S: Storage>(store: S) {
+    let p = policy(TOKENS, "UTC");
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    // A gateway reserved 900 and died: nobody settles.
+    e.reserve(
+        &s,
+        &[("tokens", 900)],
+        "lost",
+        now + S,
+        now,
+        FailurePolicy::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!e.check(&s, "tokens", 200, None, now).await.unwrap().allowed);
+    let later = e.check(&s, "tokens", 200, None, now + 2 * S).await.unwrap();
+    assert!(later.allowed, "released when it expired");
+    assert_eq!(remaining(&later, "tokens"), 800);
+}
+
+async fn reserving_several_quotas_is_all_or_nothing<S: Storage>(store: S) {
+    let p = policy(TOKENS, "UTC");
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    let exp = now + 60 * S;
+    let refused = e.reserve(
+        &s,
+        &[("tokens", 300), ("micros", 600)],
+        "a1",
+        exp,
+        now,
+        FailurePolicy::default(),
+    );
+    let refused = refused.await.unwrap();
+    assert!(!refused.allowed, "the money budget cannot cover it");
+    let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
+    assert_eq!(remaining(&probe, "tokens"), 1000, "no tokens taken either");
+    let ok = e.reserve(
+        &s,
+        &[("tokens", 300), ("micros", 400)],
+        "a2",
+        exp,
+        now,
+        FailurePolicy::default(),
+    );
+    let ok = ok.await.unwrap();
+    assert!(ok.allowed);
+    assert_eq!(
+        (remaining(&ok, "tokens"), remaining(&ok, "micros")),
+        (700, 100)
+    );
+}
+
+async fn a_rate_bucket_refunds_what_was_not_used<S: Storage>(store: S) {
+    let p = policy(
+        "  t:\n    lookup: { daily: 1 }\n    tokens:\n      rates: [ { limit: 1, per: hour, burst: 1000 } ]",
+        "UTC",
+    );
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    e.reserve(
+        &s,
+        &[("tokens", 500)],
+        "a1",
+        now + 60 * S,
+        now,
+        FailurePolicy::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        remaining(
+            &e.check(&s, "tokens", 0, None, now).await.unwrap(),
+            "tokens"
+        ),
+        500
+    );
+    e.settle(&s, &[("tokens", 100)], "a1", now, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(
+            &e.check(&s, "tokens", 0, None, now).await.unwrap(),
+            "tokens"
+        ),
+        900
+    );
+}
+
+async fn concurrent_reservations_and_settlements_are_exact<S: Storage>(store: S) {
+    let p = policy(
+        "  t:\n    lookup: { daily: 1 }\n    tokens: { daily: 100000 }\n    micros: { daily: 100000 }",
+        "UTC",
+    );
+    let s = p.subject_for_key("k").unwrap();
+    let e = Arc::new(Engine::new(store));
+    let now = at("2026-11-22T12:00:00Z");
+    let tasks: Vec<_> = (0..100u64)
+        .map(|i| {
+            let (e, s) = (e.clone(), s.clone());
+            tokio::spawn(async move {
+                let id = format!("attempt-{i}");
+                let d = e.reserve(
+                    &s,
+                    &[("tokens", 500), ("micros", 300)],
+                    &id,
+                    now + 60 * S,
+                    now,
+                    FailurePolicy::default(),
+                );
+                assert!(d.await.unwrap().allowed);
+                // Every attempt used i tokens costing 2i micros; some settlements arrive twice.
+                e.settle(&s, &[("tokens", i), ("micros", 2 * i)], &id, now, now)
+                    .await
+                    .unwrap();
+                if i % 3 == 0 {
+                    e.settle(&s, &[("tokens", i), ("micros", 2 * i)], &id, now, now)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let used: u64 = (0..100).sum();
+    let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
+    assert_eq!(remaining(&probe, "tokens"), 100_000 - used);
+    let probe = e.check(&s, "micros", 0, None, now).await.unwrap();
+    assert_eq!(remaining(&probe, "micros"), 100_000 - 2 * used);
 }

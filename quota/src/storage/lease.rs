@@ -150,10 +150,10 @@ impl LeasedStore {
         }
         let mut leases = lock(self.shard(&first.key.subject));
         let keys: Vec<LeaseKey> = req.counters.iter().map(lease_key).collect();
-        let enough = keys.iter().all(|k| {
+        let enough = keys.iter().zip(req.counters).all(|(k, c)| {
             leases
                 .get(k)
-                .is_some_and(|l| l.units >= req.cost && l.expires_ns > req.now_ns)
+                .is_some_and(|l| l.units >= c.cost && l.expires_ns > req.now_ns)
         });
         if !enough {
             return None;
@@ -161,7 +161,7 @@ impl LeasedStore {
         let mut reports = Vec::with_capacity(keys.len());
         for (k, c) in keys.iter().zip(req.counters) {
             let l = leases.get_mut(k)?;
-            l.units -= req.cost;
+            l.units -= c.cost;
             reports.push(report(c.limit, l.shared_remaining + l.units, req.now_ns));
         }
         self.local_decisions.fetch_add(1, Ordering::Relaxed);
@@ -251,8 +251,16 @@ fn report(limit: Limit, remaining: u64, now_ns: i64) -> CounterReport {
 }
 
 impl Storage for LeasedStore {
+    async fn settle(&self, req: &super::SettleRequest<'_>) -> Result<super::Settled, StorageError> {
+        self.redis.settle(req).await
+    }
+
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
-        let leasing = req.idempotency_key.is_none() && req.cost > 0;
+        // Reservations and idempotent requests need their records in Redis; free probes (cost 0)
+        // want the shared truth.
+        let leasing = req.idempotency_key.is_none()
+            && req.reservation.is_none()
+            && req.counters.iter().all(|c| c.cost > 0);
         if leasing && let Some(o) = self.try_local(req) {
             return Ok(o);
         }

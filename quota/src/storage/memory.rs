@@ -4,19 +4,41 @@
 //! decision (never across an await). A request locks every shard it touches in index order, so
 //! multi-counter decisions are atomic without deadlock.
 
-use super::{ConsumeRequest, CounterKey, CounterReport, Outcome, Storage, StorageError};
-use crate::limiter::State;
+use super::{
+    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, SettleRequest, Settled, Storage,
+    StorageError,
+};
+use crate::limiter::{Limit, State};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard};
 
 const SHARDS: usize = 64;
-/// How long a decision stays replayable by its idempotency key.
+/// How long a decision stays replayable by its idempotency key, and a settlement remembered.
 const IDEMPOTENCY_TTL_NS: i64 = 24 * 3600 * 1_000_000_000;
 
+/// One counter: its limiter state and the reservations held on it.
+#[derive(Debug, Clone)]
+struct Entry {
+    state: State,
+    held: Vec<Held>,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    attempt: Box<str>,
+    amount: u64,
+    /// The calendar window reserved in (0 for buckets).
+    window: i64,
+    expires_ns: i64,
+}
+
+type Shard = HashMap<CounterKey, Entry>;
+
 pub struct MemoryStore {
-    shards: Box<[Mutex<HashMap<CounterKey, State>>]>,
+    shards: Box<[Mutex<Shard>]>,
     decisions: Mutex<HashMap<String, (Outcome, i64)>>,
+    settled: Mutex<HashMap<String, i64>>,
     hasher: RandomState,
 }
 
@@ -31,6 +53,7 @@ impl MemoryStore {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             decisions: Mutex::new(HashMap::new()),
+            settled: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
         }
     }
@@ -39,16 +62,21 @@ impl MemoryStore {
         (self.hasher.hash_one(subject) as usize) % SHARDS
     }
 
-    /// Drop state that no longer matters: full buckets and idempotency records past their TTL.
-    /// Windows are kept (they reset themselves when their id changes). Call it periodically.
+    /// Drop state that no longer matters: full buckets without reservations, expired
+    /// reservations, idempotency records past their TTL. Windows are kept (they reset themselves
+    /// when their id changes). Call it periodically.
     pub fn sweep(&self, now_ns: i64) {
         for shard in self.shards.iter() {
-            lock(shard).retain(|_, s| match s {
-                State::Bucket { tat_ns } => *tat_ns > now_ns,
-                State::Window { .. } => true,
+            lock(shard).retain(|_, e| {
+                e.held.retain(|h| h.expires_ns > now_ns);
+                match e.state {
+                    State::Bucket { tat_ns } => tat_ns > now_ns || !e.held.is_empty(),
+                    State::Window { .. } => true,
+                }
             });
         }
         lock(&self.decisions).retain(|_, (_, exp)| *exp > now_ns);
+        lock(&self.settled).retain(|_, exp| *exp > now_ns);
     }
 
     /// Number of stored counters (for tests and metrics).
@@ -60,46 +88,76 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn decide(&self, req: &ConsumeRequest<'_>) -> Outcome {
-        let mut idx: Vec<usize> = req
-            .counters
+    /// Lock every shard the counters live in, in index order; returns the guards and, per
+    /// counter, the index of its guard.
+    fn lock_all(&self, counters: &[Counter]) -> (Vec<MutexGuard<'_, Shard>>, Vec<usize>) {
+        let mut idx: Vec<usize> = counters
             .iter()
             .map(|c| self.shard_of(&c.key.subject))
             .collect();
+        let per_counter = idx.clone();
         idx.sort_unstable();
         idx.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, HashMap<CounterKey, State>>)> =
-            idx.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
-        let guard_for = |subject: &str| -> usize {
-            let s = self.shard_of(subject);
-            guards.iter().position(|(i, _)| *i == s).unwrap_or(0)
-        };
-        let slots: Vec<usize> = req
-            .counters
+        let guards = idx.iter().map(|&i| lock(&self.shards[i])).collect();
+        let slots = per_counter
             .iter()
-            .map(|c| guard_for(&c.key.subject))
+            .map(|s| idx.iter().position(|i| i == s).unwrap_or(0))
             .collect();
+        (guards, slots)
+    }
+
+    fn decide(&self, req: &ConsumeRequest<'_>) -> Outcome {
+        let now = req.now_ns;
+        let (mut guards, slots) = self.lock_all(req.counters);
         let verdicts: Vec<_> = req
             .counters
             .iter()
             .zip(&slots)
             .map(|(c, &g)| {
-                let state = guards[g].1.get(&c.key).copied();
-                (state, c.limit.evaluate(state, req.cost, req.now_ns))
+                let entry = guards[g].get(&c.key);
+                let state = entry.map(|e| effective(e, c.limit, now));
+                (state, c.limit.evaluate(state, c.cost, now))
             })
             .collect();
         let allowed = verdicts.iter().all(|(_, v)| v.allowed);
         let mut reports = Vec::with_capacity(verdicts.len());
         for ((c, &g), (state, v)) in req.counters.iter().zip(&slots).zip(verdicts) {
             if allowed {
-                guards[g].1.insert(c.key.clone(), v.next);
+                let entry = guards[g].entry(c.key.clone()).or_insert_with(|| Entry {
+                    state: c.limit.initial_state(now),
+                    held: Vec::new(),
+                });
+                entry.held.retain(|h| h.expires_ns > now);
+                match (v.next, req.reservation) {
+                    // Reserved units of a window are held apart, so they can expire.
+                    (State::Window { window, .. }, Some(r)) => {
+                        let own = own_used(entry, window);
+                        entry.state = State::Window { window, used: own };
+                        entry
+                            .held
+                            .push(held(r.attempt_id, c.cost, window, r.expires_ns));
+                    }
+                    (State::Window { window, .. }, None) => {
+                        let own = own_used(entry, window);
+                        entry.state = State::Window {
+                            window,
+                            used: own + c.cost,
+                        };
+                    }
+                    // A bucket takes the tokens now; the record is kept to refund at settlement.
+                    (next @ State::Bucket { .. }, r) => {
+                        entry.state = next;
+                        if let Some(r) = r {
+                            entry.held.push(held(r.attempt_id, c.cost, 0, r.expires_ns));
+                        }
+                    }
+                }
             }
-            // When the request is refused, counters that would have allowed it report what they
-            // hold now, not what they would have held after consuming.
+            // When refused, counters that would have allowed it report what they hold now.
             let shown = if allowed || !v.allowed {
                 v
             } else {
-                c.limit.evaluate(state, 0, req.now_ns)
+                c.limit.evaluate(state, 0, now)
             };
             reports.push(CounterReport {
                 allowed: v.allowed,
@@ -114,6 +172,42 @@ impl MemoryStore {
             counters: reports,
             replayed: false,
         }
+    }
+}
+
+fn held(attempt: &str, amount: u64, window: i64, expires_ns: i64) -> Held {
+    Held {
+        attempt: attempt.into(),
+        amount,
+        window,
+        expires_ns,
+    }
+}
+
+/// Units used in `window` outside reservations (0 when the stored window is an older one).
+fn own_used(e: &Entry, window: i64) -> u64 {
+    match e.state {
+        State::Window { window: w, used } if w == window => used,
+        _ => 0,
+    }
+}
+
+/// The state a limit sees: for a window, its own count plus the live reservations in it.
+fn effective(e: &Entry, limit: Limit, now: i64) -> State {
+    match limit {
+        Limit::Window { window, .. } => {
+            let live: u64 = e
+                .held
+                .iter()
+                .filter(|h| h.window == window && h.expires_ns > now)
+                .map(|h| h.amount)
+                .sum();
+            State::Window {
+                window,
+                used: own_used(e, window) + live,
+            }
+        }
+        Limit::Bucket { .. } => e.state,
     }
 }
 
@@ -143,5 +237,44 @@ impl Storage for MemoryStore {
             (outcome.clone(), req.now_ns + IDEMPOTENCY_TTL_NS),
         );
         Ok(outcome)
+    }
+
+    async fn settle(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {
+        let now = req.now_ns;
+        // Held across the settlement: a duplicate delivered concurrently waits, then sees it.
+        let mut settled = lock(&self.settled);
+        if settled.get(req.attempt_id).is_some_and(|exp| *exp > now) {
+            return Ok(Settled::AlreadySettled);
+        }
+        let (mut guards, slots) = self.lock_all(req.counters);
+        for (c, &g) in req.counters.iter().zip(&slots) {
+            let entry = guards[g].entry(c.key.clone()).or_insert_with(|| Entry {
+                state: c.limit.initial_state(now),
+                held: Vec::new(),
+            });
+            let reserved = match entry
+                .held
+                .iter()
+                .position(|h| &*h.attempt == req.attempt_id)
+            {
+                Some(i) => entry.held.swap_remove(i).amount,
+                None => 0,
+            };
+            entry.state = match (c.limit, entry.state) {
+                (Limit::Window { window, .. }, _) => State::Window {
+                    window,
+                    used: own_used(entry, window) + c.cost,
+                },
+                (Limit::Bucket { emission_ns, .. }, State::Bucket { tat_ns }) => {
+                    let delta = (c.cost as i128 - reserved as i128) * emission_ns as i128;
+                    let tat =
+                        (tat_ns.max(now) as i128 + delta).clamp(now as i128, i64::MAX as i128);
+                    State::Bucket { tat_ns: tat as i64 }
+                }
+                (Limit::Bucket { .. }, s) => s,
+            };
+        }
+        settled.insert(req.attempt_id.to_string(), now + IDEMPOTENCY_TTL_NS);
+        Ok(Settled::Charged)
     }
 }

@@ -24,21 +24,49 @@ pub struct CounterKey {
     pub slot: Slot,
 }
 
-/// A counter and the limit it is checked against for this request.
+/// A counter, the limit it is checked against for this request, and what the request costs it.
 #[derive(Debug, Clone)]
 pub struct Counter {
     pub key: CounterKey,
     pub limit: Limit,
+    pub cost: u64,
 }
 
-/// Take `cost` from every counter, or from none.
-#[derive(Debug)]
+/// Take each counter's cost from every counter, or from none.
+#[derive(Debug, Clone, Copy)]
 pub struct ConsumeRequest<'a> {
     pub counters: &'a [Counter],
-    pub cost: u64,
     pub now_ns: i64,
     /// When set, a repeat of the same key returns the first outcome and consumes nothing more.
     pub idempotency_key: Option<&'a str>,
+    /// When set, the costs are held for this attempt until it settles (`Storage::settle`) or the
+    /// reservation expires; an expired reservation no longer counts against calendar quotas.
+    pub reservation: Option<Reservation<'a>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Reservation<'a> {
+    /// One upstream attempt: each attempt is reserved and settled once.
+    pub attempt_id: &'a str,
+    pub expires_ns: i64,
+}
+
+/// Replace an attempt's reservation with what it really used (each counter's `cost` is the
+/// actual amount, which may be more or less than reserved). Idempotent per attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleRequest<'a> {
+    /// Built at the reservation's time, so they name the windows reserved in.
+    pub counters: &'a [Counter],
+    pub attempt_id: &'a str,
+    pub now_ns: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The reservation (if still held) was replaced by the actual amounts.
+    Charged,
+    /// This attempt was settled before: nothing changed.
+    AlreadySettled,
 }
 
 /// One counter's state after the decision, in the order of `ConsumeRequest::counters`.
@@ -85,6 +113,11 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         req: &ConsumeRequest<'_>,
     ) -> impl Future<Output = Result<Outcome, StorageError>> + Send;
+
+    fn settle(
+        &self,
+        req: &SettleRequest<'_>,
+    ) -> impl Future<Output = Result<Settled, StorageError>> + Send;
 }
 
 /// The backend chosen by configuration.
@@ -113,6 +146,14 @@ impl Storage for AnyStore {
             AnyStore::Memory(s) => s.check_and_consume(req).await,
             AnyStore::Redis(s) => s.check_and_consume(req).await,
             AnyStore::Leased(s) => s.check_and_consume(req).await,
+        }
+    }
+
+    async fn settle(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {
+        match self {
+            AnyStore::Memory(s) => s.settle(req).await,
+            AnyStore::Redis(s) => s.settle(req).await,
+            AnyStore::Leased(s) => s.redis().settle(req).await,
         }
     }
 }

@@ -8,7 +8,9 @@
 //! `{prefix}:{<subject>}:<quota>:day:2026-11-22` (or `month:2026-11`) for calendar windows; the
 //! hash tag keeps every key of a subject on one Cluster slot, so one script can touch them all.
 
-use super::{ConsumeRequest, Counter, CounterReport, Outcome, Storage, StorageError};
+use super::{
+    ConsumeRequest, Counter, CounterReport, Outcome, SettleRequest, Settled, Storage, StorageError,
+};
 use crate::limiter::Limit;
 use crate::policy::Slot;
 use chrono::NaiveDate;
@@ -22,6 +24,7 @@ use tokio::sync::OnceCell;
 
 const CONSUME: &str = include_str!("../../../lua/consume.lua");
 const LEASE_RETURN: &str = include_str!("../../../lua/lease_return.lua");
+const SETTLE: &str = include_str!("../../../lua/settle.lua");
 /// How long a decision stays replayable by its idempotency key.
 const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Calendar-window keys outlive their window by a day, so yesterday's count can be reconciled.
@@ -70,6 +73,7 @@ pub struct RedisStore {
     conn: Conn,
     consume: redis::Script,
     lease_return: redis::Script,
+    settle: redis::Script,
     prefix: String,
     timeout: Duration,
     breaker: Breaker,
@@ -119,6 +123,7 @@ impl RedisStore {
             conn,
             consume: redis::Script::new(CONSUME),
             lease_return: redis::Script::new(LEASE_RETURN),
+            settle: redis::Script::new(SETTLE),
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_open_for),
@@ -286,6 +291,29 @@ impl Storage for RedisStore {
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
         self.consume(req, LeaseAsk::default()).await.map(|(o, _)| o)
     }
+
+    async fn settle(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {
+        self.settle_attempt(req).await
+    }
+}
+
+/// Four script arguments per counter: kind, two limit parameters, cost (see `lua/consume.lua`).
+fn push_counter_args(inv: &mut redis::ScriptInvocation<'_>, counters: &[Counter]) {
+    for c in counters {
+        match c.limit {
+            Limit::Bucket { emission_ns, burst } => {
+                inv.arg("b")
+                    .arg((emission_ns / 1000).max(1))
+                    .arg(burst)
+                    .arg(c.cost);
+            }
+            Limit::Window {
+                limit, reset_at_ns, ..
+            } => {
+                inv.arg("w").arg(limit).arg(reset_at_ns / 1000).arg(c.cost);
+            }
+        }
+    }
 }
 
 impl RedisStore {
@@ -313,10 +341,12 @@ impl RedisStore {
         );
         inv.key(idem_key);
         for c in req.counters {
-            inv.key(self.key(c));
+            // Keys go in pairs: the counter, then its reservations.
+            let k = self.key(c);
+            let r = format!("{k}:r");
+            inv.key(k).key(r);
         }
         inv.arg(req.now_ns / 1000)
-            .arg(req.cost)
             .arg(if req.idempotency_key.is_some() {
                 "1"
             } else {
@@ -326,23 +356,44 @@ impl RedisStore {
             .arg(WINDOW_GRACE_MS)
             .arg(ask.fraction_ppm)
             .arg(ask.max)
-            .arg(ask.min);
-        for c in req.counters {
-            match c.limit {
-                Limit::Bucket { emission_ns, burst } => {
-                    inv.arg("b").arg((emission_ns / 1000).max(1)).arg(burst);
-                }
-                Limit::Window {
-                    limit, reset_at_ns, ..
-                } => {
-                    inv.arg("w").arg(limit).arg(reset_at_ns / 1000);
-                }
-            }
-        }
+            .arg(ask.min)
+            .arg(req.reservation.map_or("", |r| r.attempt_id))
+            .arg(req.reservation.map_or(0, |r| r.expires_ns / 1000));
+        push_counter_args(&mut inv, req.counters);
         let reply: Vec<i64> = self
             .call(|mut conn| async move { inv.invoke_async(&mut conn).await })
             .await?;
         parse_reply(&reply, req.counters.len())
+    }
+
+    /// Replace an attempt's reservation with its actual amounts (`Storage::settle`).
+    async fn settle_attempt(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {
+        let Some(first) = req.counters.first() else {
+            return Ok(Settled::Charged);
+        };
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(format!(
+            "{}:{{{}}}:settled:{}",
+            self.prefix, first.key.subject, req.attempt_id
+        ));
+        for c in req.counters {
+            let k = self.key(c);
+            let r = format!("{k}:r");
+            inv.key(k).key(r);
+        }
+        inv.arg(req.now_ns / 1000)
+            .arg(req.attempt_id)
+            .arg(IDEMPOTENCY_TTL_MS)
+            .arg(WINDOW_GRACE_MS);
+        push_counter_args(&mut inv, req.counters);
+        let charged: i64 = self
+            .call(|mut conn| async move { inv.invoke_async(&mut conn).await })
+            .await?;
+        Ok(if charged == 1 {
+            Settled::Charged
+        } else {
+            Settled::AlreadySettled
+        })
     }
 
     /// Give back unused lease units. All `items` must belong to one subject (one hash slot).
