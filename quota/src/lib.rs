@@ -5,6 +5,7 @@
 pub mod calendar;
 pub mod engine;
 pub mod limiter;
+pub mod llm;
 pub mod policy;
 pub mod storage;
 
