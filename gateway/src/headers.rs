@@ -19,10 +19,15 @@ fn policy_name(l: &LimitState) -> String {
     format!("{}-{}", l.quota_type, l.slot.name())
 }
 
+/// The limits that have a window (in-flight limits have none, and no header item).
+fn windowed(d: &Decision) -> impl Iterator<Item = &LimitState> {
+    d.limits.iter().filter(|l| l.window_s > 0)
+}
+
 /// `RateLimit-Policy: "lookup-minute";q=5;w=60, "lookup-day";q=100;w=86400`
 pub fn ratelimit_policy(d: &Decision) -> Option<String> {
     let mut out = String::new();
-    for (i, l) in d.limits.iter().enumerate() {
+    for (i, l) in windowed(d).enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
@@ -34,7 +39,7 @@ pub fn ratelimit_policy(d: &Decision) -> Option<String> {
 /// `RateLimit: "lookup-minute";r=4;t=12, "lookup-day";r=99;t=3600`
 pub fn ratelimit(d: &Decision) -> Option<String> {
     let mut out = String::new();
-    for (i, l) in d.limits.iter().enumerate() {
+    for (i, l) in windowed(d).enumerate() {
         if i > 0 {
             out.push_str(", ");
         }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod headers;
+pub mod llm;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -20,6 +20,9 @@ pub struct Metrics {
     redis_calls: IntCounter,
     local_decisions: IntCounter,
     lease_units: IntGauge,
+    pub llm_tokens: IntCounterVec,
+    pub llm_settlements: IntCounterVec,
+    pub llm_disconnects: IntCounter,
 }
 
 impl Metrics {
@@ -95,6 +98,27 @@ impl Metrics {
         )?;
         let lease_units = IntGauge::new("lease_units_held", "Quota units held in local leases")?;
         registry.register(Box::new(local_decisions.clone()))?;
+        let llm_tokens = IntCounterVec::new(
+            Opts::new(
+                "llm_tokens_total",
+                "LLM tokens billed, by kind (prompt, completion)",
+            ),
+            &["kind"],
+        )?;
+        let llm_settlements = IntCounterVec::new(
+            Opts::new(
+                "llm_settlements_total",
+                "Settlements of LLM reservations: charged, duplicate (already settled), error",
+            ),
+            &["result"],
+        )?;
+        let llm_disconnects = IntCounter::new(
+            "llm_client_disconnects_total",
+            "Streams whose client left early; the gateway read on for the usage",
+        )?;
+        registry.register(Box::new(llm_tokens.clone()))?;
+        registry.register(Box::new(llm_settlements.clone()))?;
+        registry.register(Box::new(llm_disconnects.clone()))?;
         registry.register(Box::new(lease_units.clone()))?;
         backend_state.set(1);
         // Show both results from the start, so a dashboard sees 0 rather than no series.
@@ -114,6 +138,9 @@ impl Metrics {
             redis_calls,
             local_decisions,
             lease_units,
+            llm_tokens,
+            llm_settlements,
+            llm_disconnects,
         })
     }
 

@@ -11,7 +11,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use quota::engine::{Decision, Reason};
-use quota::policy::{EntitlementSource, Upstream};
+use quota::policy::{EntitlementSource, Subject, Upstream};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,11 +29,53 @@ impl Gateway {
 /// Per-request state carried between the proxy phases.
 pub struct Ctx {
     started: Instant,
-    request_id: String,
+    pub(crate) request_id: String,
     route: Option<Arc<str>>,
     quota: Option<Arc<str>>,
     upstream: Option<Arc<Upstream>>,
-    decision: Option<Decision>,
+    pub(crate) decision: Option<Decision>,
+}
+
+/// Answer a refused decision: 429 with the quota's state, or 403 when the tier lacks the quota.
+pub(crate) async fn refuse(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &Ctx,
+    subject: &Subject,
+    quota: &str,
+    decision: &Decision,
+) -> Result<()> {
+    let rid = &ctx.request_id;
+    // The quota that refused: for a multi-quota reservation, the binding limit's.
+    let quota = decision.binding().map_or(quota, |l| &*l.quota_type);
+    state
+        .metrics
+        .quota_rejected
+        .with_label_values(&[quota])
+        .inc();
+    if decision.reason == Reason::NotInTier {
+        let msg = format!(
+            "tier `{}` does not include quota `{quota}`",
+            subject.tier.name
+        );
+        let mut body = error_body("quota_not_in_tier", msg, rid);
+        body["quota"] = quota.into();
+        return respond_json(session, 403, body, &[], rid).await;
+    }
+    let mut extra = vec![(
+        "retry-after",
+        ceil_s(decision.retry_after_ns()).max(1).to_string(),
+    )];
+    extra.extend(ratelimit_policy(decision).map(|v| ("ratelimit-policy", v)));
+    extra.extend(ratelimit(decision).map(|v| ("ratelimit", v)));
+    respond_json(
+        session,
+        429,
+        refusal_body(quota, decision, rid),
+        &extra,
+        rid,
+    )
+    .await
 }
 
 /// The API key from `Authorization: Bearer <key>` or `x-api-key`.
@@ -67,7 +109,7 @@ fn has_body(req: &RequestHeader) -> bool {
             .is_some_and(|v| v.trim() != "0")
 }
 
-async fn respond_json(
+pub(crate) async fn respond_json(
     session: &mut Session,
     status: u16,
     body: serde_json::Value,
@@ -91,7 +133,11 @@ async fn respond_json(
     Ok(())
 }
 
-fn error_body(error: &str, message: impl Into<String>, request_id: &str) -> serde_json::Value {
+pub(crate) fn error_body(
+    error: &str,
+    message: impl Into<String>,
+    request_id: &str,
+) -> serde_json::Value {
     serde_json::json!({ "error": error, "message": message.into(), "request_id": request_id })
 }
 
@@ -153,6 +199,10 @@ impl ProxyHttp for Gateway {
         ctx.route = Some(route.name.clone());
         ctx.quota = Some(route.quota.clone());
         ctx.upstream = Some(route.upstream.clone());
+        if let Some(llm) = &route.llm {
+            crate::llm::serve(&self.state, session, ctx, &policy, route, llm, subject).await?;
+            return Ok(true);
+        }
         let (quota, cost) = (route.quota.clone(), route.cost);
         let decision = self
             .state
@@ -192,38 +242,15 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[fallback_label(mode)])
                 .inc();
         }
-        match decision.reason {
-            Reason::WithinLimits | Reason::Unlimited => {
-                m.quota_consumed
-                    .with_label_values(&[&quota[..]])
-                    .inc_by(cost);
-                ctx.decision = Some(decision);
-                Ok(false)
-            }
-            Reason::QuotaExceeded => {
-                m.quota_rejected.with_label_values(&[&quota[..]]).inc();
-                let mut extra = vec![(
-                    "retry-after",
-                    ceil_s(decision.retry_after_ns()).max(1).to_string(),
-                )];
-                extra.extend(ratelimit_policy(&decision).map(|v| ("ratelimit-policy", v)));
-                extra.extend(ratelimit(&decision).map(|v| ("ratelimit", v)));
-                let body = refusal_body(&quota, &decision, &ctx.request_id);
-                respond_json(session, 429, body, &extra, &ctx.request_id).await?;
-                Ok(true)
-            }
-            Reason::NotInTier => {
-                m.quota_rejected.with_label_values(&[&quota[..]]).inc();
-                let msg = format!(
-                    "tier `{}` does not include quota `{quota}`",
-                    subject.tier.name
-                );
-                let mut body = error_body("quota_not_in_tier", msg, &ctx.request_id);
-                body["quota"] = quota.to_string().into();
-                respond_json(session, 403, body, &[], &ctx.request_id).await?;
-                Ok(true)
-            }
+        if !decision.allowed {
+            refuse(&self.state, session, ctx, &subject, &quota, &decision).await?;
+            return Ok(true);
         }
+        m.quota_consumed
+            .with_label_values(&[&quota[..]])
+            .inc_by(cost);
+        ctx.decision = Some(decision);
+        Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

@@ -67,6 +67,12 @@ pub fn build_state(
         metrics: Metrics::new().context("registering metrics")?,
         config_path: config,
         clock,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("building the upstream HTTP client")?,
     }))
 }
 

@@ -17,6 +17,8 @@ pub struct AppState {
     /// The policy file or directory, watched for changes.
     pub config_path: PathBuf,
     pub clock: Clock,
+    /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
+    pub http: reqwest::Client,
 }
 
 /// The gateway's notion of now. Production uses the system clock; `--test-clock` lets an end-to-end

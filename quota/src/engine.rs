@@ -193,7 +193,7 @@ impl<S: Storage> Engine<S> {
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
         let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
-        let plan = match Plan::new(subject, &[(quota, cost)], now_ns) {
+        let plan = match Plan::new(subject, &[(quota, cost)], now_ns, Phase::Consume) {
             Ok(p) => p,
             Err(d) => return Ok(d),
         };
@@ -218,7 +218,7 @@ impl<S: Storage> Engine<S> {
         now_ns: i64,
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
-        let plan = match Plan::new(subject, costs, now_ns) {
+        let plan = match Plan::new(subject, costs, now_ns, Phase::Reserve) {
             Ok(p) => p,
             Err(d) => return Ok(d),
         };
@@ -245,7 +245,7 @@ impl<S: Storage> Engine<S> {
         reserved_at_ns: i64,
         now_ns: i64,
     ) -> Result<Settled, EngineError> {
-        let Ok(plan) = Plan::new(subject, actual, reserved_at_ns) else {
+        let Ok(plan) = Plan::new(subject, actual, reserved_at_ns, Phase::Settle) else {
             return Ok(Settled::Charged);
         };
         let req = SettleRequest {
@@ -322,6 +322,15 @@ impl<S: Storage> Engine<S> {
     }
 }
 
+/// What a plan is for: in-flight limits (`concurrent`) are held by a reservation and released by
+/// its settlement, so they cost 1 when reserving and nothing otherwise.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Consume,
+    Reserve,
+    Settle,
+}
+
 /// The counters one request touches, with the specs they come from.
 struct Plan {
     counters: Vec<Counter>,
@@ -331,7 +340,12 @@ struct Plan {
 impl Plan {
     /// The counters for `costs` (quota type, cost) of `subject` at `now_ns`; a decision instead
     /// when a quota type is outside the tier (refused) or every one is unlimited (admitted).
-    fn new(subject: &Subject, costs: &[(&str, u64)], now_ns: i64) -> Result<Plan, Decision> {
+    fn new(
+        subject: &Subject,
+        costs: &[(&str, u64)],
+        now_ns: i64,
+        phase: Phase,
+    ) -> Result<Plan, Decision> {
         let mut plan = Plan {
             counters: Vec::new(),
             specs: Vec::new(),
@@ -350,7 +364,10 @@ impl Plan {
                         slot: spec.slot(),
                     },
                     limit: spec.limit_at(subject.time_zone, now_ns),
-                    cost,
+                    cost: match spec {
+                        LimitSpec::Concurrent { .. } => u64::from(phase == Phase::Reserve),
+                        _ => cost,
+                    },
                 });
                 plan.specs.push((name.clone(), *spec));
             }

@@ -52,13 +52,13 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "empty_quota",
-        "11:13: tiers.free.lookup: expected at least one of `rates`, `daily`, `monthly`, or `unlimited: true`",
+        "11:13: tiers.free.lookup: expected at least one of `rates`, `daily`, `monthly`, `concurrent`, or `unlimited: true`",
     ),
     ("missing_field", "7:5: routes[0]: missing field `quota`"),
     ("syntax_error", "10:3: tiers: expected mapping start"),
     (
         "unknown_field",
-        "11:15: tiers.free.lookup.daly: unknown field `daly`, expected one of rates, daily, monthly, unlimited",
+        "11:15: tiers.free.lookup.daly: unknown field `daly`, expected one of rates, daily, monthly, concurrent, unlimited",
     ),
     (
         "unknown_quota",

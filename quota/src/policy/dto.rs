@@ -22,6 +22,63 @@ pub struct PolicyFile {
     pub tiers: BTreeMap<String, Spanned<BTreeMap<String, Spanned<QuotaDto>>>>,
     #[serde(default)]
     pub subjects: Vec<Spanned<SubjectDto>>,
+    /// Prices of LLM models, per million tokens; a `default` entry prices unknown models.
+    #[serde(default)]
+    pub models: BTreeMap<String, Spanned<ModelDto>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDto {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderDto {
+    Openai,
+    Anthropic,
+}
+
+/// Token metering and billing of an LLM route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmRouteDto {
+    pub provider: ProviderDto,
+    /// Quota type counting prompt + completion tokens.
+    pub tokens: Spanned<String>,
+    /// Quota type counting money in micro-units (1e-6 of the currency), priced by `models`.
+    pub spend: Option<Spanned<String>>,
+    /// Output tokens reserved when a request gives no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    /// After a client disconnects, keep reading the upstream this long for its usage.
+    #[serde(default = "default_drain_ms")]
+    pub drain_ms: u64,
+    #[serde(default = "default_drain_bytes")]
+    pub drain_bytes: u64,
+    /// A reservation not settled within this time is released (its gateway died).
+    #[serde(default = "default_reservation_ms")]
+    pub reservation_ttl_ms: u64,
+}
+
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_max_body() -> u64 {
+    4 << 20
+}
+fn default_drain_ms() -> u64 {
+    30_000
+}
+fn default_drain_bytes() -> u64 {
+    8 << 20
+}
+fn default_reservation_ms() -> u64 {
+    600_000
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +125,8 @@ pub struct RouteDto {
     pub cost: u64,
     #[serde(default)]
     pub expensive: bool,
+    /// Meter and bill this route's LLM traffic (request tokens, streamed usage).
+    pub llm: Option<Spanned<LlmRouteDto>>,
 }
 
 fn one() -> u64 {
@@ -89,6 +148,8 @@ pub struct QuotaDto {
     pub rates: Vec<Spanned<RateDto>>,
     pub daily: Option<Spanned<u64>>,
     pub monthly: Option<Spanned<u64>>,
+    /// Requests of this type in flight at once (LLM streams), per subject.
+    pub concurrent: Option<Spanned<u64>>,
     #[serde(default)]
     pub unlimited: bool,
 }

@@ -3,12 +3,16 @@
 //! column and field path and says what was expected; all errors found are reported, not just the first.
 
 use super::dto::{
-    FailureModeDto, PeriodDto, PolicyFile, QuotaDto, RouteDto, SubjectDto, UpstreamDto,
+    FailureModeDto, LlmRouteDto, PeriodDto, PolicyFile, ProviderDto, QuotaDto, RouteDto,
+    SubjectDto, UpstreamDto,
 };
 use super::{
-    FailureMode, LimitSpec, Policy, QuotaLimits, RatePeriod, Route, Subject, Tier, Upstream,
+    FailureMode, LimitSpec, LlmRoute, Policy, QuotaLimits, RatePeriod, Route, Subject, Tier,
+    Upstream,
 };
 use crate::calendar::CalendarPeriod;
+use crate::llm::Provider;
+use crate::llm::price::Price;
 use chrono_tz::Tz;
 use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
@@ -182,6 +186,7 @@ struct Builder<'a> {
     /// Names defined but invalid (already reported): references to them are not errors again.
     broken_upstreams: HashSet<String>,
     declared_quotas: HashSet<String>,
+    models: Vec<(String, Price)>,
 }
 
 impl<'a> Builder<'a> {
@@ -286,6 +291,8 @@ impl<'a> Builder<'a> {
         }
         // Most specific route first; the sort is stable, so equal prefixes keep file order.
         routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        self.models
+            .sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
         Ok(Policy {
             version: self
                 .version
@@ -299,6 +306,7 @@ impl<'a> Builder<'a> {
             tiers: self.tiers,
             subjects,
             subjects_by_id,
+            models: self.models,
         })
     }
 
@@ -325,6 +333,28 @@ impl<'a> Builder<'a> {
                 FailureModeDto::FailClosed => FailureMode::FailClosed,
                 FailureModeDto::Local => FailureMode::Local,
             });
+        }
+        for (name, m) in &doc.models {
+            let valid = |v: f64| v.is_finite() && v >= 0.0;
+            if !valid(m.value.input_per_million) || !valid(m.value.output_per_million) {
+                self.err(
+                    file,
+                    m.referenced,
+                    format!("models.{name}"),
+                    "expected prices of 0 or more per million tokens",
+                );
+            } else if self.models.iter().any(|(n, _)| n == name) {
+                self.err(
+                    file,
+                    m.referenced,
+                    format!("models.{name}"),
+                    format!("model `{name}` is priced twice"),
+                );
+            } else {
+                let price =
+                    Price::from_per_million(m.value.input_per_million, m.value.output_per_million);
+                self.models.push((name.clone(), price));
+            }
         }
         if let Some(share) = &doc.local_share {
             if !(share.value > 0.0 && share.value <= 1.0) {
@@ -440,7 +470,10 @@ impl<'a> Builder<'a> {
 
     fn quota(&mut self, file: &str, path: &str, dto: &Spanned<QuotaDto>) -> Option<QuotaLimits> {
         let q = &dto.value;
-        let has_limits = !q.rates.is_empty() || q.daily.is_some() || q.monthly.is_some();
+        let has_limits = !q.rates.is_empty()
+            || q.daily.is_some()
+            || q.monthly.is_some()
+            || q.concurrent.is_some();
         if q.unlimited {
             if has_limits {
                 self.err(
@@ -458,7 +491,7 @@ impl<'a> Builder<'a> {
                 file,
                 dto.referenced,
                 path,
-                "expected at least one of `rates`, `daily`, `monthly`, or `unlimited: true`",
+                "expected at least one of `rates`, `daily`, `monthly`, `concurrent`, or `unlimited: true`",
             );
             return None;
         }
@@ -520,6 +553,17 @@ impl<'a> Builder<'a> {
                 });
             }
         }
+        if let Some(c) = &q.concurrent {
+            if c.value == 0 {
+                self.err(
+                    file,
+                    c.referenced,
+                    format!("{path}.concurrent"),
+                    "expected at least 1 request in flight",
+                );
+            }
+            specs.push(LimitSpec::Concurrent { limit: c.value });
+        }
         (self.errors.len() == before).then_some(QuotaLimits::Limited(specs))
     }
 
@@ -562,6 +606,10 @@ impl<'a> Builder<'a> {
                 format!("expected a path starting with `/`, got `{}`", prefix.value),
             );
         }
+        let llm = r
+            .llm
+            .as_ref()
+            .map(|l| self.llm_route(file, &path, &l.value, quotas));
         let method = r.matcher.method.as_ref().map(|m| {
             if m.value.is_empty() || !m.value.bytes().all(|b| b.is_ascii_alphabetic()) {
                 self.err(
@@ -588,6 +636,67 @@ impl<'a> Builder<'a> {
             quota: r.quota.value.as_str().into(),
             cost: r.cost,
             expensive: r.expensive,
+            llm: llm.flatten().map(Arc::new),
+        })
+    }
+
+    fn llm_route(
+        &mut self,
+        file: &str,
+        path: &str,
+        l: &LlmRouteDto,
+        quotas: &[String],
+    ) -> Option<LlmRoute> {
+        let before = self.errors.len();
+        for (field, q) in [("tokens", Some(&l.tokens)), ("spend", l.spend.as_ref())] {
+            if let Some(q) = q
+                && !quotas.contains(&q.value)
+            {
+                let known: Vec<&str> = quotas.iter().map(String::as_str).collect();
+                let msg = format!(
+                    "quota type `{}` is not defined by any tier; defined quota types: {}",
+                    q.value,
+                    list(&known)
+                );
+                self.err(file, q.referenced, format!("{path}.llm.{field}"), msg);
+            }
+        }
+        if let Some(spend) = &l.spend
+            && self.models.is_empty()
+        {
+            self.err(
+                file,
+                spend.referenced,
+                format!("{path}.llm.spend"),
+                "spend is priced by `models`, which has no entry",
+            );
+        }
+        for (field, v) in [
+            ("default_max_tokens", l.default_max_tokens),
+            ("max_body_bytes", l.max_body_bytes),
+            ("reservation_ttl_ms", l.reservation_ttl_ms),
+        ] {
+            if v == 0 {
+                self.err(
+                    file,
+                    l.tokens.referenced,
+                    format!("{path}.llm.{field}"),
+                    "expected a value of at least 1",
+                );
+            }
+        }
+        (self.errors.len() == before).then(|| LlmRoute {
+            provider: match l.provider {
+                ProviderDto::Openai => Provider::OpenAi,
+                ProviderDto::Anthropic => Provider::Anthropic,
+            },
+            tokens_quota: l.tokens.value.as_str().into(),
+            spend_quota: l.spend.as_ref().map(|s| s.value.as_str().into()),
+            default_max_tokens: l.default_max_tokens,
+            max_body_bytes: l.max_body_bytes,
+            drain: Duration::from_millis(l.drain_ms),
+            drain_bytes: l.drain_bytes,
+            reservation_ttl: Duration::from_millis(l.reservation_ttl_ms),
         })
     }
 

@@ -8,6 +8,8 @@ pub use load::{PolicyError, PolicyErrors, load_path, parse_sources};
 
 use crate::calendar::CalendarPeriod;
 use crate::limiter::Limit;
+use crate::llm::Provider;
+use crate::llm::price::Price;
 use chrono_tz::Tz;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +58,8 @@ pub struct Policy {
     /// By API key.
     subjects: HashMap<String, Arc<Subject>>,
     subjects_by_id: HashMap<Arc<str>, Arc<Subject>>,
+    /// Model prices, longest name first (a price applies to names it prefixes).
+    models: Vec<(String, Price)>,
 }
 
 impl Policy {
@@ -72,6 +76,21 @@ impl Policy {
 
     pub fn subject_by_id(&self, id: &str) -> Option<&Arc<Subject>> {
         self.subjects_by_id.get(id)
+    }
+
+    /// The price of `model`: its own entry, else the longest entry its name starts with (dated
+    /// versions), else `default`.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.models
+            .iter()
+            .find(|(name, _)| model == name)
+            .or_else(|| {
+                self.models
+                    .iter()
+                    .find(|(name, _)| model.starts_with(name.as_str()))
+            })
+            .or_else(|| self.models.iter().find(|(name, _)| name == "default"))
+            .map(|(_, p)| *p)
     }
 }
 
@@ -119,6 +138,10 @@ pub enum LimitSpec {
         limit: u64,
         period: CalendarPeriod,
     },
+    /// In flight at once: held by reservations, released when they settle or expire.
+    Concurrent {
+        limit: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,6 +170,7 @@ pub enum Slot {
     Hour,
     Day,
     Month,
+    Concurrent,
 }
 
 impl Slot {
@@ -157,6 +181,7 @@ impl Slot {
             Slot::Hour => "hour",
             Slot::Day => "day",
             Slot::Month => "month",
+            Slot::Concurrent => "concurrent",
         }
     }
 }
@@ -173,6 +198,7 @@ impl LimitSpec {
                 CalendarPeriod::Day => Slot::Day,
                 CalendarPeriod::Month => Slot::Month,
             },
+            LimitSpec::Concurrent { .. } => Slot::Concurrent,
         }
     }
 
@@ -185,6 +211,7 @@ impl LimitSpec {
                 CalendarPeriod::Day => (limit, 86_400),
                 CalendarPeriod::Month => (limit, 30 * 86_400),
             },
+            LimitSpec::Concurrent { limit } => (limit, 0),
         }
     }
 
@@ -208,6 +235,12 @@ impl LimitSpec {
                     reset_at_ns: w.reset_at_ns,
                 }
             }
+            // One everlasting window; a refused client may retry in a second.
+            LimitSpec::Concurrent { limit } => Limit::Window {
+                limit,
+                window: 0,
+                reset_at_ns: now_ns.saturating_add(1_000_000_000),
+            },
         }
     }
 }
@@ -224,6 +257,20 @@ pub struct Route {
     pub quota: Arc<str>,
     pub cost: u64,
     pub expensive: bool,
+    pub llm: Option<Arc<LlmRoute>>,
+}
+
+/// How an LLM route is metered and billed.
+#[derive(Debug)]
+pub struct LlmRoute {
+    pub provider: Provider,
+    pub tokens_quota: Arc<str>,
+    pub spend_quota: Option<Arc<str>>,
+    pub default_max_tokens: u64,
+    pub max_body_bytes: u64,
+    pub drain: Duration,
+    pub drain_bytes: u64,
+    pub reservation_ttl: Duration,
 }
 
 impl Route {

@@ -154,6 +154,8 @@ impl RedisStore {
         );
         if let Limit::Window { window, .. } = c.limit {
             match c.key.slot {
+                // One everlasting window: nothing to add.
+                Slot::Concurrent => {}
                 Slot::Month => {
                     let _ = write!(
                         k,

@@ -1,0 +1,442 @@
+//! LLM routes: one billing path for streamed and plain responses — reserve, forward, meter,
+//! settle.
+//!
+//! The gateway makes the upstream call itself (instead of pingora's proxy loop) because billing
+//! needs what pingora would drop: when a client disconnects mid-stream, pingora closes the
+//! upstream too, but Tollgate keeps reading it in the background (bounded by the route's
+//! `drain_ms`/`drain_bytes`) to learn the real usage. Every exit path settles: completed, cut,
+//! upstream error, client gone — and a `Bill` dropped unsettled settles what it knows.
+
+use crate::headers::{ratelimit, ratelimit_policy};
+use crate::proxy::{Ctx, error_body, refuse, respond_json};
+use crate::state::AppState;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use quota::llm::price::Price;
+use quota::llm::request::{LlmRequest, parse, with_usage_requested};
+use quota::llm::sse::{StreamMeter, json_usage};
+use quota::llm::{Provider, Usage};
+use quota::policy::{LlmRoute, Policy, Route, Subject};
+use quota::storage::Settled;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Headers that belong to one hop and are not forwarded.
+const HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+];
+
+/// What one upstream attempt reserved and how to settle it, exactly once.
+struct Bill {
+    state: Arc<AppState>,
+    subject: Arc<Subject>,
+    route_quota: Arc<str>,
+    route_cost: u64,
+    llm: Arc<LlmRoute>,
+    price: Option<Price>,
+    attempt_id: String,
+    reserved_at_ns: i64,
+    prompt_estimate: u64,
+    settled: bool,
+}
+
+impl Bill {
+    fn actual(&self, usage: Usage, answered: bool) -> Vec<(Arc<str>, u64)> {
+        let mut v = vec![
+            // A failed call is not a request served.
+            (
+                self.route_quota.clone(),
+                if answered { self.route_cost } else { 0 },
+            ),
+            (self.llm.tokens_quota.clone(), usage.total()),
+        ];
+        if let (Some(q), Some(p)) = (&self.llm.spend_quota, self.price) {
+            v.push((q.clone(), p.cost_micros(usage.prompt, usage.completion)));
+        }
+        v
+    }
+
+    /// Replace the reservation with `usage`. `answered`: the upstream served the request.
+    async fn settle(mut self, usage: Usage, answered: bool) {
+        self.settled = true;
+        settle_now(&self, usage, answered).await;
+    }
+}
+
+async fn settle_now(b: &Bill, usage: Usage, answered: bool) {
+    let actual = b.actual(usage, answered);
+    let items: Vec<(&str, u64)> = actual.iter().map(|(q, n)| (&**q, *n)).collect();
+    let m = &b.state.metrics;
+    let now = b.state.clock.now_ns();
+    match b
+        .state
+        .engine
+        .settle(&b.subject, &items, &b.attempt_id, b.reserved_at_ns, now)
+        .await
+    {
+        Ok(Settled::Charged) => {
+            m.llm_tokens
+                .with_label_values(&["prompt"])
+                .inc_by(usage.prompt);
+            m.llm_tokens
+                .with_label_values(&["completion"])
+                .inc_by(usage.completion);
+            m.llm_settlements.with_label_values(&["charged"]).inc();
+            tracing::debug!(attempt = %b.attempt_id, prompt = usage.prompt, completion = usage.completion, "settled");
+        }
+        Ok(Settled::AlreadySettled) => m.llm_settlements.with_label_values(&["duplicate"]).inc(),
+        Err(e) => {
+            m.llm_settlements.with_label_values(&["error"]).inc();
+            tracing::error!(error = %e, attempt = %b.attempt_id, "settlement failed; the reservation will expire");
+        }
+    }
+}
+
+impl Drop for Bill {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // An exit path that did not settle (an early error): release all but the prompt, which
+        // the upstream may have read. Runs on the current runtime, after this request.
+        let bill = Bill {
+            state: self.state.clone(),
+            subject: self.subject.clone(),
+            route_quota: self.route_quota.clone(),
+            route_cost: self.route_cost,
+            llm: self.llm.clone(),
+            price: self.price,
+            attempt_id: std::mem::take(&mut self.attempt_id),
+            reserved_at_ns: self.reserved_at_ns,
+            prompt_estimate: self.prompt_estimate,
+            settled: true,
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let usage = Usage {
+                    prompt: bill.prompt_estimate,
+                    completion: 0,
+                };
+                settle_now(&bill, usage, false).await;
+            });
+        }
+    }
+}
+
+async fn read_body(session: &mut Session, limit: u64) -> pingora::Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// Serve an LLM request entirely: the caller returns `Ok(true)` afterwards.
+pub async fn serve(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    policy: &Policy,
+    route: &Route,
+    llm: &Arc<LlmRoute>,
+    subject: Arc<Subject>,
+) -> pingora::Result<()> {
+    let rid = ctx.request_id.clone();
+    let Some(body) = read_body(session, llm.max_body_bytes).await? else {
+        let msg = format!("request body larger than {} bytes", llm.max_body_bytes);
+        return respond_json(
+            session,
+            413,
+            error_body("body_too_large", msg, &rid),
+            &[],
+            &rid,
+        )
+        .await;
+    };
+    let path = session.req_header().uri.path().to_string();
+    let req = match parse(llm.provider, &path, &body) {
+        Ok(r) => r,
+        Err(e) => {
+            return respond_json(
+                session,
+                400,
+                error_body("invalid_request", e.to_string(), &rid),
+                &[],
+                &rid,
+            )
+            .await;
+        }
+    };
+    let price = policy.price(&req.model);
+    if llm.spend_quota.is_some() && price.is_none() {
+        let msg = format!(
+            "no price for model `{}`; add it (or `default`) under `models`",
+            req.model
+        );
+        return respond_json(
+            session,
+            400,
+            error_body("unknown_model", msg, &rid),
+            &[],
+            &rid,
+        )
+        .await;
+    }
+    let max_out = req.max_tokens.unwrap_or(llm.default_max_tokens);
+    let mut reserve: Vec<(&str, u64)> = vec![
+        (&route.quota, route.cost),
+        (&llm.tokens_quota, req.prompt_tokens + max_out),
+    ];
+    let money = price.map(|p| p.cost_micros(req.prompt_tokens, max_out));
+    if let (Some(q), Some(m)) = (&llm.spend_quota, money) {
+        reserve.push((q, m));
+    }
+    let now = state.clock.now_ns();
+    let attempt_id = format!("{rid}.{}", uuid::Uuid::now_v7());
+    let expires = now.saturating_add(llm.reservation_ttl.as_nanos() as i64);
+    let decision = state
+        .engine
+        .reserve(
+            &subject,
+            &reserve,
+            &attempt_id,
+            expires,
+            now,
+            policy.failure,
+        )
+        .await;
+    let decision = match decision {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "reservation failed");
+            let body = error_body("quota_unavailable", "quota service unavailable", &rid);
+            return respond_json(session, 503, body, &[("retry-after", "1".into())], &rid).await;
+        }
+    };
+    if !decision.allowed {
+        return refuse(state, session, ctx, &subject, &route.quota, &decision).await;
+    }
+    let bill = Bill {
+        state: state.clone(),
+        subject,
+        route_quota: route.quota.clone(),
+        route_cost: route.cost,
+        llm: llm.clone(),
+        price,
+        attempt_id,
+        reserved_at_ns: now,
+        prompt_estimate: req.prompt_tokens,
+        settled: false,
+    };
+    ctx.decision = Some(decision);
+    forward(state, session, ctx, route, llm, req, body, bill).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    route: &Route,
+    llm: &Arc<LlmRoute>,
+    req: LlmRequest,
+    body: Vec<u8>,
+    bill: Bill,
+) -> pingora::Result<()> {
+    let rid = ctx.request_id.clone();
+    let inject = llm.provider == Provider::OpenAi && req.stream && !req.include_usage;
+    let body = if inject {
+        with_usage_requested(&body).unwrap_or(body)
+    } else {
+        body
+    };
+    let up = &route.upstream;
+    let scheme = if up.tls { "https" } else { "http" };
+    let head = session.req_header();
+    let url = format!(
+        "{scheme}://{}{}",
+        up.address,
+        head.uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut rb = state.http.request(head.method.clone(), url).body(body);
+    for (name, value) in head.headers.iter() {
+        if !HOP.contains(&name.as_str()) && name != "host" && name != "accept-encoding" {
+            rb = rb.header(name, value);
+        }
+    }
+    // The gateway reads the stream: it must not arrive compressed.
+    rb = rb
+        .header("accept-encoding", "identity")
+        .header("x-request-id", &rid);
+    if up.tls {
+        rb = rb.header("host", &up.sni);
+    }
+    let resp = match tokio::time::timeout(up.connect_timeout + up.read_timeout, rb.send()).await {
+        Ok(Ok(r)) => r,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            state
+                .metrics
+                .upstream_errors
+                .with_label_values(&[&*up.name])
+                .inc();
+            tracing::warn!(upstream = %up.name, error = %why, request_id = %rid, "LLM upstream unreachable");
+            bill.settle(Usage::default(), false).await;
+            let body = error_body(
+                "upstream_unavailable",
+                "the upstream could not be reached",
+                &rid,
+            );
+            return respond_json(session, 502, body, &[], &rid).await;
+        }
+    };
+    let status = resp.status();
+    let mut out = ResponseHeader::build(status.as_u16(), Some(resp.headers().len() + 4))?;
+    for (name, value) in resp.headers() {
+        if !HOP.contains(&name.as_str()) {
+            out.append_header(name.clone(), value.clone())?;
+        }
+    }
+    out.insert_header("x-request-id", &rid)?;
+    if let Some(d) = &ctx.decision {
+        if let Some(v) = ratelimit_policy(d) {
+            out.insert_header("ratelimit-policy", v)?;
+        }
+        if let Some(v) = ratelimit(d) {
+            out.insert_header("ratelimit", v)?;
+        }
+    }
+    let is_sse = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !status.is_success() {
+        // The upstream refused or failed: nothing was produced; release the reservation.
+        state
+            .metrics
+            .upstream_errors
+            .with_label_values(&[&*up.name])
+            .inc();
+        let body = resp.bytes().await.unwrap_or_default();
+        bill.settle(Usage::default(), false).await;
+        out.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(out), false).await?;
+        return session.write_response_body(Some(body), true).await;
+    }
+    if !is_sse {
+        let body = match tokio::time::timeout(up.read_timeout, resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            _ => {
+                bill.settle(
+                    Usage {
+                        prompt: req.prompt_tokens,
+                        completion: 0,
+                    },
+                    true,
+                )
+                .await;
+                let body = error_body("upstream_failed", "the upstream response was cut", &rid);
+                return respond_json(session, 502, body, &[], &rid).await;
+            }
+        };
+        let usage = json_usage(llm.provider, &req.model, &body, req.prompt_tokens);
+        bill.settle(usage, true).await;
+        out.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(out), false).await?;
+        return session.write_response_body(Some(body), true).await;
+    }
+
+    let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
+    let mut stream = resp.bytes_stream();
+    let mut pending: Vec<Bytes> = Vec::new();
+    if let Err(e) = session.write_response_header(Box::new(out), false).await {
+        return drain_then_settle(state, stream, meter, bill, llm, req.prompt_tokens, e).await;
+    }
+    loop {
+        let next = tokio::time::timeout(up.read_timeout, stream.next()).await;
+        match next {
+            Ok(Some(Ok(chunk))) => {
+                meter.feed(chunk, &mut pending);
+                for piece in pending.drain(..) {
+                    if let Err(e) = session.write_response_body(Some(piece), false).await {
+                        return drain_then_settle(
+                            state,
+                            stream,
+                            meter,
+                            bill,
+                            llm,
+                            req.prompt_tokens,
+                            e,
+                        )
+                        .await;
+                    }
+                }
+            }
+            Ok(None) => break,
+            // Cut upstream or silent for too long: bill what was produced, end the client's stream.
+            Ok(Some(Err(_))) | Err(_) => {
+                state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[&*up.name])
+                    .inc();
+                tracing::warn!(request_id = %rid, "LLM stream cut by the upstream");
+                break;
+            }
+        }
+    }
+    meter.flush(&mut pending);
+    let usage = meter.usage(req.prompt_tokens);
+    bill.settle(usage, true).await;
+    for piece in pending {
+        session.write_response_body(Some(piece), false).await?;
+    }
+    session.write_response_body(None, true).await
+}
+
+/// The client went away: keep reading the upstream (bounded) for its real usage, then settle.
+async fn drain_then_settle<S>(
+    state: &Arc<AppState>,
+    mut stream: S,
+    mut meter: StreamMeter,
+    bill: Bill,
+    llm: &Arc<LlmRoute>,
+    prompt_estimate: u64,
+    cause: Box<pingora::Error>,
+) -> pingora::Result<()>
+where
+    S: futures_util::Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
+{
+    state.metrics.llm_disconnects.inc();
+    let (deadline, max_bytes) = (Instant::now() + llm.drain, llm.drain_bytes);
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        while !meter.finished() && meter.bytes() < max_bytes {
+            match tokio::time::timeout_at(deadline.into(), stream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    meter.feed(chunk, &mut sink);
+                    sink.clear();
+                }
+                _ => break,
+            }
+        }
+        bill.settle(meter.usage(prompt_estimate), true).await;
+    });
+    Err(cause)
+}
