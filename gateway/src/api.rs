@@ -174,6 +174,14 @@ async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             }),
         },
         "failure_mode": format!("{:?}", policy.failure.mode),
+        "guardrail": policy.guardrail.as_ref().map(|g| json!({
+            "quota": &*g.quota,
+            "threshold": g.threshold,
+            "tripped": state.guardrail.snapshot().iter().map(|(s, since)| json!({
+                "subject": &**s,
+                "since": rfc3339(*since),
+            })).collect::<Vec<_>>(),
+        })),
     }))
 }
 

@@ -262,7 +262,12 @@ async fn forward(
     } else {
         body
     };
-    let up = &route.upstream;
+    // The route's upstream, or its fallback when the cost guardrail diverted the request.
+    let up = ctx
+        .upstream
+        .clone()
+        .unwrap_or_else(|| route.upstream.clone());
+    let up = &up;
     let scheme = if up.tls { "https" } else { "http" };
     let head = session.req_header();
     let url = format!(

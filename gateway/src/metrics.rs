@@ -23,6 +23,7 @@ pub struct Metrics {
     pub llm_tokens: IntCounterVec,
     pub llm_settlements: IntCounterVec,
     pub llm_disconnects: IntCounter,
+    pub guardrail_actions: IntCounterVec,
 }
 
 impl Metrics {
@@ -119,6 +120,14 @@ impl Metrics {
         registry.register(Box::new(llm_tokens.clone()))?;
         registry.register(Box::new(llm_settlements.clone()))?;
         registry.register(Box::new(llm_disconnects.clone()))?;
+        let guardrail_actions = IntCounterVec::new(
+            Opts::new(
+                "cost_guardrail_total",
+                "Expensive requests stopped by the cost guardrail: refused or sent to the fallback",
+            ),
+            &["action"],
+        )?;
+        registry.register(Box::new(guardrail_actions.clone()))?;
         registry.register(Box::new(lease_units.clone()))?;
         backend_state.set(1);
         // Show both results from the start, so a dashboard sees 0 rather than no series.
@@ -141,6 +150,7 @@ impl Metrics {
             llm_tokens,
             llm_settlements,
             llm_disconnects,
+            guardrail_actions,
         })
     }
 

@@ -2,6 +2,7 @@
 //! any upstream connection, answer refusals itself, and forward admitted requests with bodies
 //! streamed through untouched.
 
+use crate::guardrail::{Standing, standing};
 use crate::headers::{ceil_s, ratelimit, ratelimit_policy, refusal_body};
 use crate::state::AppState;
 use async_trait::async_trait;
@@ -32,7 +33,7 @@ pub struct Ctx {
     pub(crate) request_id: String,
     route: Option<Arc<str>>,
     quota: Option<Arc<str>>,
-    upstream: Option<Arc<Upstream>>,
+    pub(crate) upstream: Option<Arc<Upstream>>,
     pub(crate) decision: Option<Decision>,
 }
 
@@ -199,6 +200,38 @@ impl ProxyHttp for Gateway {
         ctx.route = Some(route.name.clone());
         ctx.quota = Some(route.quota.clone());
         ctx.upstream = Some(route.upstream.clone());
+        if route.expensive
+            && let Some(g) = &policy.guardrail
+            && let Standing::Tripped {
+                used,
+                limit,
+                reset_after_ns,
+            } = standing(&self.state, &subject, g).await
+        {
+            let m = &self.state.metrics;
+            if let Some(fallback) = &route.fallback_upstream {
+                m.guardrail_actions.with_label_values(&["fallback"]).inc();
+                ctx.upstream = Some(fallback.clone());
+            } else {
+                m.guardrail_actions.with_label_values(&["refused"]).inc();
+                let rid = &ctx.request_id;
+                let pct = used as f64 * 100.0 / limit.max(1) as f64;
+                let msg = format!(
+                    "spend today is at {pct:.0}% of the budget: expensive route `{}` is paused until the budget resets",
+                    route.name
+                );
+                let mut body = error_body("cost_guardrail", msg, rid);
+                body["quota"] = (*g.quota).into();
+                body["used"] = used.into();
+                body["limit"] = limit.into();
+                body["retry_after_s"] = ceil_s(reset_after_ns).into();
+                body["reset_at"] =
+                    crate::headers::rfc3339(self.state.clock.now_ns() + reset_after_ns).into();
+                let retry = ("retry-after", ceil_s(reset_after_ns).max(1).to_string());
+                respond_json(session, 429, body, &[retry], rid).await?;
+                return Ok(true);
+            }
+        }
         if let Some(llm) = &route.llm {
             crate::llm::serve(&self.state, session, ctx, &policy, route, llm, subject).await?;
             return Ok(true);

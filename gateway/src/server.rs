@@ -67,6 +67,7 @@ pub fn build_state(
         metrics: Metrics::new().context("registering metrics")?,
         config_path: config,
         clock,
+        guardrail: Default::default(),
         http: reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(std::time::Duration::from_secs(5))

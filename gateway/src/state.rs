@@ -17,6 +17,8 @@ pub struct AppState {
     /// The policy file or directory, watched for changes.
     pub config_path: PathBuf,
     pub clock: Clock,
+    /// Subjects over the cost guardrail's threshold.
+    pub guardrail: crate::guardrail::Tripped,
     /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
     pub http: reqwest::Client,
 }

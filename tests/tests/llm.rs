@@ -41,6 +41,7 @@ on_every_backend!(
     concurrent_mixed_requests_keep_tokens_and_money_exact,
     in_flight_streams_are_limited_and_always_released,
     a_reservation_the_budget_cannot_cover_is_refused_before_the_upstream,
+    the_cost_guardrail_stops_expensive_routes_near_the_budget,
 );
 
 const SUBJECTS: usize = 50;
@@ -613,5 +614,97 @@ async fn budget_used_survives_a_gateway_restart_on_redis() {
         charged(&second, 0).await,
         before,
         "counters and money live in Redis"
+    );
+}
+
+async fn the_cost_guardrail_stops_expensive_routes_near_the_budget(backend: Backend) {
+    let mock = MockUpstream::start();
+    let cache = MockUpstream::start();
+    let yaml = format!(
+        "guardrail: {{ quota: spend, threshold: 0.95 }}\n\
+         upstreams:\n  up: {{ address: '{}' }}\n  cache: {{ address: '{}' }}\n\
+         routes:\n\
+         \x20 - {{ name: regenerate, match: {{ path_prefix: /regenerate }}, upstream: up, quota: requests, expensive: true }}\n\
+         \x20 - {{ name: summary, match: {{ path_prefix: /summary }}, upstream: up, quota: requests, expensive: true, fallback_upstream: cache }}\n\
+         \x20 - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: requests }}\n\
+         tiers:\n  t:\n    requests: {{ daily: 1000 }}\n    spend: {{ daily: 1000 }}\n\
+         subjects:\n  - {{ key: k0, id: u0, tier: t }}\n",
+        mock.addr, cache.addr
+    );
+    let gw = Gateway::start_on(&backend, &yaml, &[]);
+    let get = |path: &'static str| {
+        let url = gw.url(path);
+        async move { client().get(url).bearer_auth("k0").send().await.unwrap() }
+    };
+    let spend = |cost: u64| {
+        let url = gw.api_url("/check");
+        async move {
+            post_json(
+                url,
+                &json!({ "subject": "u0", "quota": "spend", "cost": cost }),
+            )
+            .await
+        }
+    };
+    spend(940).await;
+    assert_eq!(
+        get("/regenerate").await.status(),
+        StatusCode::OK,
+        "94% spent: still open"
+    );
+    spend(10).await;
+    let refused = get("/regenerate").await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "95% spent: expensive routes stop"
+    );
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        (
+            body["error"].as_str(),
+            body["used"].as_u64(),
+            body["limit"].as_u64()
+        ),
+        (Some("cost_guardrail"), Some(950), Some(1000))
+    );
+    assert!(body["message"].as_str().unwrap().contains("95%"), "{body}");
+    assert_eq!(
+        get("/lookup").await.status(),
+        StatusCode::OK,
+        "cheap routes go on"
+    );
+    let diverted = get("/summary").await;
+    assert_eq!(
+        diverted.status(),
+        StatusCode::OK,
+        "diverted to the fallback upstream"
+    );
+    assert_eq!(get_json(cache.url("/_mock/requests")).await["total"], 1);
+    assert_eq!(
+        get_json(mock.url("/_mock/requests")).await["by_path"]["/summary"],
+        Value::Null
+    );
+    let status = get_json(gw.api_url("/status")).await;
+    assert_eq!(
+        status["guardrail"]["tripped"][0]["subject"], "u0",
+        "{status}"
+    );
+    let m = client()
+        .get(gw.api_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("cost_guardrail_total{action=\"refused\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("cost_guardrail_total{action=\"fallback\"} 1"),
+        "{m}"
     );
 }

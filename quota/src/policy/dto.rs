@@ -22,9 +22,25 @@ pub struct PolicyFile {
     pub tiers: BTreeMap<String, Spanned<BTreeMap<String, Spanned<QuotaDto>>>>,
     #[serde(default)]
     pub subjects: Vec<Spanned<SubjectDto>>,
+    /// Refuse (or divert) `expensive` routes when a subject's spend nears its budget.
+    pub guardrail: Option<Spanned<GuardrailDto>>,
     /// Prices of LLM models, per million tokens; a `default` entry prices unknown models.
     #[serde(default)]
     pub models: BTreeMap<String, Spanned<ModelDto>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailDto {
+    /// The quota type holding spend (its daily limit is the budget).
+    pub quota: Spanned<String>,
+    /// Share of the budget at which expensive routes stop, in (0, 1].
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+}
+
+fn default_threshold() -> f64 {
+    0.95
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +141,9 @@ pub struct RouteDto {
     pub cost: u64,
     #[serde(default)]
     pub expensive: bool,
+    /// With `expensive`: where to send requests while the guardrail is tripped (instead of
+    /// refusing them), e.g. a cache.
+    pub fallback_upstream: Option<Spanned<String>>,
     /// Meter and bill this route's LLM traffic (request tokens, streamed usage).
     pub llm: Option<Spanned<LlmRouteDto>>,
 }

@@ -187,6 +187,7 @@ struct Builder<'a> {
     broken_upstreams: HashSet<String>,
     declared_quotas: HashSet<String>,
     models: Vec<(String, Price)>,
+    guardrail: Option<(super::dto::GuardrailDto, &'a str)>,
 }
 
 impl<'a> Builder<'a> {
@@ -276,6 +277,26 @@ impl<'a> Builder<'a> {
                 }
             }
         }
+        let guardrail = self.guardrail.take().and_then(|(g, file)| {
+            if !defined_quotas.contains(&g.quota.value) {
+                let msg = format!("quota type `{}` is not defined by any tier", g.quota.value);
+                self.err(file, g.quota.referenced, "guardrail.quota", msg);
+                return None;
+            }
+            if !(g.threshold > 0.0 && g.threshold <= 1.0) {
+                self.err(
+                    file,
+                    g.quota.referenced,
+                    "guardrail.threshold",
+                    "expected a share in (0, 1], such as 0.95",
+                );
+                return None;
+            }
+            Some(super::Guardrail {
+                quota: g.quota.value.as_str().into(),
+                threshold: g.threshold,
+            })
+        });
         if routes.is_empty() && self.errors.is_empty() {
             // Most often a file caught half-written by an editor: enforcing it would refuse everything.
             let file = files.first().map_or("(policy)", |(f, _)| *f);
@@ -307,6 +328,7 @@ impl<'a> Builder<'a> {
             subjects,
             subjects_by_id,
             models: self.models,
+            guardrail,
         })
     }
 
@@ -333,6 +355,23 @@ impl<'a> Builder<'a> {
                 FailureModeDto::FailClosed => FailureMode::FailClosed,
                 FailureModeDto::Local => FailureMode::Local,
             });
+        }
+        if let Some(g) = &doc.guardrail {
+            if self.guardrail.is_some() {
+                self.err(
+                    file,
+                    g.referenced,
+                    "guardrail",
+                    "`guardrail` is set in more than one file",
+                );
+            }
+            self.guardrail = Some((
+                super::dto::GuardrailDto {
+                    quota: g.value.quota.clone(),
+                    threshold: g.value.threshold,
+                },
+                file,
+            ));
         }
         for (name, m) in &doc.models {
             let valid = |v: f64| v.is_finite() && v >= 0.0;
@@ -610,6 +649,14 @@ impl<'a> Builder<'a> {
             .llm
             .as_ref()
             .map(|l| self.llm_route(file, &path, &l.value, quotas));
+        let fallback_upstream = r.fallback_upstream.as_ref().and_then(|f| {
+            let up = self.upstreams.get(&f.value).cloned();
+            if up.is_none() {
+                let msg = format!("unknown upstream `{}`", f.value);
+                self.err(file, f.referenced, format!("{path}.fallback_upstream"), msg);
+            }
+            up
+        });
         let method = r.matcher.method.as_ref().map(|m| {
             if m.value.is_empty() || !m.value.bytes().all(|b| b.is_ascii_alphabetic()) {
                 self.err(
@@ -636,6 +683,7 @@ impl<'a> Builder<'a> {
             quota: r.quota.value.as_str().into(),
             cost: r.cost,
             expensive: r.expensive,
+            fallback_upstream,
             llm: llm.flatten().map(Arc::new),
         })
     }

@@ -60,6 +60,15 @@ pub struct Policy {
     subjects_by_id: HashMap<Arc<str>, Arc<Subject>>,
     /// Model prices, longest name first (a price applies to names it prefixes).
     models: Vec<(String, Price)>,
+    pub guardrail: Option<Guardrail>,
+}
+
+/// When a subject's spend reaches `threshold` of its budget, `expensive` routes are refused or
+/// sent to their fallback upstream.
+#[derive(Debug, Clone)]
+pub struct Guardrail {
+    pub quota: Arc<str>,
+    pub threshold: f64,
 }
 
 impl Policy {
@@ -257,6 +266,7 @@ pub struct Route {
     pub quota: Arc<str>,
     pub cost: u64,
     pub expensive: bool,
+    pub fallback_upstream: Option<Arc<Upstream>>,
     pub llm: Option<Arc<LlmRoute>>,
 }
 
