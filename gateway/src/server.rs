@@ -137,6 +137,9 @@ fn control_plane_tasks(
     api: std::net::TcpListener,
 ) {
     rt.block_on(async move {
+        if state.policy.load().routes.iter().any(|r| r.llm.is_some()) {
+            tokio::task::spawn_blocking(quota::llm::tokens::warm_up);
+        }
         let watcher = state.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::reload::watch(watcher).await {

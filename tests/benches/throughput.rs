@@ -3,6 +3,8 @@
 //! (b) per storage backend — memory only, Redis on every request, Redis with leases — decisions/s,
 //!     p99 of one decision and Redis round trips per 1,000 decisions (needs a Redis at
 //!     `TOLLGATE_REDIS_URL`, default 127.0.0.1:6379);
+//! (d) SSE: chunks/s, MB/s and time to first byte of streamed completions, straight to
+//!     `mock-upstream` and through the gateway's metered LLM route, and their ratios;
 //! (c) requests/s and p50/p99 latency straight to `mock-upstream`, through the gateway on an
 //!     unlimited route (the bare proxy) and with quotas on, and their ratios. Baselines are
 //!     measured in the same run: these machines are noisy, absolute numbers do not compare.
@@ -243,6 +245,117 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+const STREAMS: usize = 200;
+const STREAM_TOKENS: usize = 500;
+const STREAM_CONCURRENCY: usize = 16;
+
+struct SseRun {
+    chunks_per_s: f64,
+    mb_per_s: f64,
+    ttfb_p50: Duration,
+    ttfb_p99: Duration,
+}
+
+async fn sse_load(url: String, key: Option<&'static str>) -> SseRun {
+    use futures_util::StreamExt;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini", "stream": true, "max_tokens": STREAM_TOKENS,
+        "messages": [{ "role": "user", "content": "stream please" }],
+    });
+    let started = Instant::now();
+    let handles: Vec<_> = (0..STREAM_CONCURRENCY)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let (mut chunks, mut bytes, mut ttfb) = (0u64, 0u64, Vec::new());
+                for _ in 0..STREAMS / STREAM_CONCURRENCY {
+                    let t = Instant::now();
+                    let mut r = client
+                        .post(&url)
+                        .header("x-mock-tokens", STREAM_TOKENS.to_string())
+                        .json(&body);
+                    if let Some(k) = key {
+                        r = r.bearer_auth(k);
+                    }
+                    let resp = r.send().await.unwrap();
+                    assert!(resp.status().is_success(), "status {}", resp.status());
+                    let mut stream = resp.bytes_stream();
+                    let mut first = true;
+                    while let Some(c) = stream.next().await {
+                        let c = c.unwrap();
+                        if first {
+                            ttfb.push(t.elapsed());
+                            first = false;
+                        }
+                        chunks += c.windows(6).filter(|w| w == b"data: ").count() as u64;
+                        bytes += c.len() as u64;
+                    }
+                }
+                (chunks, bytes, ttfb)
+            })
+        })
+        .collect();
+    let (mut chunks, mut bytes, mut ttfb) = (0, 0, Vec::new());
+    for h in handles {
+        let (c, b, t) = h.await.unwrap();
+        chunks += c;
+        bytes += b;
+        ttfb.extend(t);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    ttfb.sort();
+    SseRun {
+        chunks_per_s: chunks as f64 / secs,
+        mb_per_s: bytes as f64 / secs / 1e6,
+        ttfb_p50: ttfb[ttfb.len() / 2],
+        ttfb_p99: ttfb[ttfb.len() * 99 / 100],
+    }
+}
+
+fn sse(mock: &MockUpstream) {
+    let yaml = format!(
+        "upstreams:\n  up: {{ address: '{}' }}\nmodels:\n  default: {{ input_per_million: 1, output_per_million: 4 }}\n\
+         routes:\n  - {{ name: chat, match: {{ path_prefix: /v1/chat/completions }}, upstream: up, quota: requests,\n\
+         \x20     llm: {{ provider: openai, tokens: tokens, spend: spend }} }}\n\
+         tiers:\n  t:\n    requests: {{ daily: 1000000000 }}\n    tokens: {{ daily: 1000000000000 }}\n    spend: {{ daily: 1000000000000 }}\n\
+         subjects:\n  - {{ key: k, id: s, tier: t }}\n",
+        mock.addr
+    );
+    let gw = Gateway::start(&yaml);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let direct = rt.block_on(sse_load(mock.url("/v1/chat/completions"), None));
+    let proxied = rt.block_on(sse_load(gw.url("/v1/chat/completions"), Some("k")));
+    println!(
+        "\n## SSE ({STREAMS} streamed completions of {STREAM_TOKENS} tokens, {STREAM_CONCURRENCY} at a time, metered and billed)\n"
+    );
+    println!("| path | chunks/s | MB/s | TTFB p50 ms | TTFB p99 ms |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, r) in [
+        ("direct to mock-upstream", &direct),
+        ("through gateway (LLM route)", &proxied),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.1} | {:.3} | {:.3} |",
+            r.chunks_per_s,
+            r.mb_per_s,
+            ms(r.ttfb_p50),
+            ms(r.ttfb_p99)
+        );
+    }
+    println!(
+        "| **gateway / direct** | {:.2}x | {:.2}x | +{:.3} ms | +{:.3} ms |",
+        proxied.chunks_per_s / direct.chunks_per_s,
+        proxied.mb_per_s / direct.mb_per_s,
+        ms(proxied.ttfb_p50) - ms(direct.ttfb_p50),
+        ms(proxied.ttfb_p99) - ms(direct.ttfb_p99)
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing to filter.
     println!("## Engine (in-memory store, {DECISIONS} decisions)\n");
@@ -258,6 +371,7 @@ fn main() {
     backends();
 
     let mock = MockUpstream::start();
+    sse(&mock);
     let tiers = "  pro:\n    lookup:\n      rates: [ { limit: 100000000, per: second } ]\n      daily: 100000000000\n    bare: { unlimited: true }";
     let routes = [
         ("lookup", "/lookup", "lookup", 1),

@@ -11,6 +11,7 @@
 
 use super::{Provider, Usage, tokens};
 use bytes::{Bytes, BytesMut};
+use memchr::memmem;
 use serde::Deserialize;
 
 #[derive(Debug)]
@@ -24,7 +25,9 @@ pub struct StreamMeter {
     event: BytesMut,
     prompt: Option<u64>,
     completion: Option<u64>,
-    text: String,
+    /// Generated text as a JSON array of the still-escaped string pieces (`["a","b"`), decoded
+    /// only if the upstream never reports usage: most streams never pay for decoding.
+    text: Vec<u8>,
     finished: bool,
     bytes: u64,
 }
@@ -59,18 +62,12 @@ struct AnEvent {
     #[serde(rename = "type")]
     kind: String,
     message: Option<AnMessage>,
-    delta: Option<AnDelta>,
     usage: Option<AnUsage>,
 }
 
 #[derive(Deserialize)]
 struct AnMessage {
     usage: Option<AnUsage>,
-}
-
-#[derive(Deserialize)]
-struct AnDelta {
-    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -89,7 +86,7 @@ impl StreamMeter {
             event: BytesMut::new(),
             prompt: None,
             completion: None,
-            text: String::new(),
+            text: Vec::new(),
             finished: false,
             bytes: 0,
         }
@@ -150,12 +147,27 @@ impl StreamMeter {
         }
     }
 
-    /// Read one `data:` payload; true when it is OpenAI's usage-only chunk.
+    /// Keep the escaped JSON string that follows `key` (e.g. `"content":`) in `data`.
+    fn keep_text(&mut self, data: &[u8], key: &[u8]) {
+        if let Some(raw) = json_string_after(data, key) {
+            self.text
+                .push(if self.text.is_empty() { b'[' } else { b',' });
+            self.text.extend_from_slice(raw);
+        }
+    }
+
+    /// Read one `data:` payload; true when it is OpenAI's usage-only chunk. Events are scanned,
+    /// not parsed: only those carrying usage (a handful per stream) go through a JSON parser.
     fn on_data(&mut self, data: &[u8]) -> bool {
         match self.provider {
             Provider::OpenAi => {
                 if data == b"[DONE]" {
                     self.finished = true;
+                    return false;
+                }
+                if memmem::find(data, b"\"usage\":{").is_none() {
+                    self.keep_text(data, b"\"content\":");
+                    self.keep_text(data, b"\"text\":");
                     return false;
                 }
                 let Ok(c) = serde_json::from_slice::<OaChunk>(data) else {
@@ -168,7 +180,7 @@ impl StreamMeter {
                         .and_then(|d| d.content.as_deref())
                         .or(ch.text.as_deref())
                     {
-                        self.text.push_str(t);
+                        self.push_text(t);
                     }
                 }
                 match c.usage {
@@ -181,6 +193,10 @@ impl StreamMeter {
                 }
             }
             Provider::Anthropic => {
+                if memmem::find(data, b"\"type\":\"content_block_delta\"").is_some() {
+                    self.keep_text(data, b"\"text\":");
+                    return false;
+                }
                 let Ok(e) = serde_json::from_slice::<AnEvent>(data) else {
                     return false;
                 };
@@ -188,11 +204,6 @@ impl StreamMeter {
                     "message_start" => {
                         if let Some(u) = e.message.and_then(|m| m.usage) {
                             self.prompt = u.input_tokens.or(self.prompt);
-                        }
-                    }
-                    "content_block_delta" => {
-                        if let Some(t) = e.delta.and_then(|d| d.text) {
-                            self.text.push_str(&t);
                         }
                     }
                     // Cumulative output tokens of the message so far.
@@ -208,6 +219,26 @@ impl StreamMeter {
                 false
             }
         }
+    }
+
+    fn push_text(&mut self, t: &str) {
+        self.text
+            .push(if self.text.is_empty() { b'[' } else { b',' });
+        // Re-escaped so the buffer stays one JSON array; serializing a str cannot fail.
+        self.text
+            .extend_from_slice(&serde_json::to_vec(t).unwrap_or_default());
+    }
+
+    /// The generated text received so far.
+    fn received_text(&self) -> String {
+        if self.text.is_empty() {
+            return String::new();
+        }
+        let mut array = self.text.clone();
+        array.push(b']');
+        serde_json::from_slice::<Vec<String>>(&array)
+            .map(|pieces| pieces.concat())
+            .unwrap_or_default()
     }
 
     /// The stream ended normally (`[DONE]`, `message_stop`).
@@ -231,7 +262,7 @@ impl StreamMeter {
             prompt: self.prompt.unwrap_or(prompt_estimate),
             completion: self
                 .completion
-                .unwrap_or_else(|| tokens::count(&self.model, &self.text)),
+                .unwrap_or_else(|| tokens::count(&self.model, &self.received_text())),
         }
     }
 }
@@ -245,7 +276,27 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
 
 /// End (exclusive) of the first complete event: after its blank line.
 fn find_event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+    memmem::find(buf, b"\n\n").map(|i| i + 2)
+}
+
+/// The JSON string (quotes included, escapes kept) right after `key` in `data`, if it is a string.
+fn json_string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let start = memmem::find(data, key)? + key.len();
+    let rest = &data[start..];
+    let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    let rest = &rest[skip..];
+    if rest.first() != Some(&b'"') {
+        return None;
+    }
+    let mut escaped = false;
+    for (i, &b) in rest.iter().enumerate().skip(1) {
+        match b {
+            b'\\' if !escaped => escaped = true,
+            b'"' if !escaped => return Some(&rest[..=i]),
+            _ => escaped = false,
+        }
+    }
+    None
 }
 
 /// Take out the `"usage":null` OpenAI adds to every chunk when usage was requested.
@@ -420,5 +471,24 @@ mod tests {
                 completion: 3
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn escaped_text_is_kept_and_decoded_only_when_needed() {
+        let s = "data: {\"choices\":[{\"delta\":{\"content\":\" say \\\"hi\\\"\\n\"}}]}\n\n";
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        let mut out = Vec::new();
+        m.feed(Bytes::from(s), &mut out);
+        assert_eq!(m.received_text(), " say \"hi\"\n");
+        assert_eq!(
+            json_string_after(b"{\"a\": \"x\\\\\"}", b"\"a\":"),
+            Some(&b"\"x\\\\\""[..])
+        );
+        assert_eq!(json_string_after(b"{\"a\":null}", b"\"a\":"), None);
     }
 }

@@ -16,6 +16,14 @@ fn bpe(model: &str) -> &'static CoreBPE {
     }
 }
 
+/// Load the encodings now (a few hundred milliseconds) rather than on the first LLM request.
+pub fn warm_up() {
+    let _ = (
+        tiktoken_rs::cl100k_base_singleton(),
+        tiktoken_rs::o200k_base_singleton(),
+    );
+}
+
 /// Tokens of `text` for `model`.
 pub fn count(model: &str, text: &str) -> u64 {
     if text.is_empty() {
