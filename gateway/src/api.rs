@@ -88,15 +88,19 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             policy.failure,
         )
         .await?;
-    let m = &state.metrics;
-    if d.replayed {
-        // Counted when first decided.
-    } else if d.allowed {
-        m.quota_consumed
-            .with_label_values(&[&req.quota])
-            .inc_by(req.cost);
-    } else {
-        m.quota_rejected.with_label_values(&[&req.quota]).inc();
+    // A replay was recorded when first decided; free probes (cost 0) record nothing.
+    if !d.replayed && req.cost > 0 {
+        let refused = (!d.allowed).then_some(match d.reason {
+            Reason::NotInTier => "quota_not_in_tier",
+            _ => "quota_exceeded",
+        });
+        state.record_decision(
+            &req.subject,
+            req.request_id.as_deref(),
+            &req.quota,
+            req.cost,
+            refused,
+        );
     }
     let binding = d.binding();
     let retry_ns = d.retry_after_ns();
@@ -131,6 +135,7 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     state.metrics.sync_backend(state.engine.store());
+    state.metrics.sync_audit(state.audit.counts());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

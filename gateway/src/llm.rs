@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use quota::audit::{EventBody, Settlement};
 use quota::llm::price::Price;
 use quota::llm::request::{LlmRequest, parse, with_usage_requested};
 use quota::llm::sse::{StreamMeter, json_usage};
@@ -46,6 +47,9 @@ struct Bill {
     attempt_id: String,
     reserved_at_ns: i64,
     prompt_estimate: u64,
+    /// What was reserved, per quota type, for the settlement's audit record.
+    reserved: Vec<(Arc<str>, u64)>,
+    request_id: String,
     settled: bool,
 }
 
@@ -84,6 +88,28 @@ async fn settle_now(b: &Bill, usage: Usage, answered: bool) {
         .await
     {
         Ok(Settled::Charged) => {
+            let settlements = actual
+                .iter()
+                .map(|(q, a)| {
+                    let r = b
+                        .reserved
+                        .iter()
+                        .find(|(rq, _)| rq == q)
+                        .map_or(0, |(_, n)| *n);
+                    Settlement {
+                        quota: q.to_string(),
+                        reserved: r,
+                        actual: *a,
+                        refunded: r.saturating_sub(*a),
+                    }
+                })
+                .collect();
+            let body = EventBody::ReservationSettled {
+                attempt_id: b.attempt_id.clone(),
+                settlements,
+            };
+            b.state
+                .audit(Some(&b.subject.id), Some(&b.request_id), body);
             m.llm_tokens
                 .with_label_values(&["prompt"])
                 .inc_by(usage.prompt);
@@ -118,6 +144,8 @@ impl Drop for Bill {
             attempt_id: std::mem::take(&mut self.attempt_id),
             reserved_at_ns: self.reserved_at_ns,
             prompt_estimate: self.prompt_estimate,
+            reserved: std::mem::take(&mut self.reserved),
+            request_id: std::mem::take(&mut self.request_id),
             settled: true,
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -226,7 +254,7 @@ pub async fn serve(
         }
     };
     if !decision.allowed {
-        return refuse(state, session, ctx, &subject, &route.quota, &decision).await;
+        return refuse(state, session, ctx, &subject, &reserve, &decision).await;
     }
     let bill = Bill {
         state: state.clone(),
@@ -238,6 +266,11 @@ pub async fn serve(
         attempt_id,
         reserved_at_ns: now,
         prompt_estimate: req.prompt_tokens,
+        reserved: reserve
+            .iter()
+            .map(|(q, n)| (Arc::<str>::from(*q), *n))
+            .collect(),
+        request_id: rid.clone(),
         settled: false,
     };
     ctx.decision = Some(decision);

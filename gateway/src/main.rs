@@ -18,48 +18,57 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Policy file, or directory of policy files (hot-reloaded).
+    #[arg(long)]
+    config: PathBuf,
+    /// Address of the proxy.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address of the API: /check, /metrics, /status, /healthz.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    api_listen: SocketAddr,
+    /// Proxy worker threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seconds to finish in-flight requests after SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    grace_period: u64,
+    /// Keep counters in Redis, shared by every gateway using it: `redis://HOST:PORT[/DB]`.
+    /// Give it several times for the nodes of a Redis Cluster.
+    #[arg(long = "redis", value_name = "URL")]
+    redis: Vec<String>,
+    /// Treat a single --redis URL as a Cluster node.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// Prefix of every Redis key.
+    #[arg(long, default_value = "tg")]
+    redis_prefix: String,
+    /// Limit on each Redis call; past it the policy's failure mode applies.
+    #[arg(long, default_value_t = 50)]
+    redis_timeout_ms: u64,
+    /// With --redis: ask Redis for every request instead of admitting locally from leases.
+    #[arg(long)]
+    no_leases: bool,
+    /// With leases: unused lease units go back to Redis after this long.
+    #[arg(long, default_value_t = 2000)]
+    lease_ttl_ms: u64,
+    /// Append an audit event per decision and settlement to this JSONL file.
+    #[arg(long, value_name = "PATH")]
+    audit_log: Option<PathBuf>,
+    /// This gateway's name in audit events (default: gateway-<pid>).
+    #[arg(long)]
+    gateway_id: Option<String>,
+    /// Testing only: allow POST /test/clock on the API listener to set the gateway's clock.
+    #[arg(long, hide = true)]
+    test_clock: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy and its API listener.
-    Run {
-        /// Policy file, or directory of policy files (hot-reloaded).
-        #[arg(long)]
-        config: PathBuf,
-        /// Address of the proxy.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Address of the API: /check, /metrics, /status, /healthz.
-        #[arg(long, default_value = "127.0.0.1:9090")]
-        api_listen: SocketAddr,
-        /// Proxy worker threads (default: one per CPU).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Seconds to finish in-flight requests after SIGTERM.
-        #[arg(long, default_value_t = 5)]
-        grace_period: u64,
-        /// Keep counters in Redis, shared by every gateway using it: `redis://HOST:PORT[/DB]`.
-        /// Give it several times for the nodes of a Redis Cluster.
-        #[arg(long = "redis", value_name = "URL")]
-        redis: Vec<String>,
-        /// Treat a single --redis URL as a Cluster node.
-        #[arg(long)]
-        redis_cluster: bool,
-        /// Prefix of every Redis key.
-        #[arg(long, default_value = "tg")]
-        redis_prefix: String,
-        /// Limit on each Redis call; past it the policy's failure mode applies.
-        #[arg(long, default_value_t = 50)]
-        redis_timeout_ms: u64,
-        /// With --redis: ask Redis for every request instead of admitting locally from leases.
-        #[arg(long)]
-        no_leases: bool,
-        /// With leases: unused lease units go back to Redis after this long.
-        #[arg(long, default_value_t = 2000)]
-        lease_ttl_ms: u64,
-        /// Testing only: allow POST /test/clock on the API listener to set the gateway's clock.
-        #[arg(long, hide = true)]
-        test_clock: bool,
-    },
+    Run(Box<RunArgs>),
     /// Validate a policy file or directory; prints every error and exits non-zero if any.
     Check { path: PathBuf },
 }
@@ -91,20 +100,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run {
-            config,
-            listen,
-            api_listen,
-            threads,
-            grace_period,
-            test_clock,
-            redis,
-            redis_cluster,
-            redis_prefix,
-            redis_timeout_ms,
-            no_leases,
-            lease_ttl_ms,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                config,
+                listen,
+                api_listen,
+                threads,
+                grace_period,
+                test_clock,
+                redis,
+                redis_cluster,
+                redis_prefix,
+                redis_timeout_ms,
+                no_leases,
+                lease_ttl_ms,
+                audit_log,
+                gateway_id,
+            } = *args;
+            let audit = gateway::server::AuditConfig {
+                log: audit_log,
+                gateway_id: gateway_id.unwrap_or_else(|| format!("gateway-{}", std::process::id())),
+            };
             let leases = (!no_leases).then(|| quota::storage::LeaseConfig {
                 ttl: std::time::Duration::from_millis(lease_ttl_ms.max(1)),
                 ..Default::default()
@@ -127,6 +143,7 @@ fn main() -> ExitCode {
                 test_clock,
                 redis,
                 leases,
+                audit,
             };
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub llm_settlements: IntCounterVec,
     pub llm_disconnects: IntCounter,
     pub guardrail_actions: IntCounterVec,
+    audit_events: IntCounter,
+    audit_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -128,6 +130,14 @@ impl Metrics {
             &["action"],
         )?;
         registry.register(Box::new(guardrail_actions.clone()))?;
+        let audit_events =
+            IntCounter::new("audit_events_total", "Audit events handed to the sink")?;
+        let audit_dropped = IntCounter::new(
+            "audit_events_dropped_total",
+            "Audit events the sink could not take (queue full)",
+        )?;
+        registry.register(Box::new(audit_events.clone()))?;
+        registry.register(Box::new(audit_dropped.clone()))?;
         registry.register(Box::new(lease_units.clone()))?;
         backend_state.set(1);
         // Show both results from the start, so a dashboard sees 0 rather than no series.
@@ -151,7 +161,17 @@ impl Metrics {
             llm_settlements,
             llm_disconnects,
             guardrail_actions,
+            audit_events,
+            audit_dropped,
         })
+    }
+
+    /// Bring the audit metrics up to date with the sink's own counters.
+    pub fn sync_audit(&self, counts: quota::audit::SinkCounts) {
+        self.audit_events
+            .inc_by(counts.emitted.saturating_sub(self.audit_events.get()));
+        self.audit_dropped
+            .inc_by(counts.dropped.saturating_sub(self.audit_dropped.get()));
     }
 
     /// Bring the backend metrics up to date with the store's own counters.

@@ -43,17 +43,22 @@ pub(crate) async fn refuse(
     session: &mut Session,
     ctx: &Ctx,
     subject: &Subject,
-    quota: &str,
+    costs: &[(&str, u64)],
     decision: &Decision,
 ) -> Result<()> {
     let rid = &ctx.request_id;
     // The quota that refused: for a multi-quota reservation, the binding limit's.
-    let quota = decision.binding().map_or(quota, |l| &*l.quota_type);
-    state
-        .metrics
-        .quota_rejected
-        .with_label_values(&[quota])
-        .inc();
+    let (first, first_cost) = costs.first().copied().unwrap_or(("", 0));
+    let quota = decision.binding().map_or(first, |l| &*l.quota_type);
+    let amount = costs
+        .iter()
+        .find(|(q, _)| *q == quota)
+        .map_or(first_cost, |(_, c)| *c);
+    let reason = match decision.reason {
+        Reason::NotInTier => "quota_not_in_tier",
+        _ => "quota_exceeded",
+    };
+    state.record_decision(&subject.id, Some(rid), quota, amount, Some(reason));
     if decision.reason == Reason::NotInTier {
         let msg = format!(
             "tier `{}` does not include quota `{quota}`",
@@ -276,12 +281,19 @@ impl ProxyHttp for Gateway {
                 .inc();
         }
         if !decision.allowed {
-            refuse(&self.state, session, ctx, &subject, &quota, &decision).await?;
+            refuse(
+                &self.state,
+                session,
+                ctx,
+                &subject,
+                &[(&quota, cost)],
+                &decision,
+            )
+            .await?;
             return Ok(true);
         }
-        m.quota_consumed
-            .with_label_values(&[&quota[..]])
-            .inc_by(cost);
+        self.state
+            .record_decision(&subject.id, Some(&ctx.request_id), &quota, cost, None);
         ctx.decision = Some(decision);
         Ok(false)
     }

@@ -23,6 +23,21 @@ pub async fn reload(state: &Arc<AppState>) -> bool {
                 return false;
             }
             tracing::info!(version = %policy.version, hash = %policy.hash, "policy reloaded");
+            let before = state.policy.load();
+            let body = quota::audit::EventBody::PolicyChanged {
+                actor: format!("file:{}", state.config_path.display()),
+                before_version: Some(format!(
+                    "{}@{}",
+                    before.version,
+                    &before.hash[..12.min(before.hash.len())]
+                )),
+                after_version: format!(
+                    "{}@{}",
+                    policy.version,
+                    &policy.hash[..12.min(policy.hash.len())]
+                ),
+            };
+            state.audit(None, None, body);
             state.policy.replace(policy);
             m.policy_reloads.with_label_values(&["success"]).inc();
             true

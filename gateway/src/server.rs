@@ -10,6 +10,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use quota::PolicyHandle;
+use quota::audit::{AuditSink, JsonlSink, NoSink};
 use quota::engine::Engine;
 use quota::policy::load_path;
 use quota::storage::{LeaseConfig, LeasedStore, MemoryStore, RedisConfig, RedisStore};
@@ -30,6 +31,14 @@ pub struct RunConfig {
     pub redis: Option<RedisConfig>,
     /// With Redis: admit locally from leases (`None`: ask Redis for every request).
     pub leases: Option<LeaseConfig>,
+    pub audit: AuditConfig,
+}
+
+pub struct AuditConfig {
+    /// Append audit events to this JSONL file; `None`: no audit log.
+    pub log: Option<PathBuf>,
+    /// This gateway's name in audit events.
+    pub gateway_id: String,
 }
 
 /// Build the state from the policy at `config`; fails with every policy error when it is invalid.
@@ -39,7 +48,15 @@ pub fn build_state(
     clock: Clock,
     redis: Option<&RedisConfig>,
     leases: Option<LeaseConfig>,
+    audit_cfg: &AuditConfig,
 ) -> anyhow::Result<Arc<AppState>> {
+    let audit: Box<dyn AuditSink> = match &audit_cfg.log {
+        Some(path) => {
+            tracing::info!(path = %path.display(), "audit events to a JSONL file");
+            Box::new(JsonlSink::open(path)?)
+        }
+        None => Box::new(NoSink),
+    };
     let policy = load_path(&config).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     tracing::info!(version = %policy.version, hash = %policy.hash, "policy loaded");
     let store = match redis {
@@ -68,6 +85,8 @@ pub fn build_state(
         config_path: config,
         clock,
         guardrail: Default::default(),
+        audit,
+        gateway_id: audit_cfg.gateway_id.clone(),
         http: reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(std::time::Duration::from_secs(5))
@@ -96,7 +115,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .context("starting the control runtime")?;
     let state = {
         let _in_rt = rt.enter();
-        build_state(cfg.config.clone(), clock, cfg.redis.as_ref(), cfg.leases)?
+        build_state(
+            cfg.config.clone(),
+            clock,
+            cfg.redis.as_ref(),
+            cfg.leases,
+            &cfg.audit,
+        )?
     };
     // Bind the API here so a taken port is reported at once, before the proxy starts.
     let api = std::net::TcpListener::bind(cfg.api_listen)

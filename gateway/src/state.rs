@@ -2,6 +2,7 @@
 
 use crate::metrics::Metrics;
 use quota::PolicyHandle;
+use quota::audit::{AuditEvent, AuditSink, EventBody};
 use quota::engine::Engine;
 use quota::storage::AnyStore;
 use std::path::PathBuf;
@@ -19,6 +20,10 @@ pub struct AppState {
     pub clock: Clock,
     /// Subjects over the cost guardrail's threshold.
     pub guardrail: crate::guardrail::Tripped,
+    /// Where decisions and settlements are recorded (a JSONL file, or nowhere).
+    pub audit: Box<dyn AuditSink>,
+    /// Names this gateway in audit events.
+    pub gateway_id: String,
     /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
     pub http: reqwest::Client,
 }
@@ -58,5 +63,53 @@ impl Clock {
             }
             None => false,
         }
+    }
+}
+
+impl AppState {
+    /// Count a decision in the metrics and record it in the audit log.
+    pub fn record_decision(
+        &self,
+        subject: &str,
+        request_id: Option<&str>,
+        quota: &str,
+        amount: u64,
+        refused: Option<&str>,
+    ) {
+        let body = match refused {
+            None => {
+                self.metrics
+                    .quota_consumed
+                    .with_label_values(&[quota])
+                    .inc_by(amount);
+                EventBody::QuotaConsumed {
+                    quota: quota.into(),
+                    amount,
+                }
+            }
+            Some(reason) => {
+                self.metrics
+                    .quota_rejected
+                    .with_label_values(&[quota])
+                    .inc();
+                EventBody::QuotaRejected {
+                    quota: quota.into(),
+                    amount,
+                    reason: reason.into(),
+                }
+            }
+        };
+        self.audit(Some(subject), request_id, body);
+    }
+
+    pub fn audit(&self, subject: Option<&str>, request_id: Option<&str>, body: EventBody) {
+        let now = self.clock.now_ns();
+        self.audit.emit(AuditEvent::new(
+            &self.gateway_id,
+            subject,
+            request_id,
+            now,
+            body,
+        ));
     }
 }

@@ -2,6 +2,7 @@
 //! storage backends that hold counters, and the engine that turns a request into a decision.
 //! It does no network I/O of its own beyond what a storage backend needs.
 
+pub mod audit;
 pub mod calendar;
 pub mod engine;
 pub mod limiter;
