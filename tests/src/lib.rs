@@ -199,6 +199,23 @@ pub async fn get_json(url: impl reqwest::IntoUrl) -> serde_json::Value {
     r.json().await.expect("JSON body")
 }
 
+/// The gateway's Prometheus metrics, as text.
+pub async fn metrics(gw: &Gateway) -> String {
+    let r = client()
+        .get(gw.api_url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    r.text().await.expect("metrics text")
+}
+
+/// The value of the sample whose line starts with `series ` (e.g. `audit_events_total`).
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
 /// POST `body` as JSON to `url` and parse the JSON answer.
 pub async fn post_json(url: impl reqwest::IntoUrl, body: &serde_json::Value) -> serde_json::Value {
     let r = client().post(url).json(body).send().await.expect("POST");

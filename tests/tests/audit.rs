@@ -124,14 +124,7 @@ async fn decisions_and_settlements_become_exactly_one_event_each() {
     )
     .await;
     assert_eq!(live["remaining"].as_u64().unwrap(), 100_000 - tokens.actual);
-    let m = c
-        .get(gw.api_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = tollgate_e2e::metrics(&gw).await;
     assert!(m.contains("audit_events_total 12"), "{m}");
     assert!(m.contains("audit_events_dropped_total 0"), "{m}");
 }

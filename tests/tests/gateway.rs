@@ -54,11 +54,6 @@ fn free_lookup(upstream: std::net::SocketAddr, daily: u64) -> String {
     policy(upstream, LOOKUP, &tiers, &["free"])
 }
 
-async fn metrics(gw: &Gateway) -> String {
-    let r = client().get(gw.api_url("/metrics")).send().await.unwrap();
-    r.text().await.unwrap()
-}
-
 /// Status of `GET /lookup` with `key`.
 async fn lookup(gw: &Gateway, key: &str) -> StatusCode {
     get(gw, "/lookup", key).await.status()
@@ -314,7 +309,7 @@ async fn broken_policy_keeps_the_old_limit_and_status_shows_the_error(backend: B
     // The old limit (2) still applies: one more admitted, then refused.
     assert_eq!(lookup(&gw, "key-free").await, StatusCode::OK);
     assert_eq!(lookup(&gw, "key-free").await, StatusCode::TOO_MANY_REQUESTS);
-    let metrics = metrics(&gw).await;
+    let metrics = tollgate_e2e::metrics(&gw).await;
     assert!(
         metrics.contains("policy_reload_total{result=\"error\"} 1"),
         "{metrics}"
@@ -435,7 +430,7 @@ async fn unreachable_upstream_is_a_502_and_counted() {
         &["free"],
     ));
     assert_eq!(lookup(&gw, "key-free").await, StatusCode::BAD_GATEWAY);
-    let metrics = metrics(&gw).await;
+    let metrics = tollgate_e2e::metrics(&gw).await;
     assert!(
         metrics.contains("upstream_errors_total{upstream=\"up\"} 1"),
         "{metrics}"

@@ -146,18 +146,8 @@ fn money(prompt: u64, completion: u64) -> u64 {
 }
 
 async fn settled_count(gw: &Gateway) -> u64 {
-    let m = client()
-        .get(gw.api_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    m.lines()
-        .find_map(|l| l.strip_prefix("llm_settlements_total{result=\"charged\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    let m = tollgate_e2e::metrics(gw).await;
+    tollgate_e2e::metric(&m, "llm_settlements_total{result=\"charged\"}").unwrap_or(0)
 }
 
 async fn wait_settled(gw: &Gateway, n: u64) {
@@ -380,19 +370,9 @@ async fn client_disconnects_are_billed_from_the_real_usage(backend: Backend) {
         mean < 1.0 && max < 5.0,
         "billing error mean {mean:.3}% max {max:.3}%"
     );
-    let m = client()
-        .get(gw.api_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let disconnects: usize = m
-        .lines()
-        .find_map(|l| l.strip_prefix("llm_client_disconnects_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let m = tollgate_e2e::metrics(&gw).await;
+    let disconnects =
+        tollgate_e2e::metric(&m, "llm_client_disconnects_total").unwrap_or(0) as usize;
     // A client may get its last events in the same read as its `keep`-th on a loaded machine.
     assert!(
         disconnects >= SUBJECTS * 9 / 10,
@@ -691,14 +671,7 @@ async fn the_cost_guardrail_stops_expensive_routes_near_the_budget(backend: Back
         status["guardrail"]["tripped"][0]["subject"], "u0",
         "{status}"
     );
-    let m = client()
-        .get(gw.api_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = tollgate_e2e::metrics(&gw).await;
     assert!(
         m.contains("cost_guardrail_total{action=\"refused\"} 1"),
         "{m}"

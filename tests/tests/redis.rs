@@ -70,19 +70,8 @@ async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
     // Most of those were admitted locally, from leases.
     let mut local = 0;
     for g in &gws {
-        let m = client()
-            .get(g.api_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        local += m
-            .lines()
-            .find_map(|l| l.strip_prefix("quota_local_decisions_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        let m = tollgate_e2e::metrics(g).await;
+        local += tollgate_e2e::metric(&m, "quota_local_decisions_total").unwrap_or(0);
     }
     assert!(local > 0, "leases were used");
 
@@ -185,17 +174,6 @@ async fn start_with_private_redis(mode: &str) -> (MockUpstream, RedisServer, Gat
     (mock, redis, gw)
 }
 
-async fn metrics(gw: &Gateway) -> String {
-    client()
-        .get(gw.api_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn redis_down_fail_closed_answers_503_then_recovers() {
     let (_mock, mut redis, gw) = start_with_private_redis("fail_closed").await;
@@ -214,7 +192,7 @@ async fn redis_down_fail_closed_answers_503_then_recovers() {
         "redis_down_max_latency_ms_fail_closed",
         out.max_latency.as_millis(),
     );
-    let m = metrics(&gw).await;
+    let m = tollgate_e2e::metrics(&gw).await;
     assert!(m.contains("backend_state 0"), "{m}");
     redis.restart();
     enforcement_resumes(&gw, 30).await;
@@ -234,7 +212,7 @@ async fn redis_down_fail_open_admits_then_recovers() {
         "answered within the timeout: {:?}",
         out.max_latency
     );
-    let m = metrics(&gw).await;
+    let m = tollgate_e2e::metrics(&gw).await;
     assert!(
         m.contains("backend_fallback_total{mode=\"fail_open\"} 40"),
         "{m}"
@@ -258,7 +236,7 @@ async fn redis_down_local_enforces_this_gateways_share_then_recovers() {
         "answered within the timeout: {:?}",
         out.max_latency
     );
-    let m = metrics(&gw).await;
+    let m = tollgate_e2e::metrics(&gw).await;
     assert!(m.contains("backend_errors_total"), "{m}");
     redis.restart();
     enforcement_resumes(&gw, 30).await;
