@@ -8,7 +8,7 @@
 //! upstream error, client gone — and a `Bill` dropped unsettled settles what it knows.
 
 use crate::headers::{ratelimit, ratelimit_policy};
-use crate::proxy::{Ctx, error_body, refuse, respond_json};
+use crate::proxy::{CLIENT_CREDENTIALS, Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -310,9 +310,16 @@ async fn forward(
     );
     let mut rb = state.http.request(head.method.clone(), url).body(body);
     for (name, value) in head.headers.iter() {
-        if !HOP.contains(&name.as_str()) && name != "host" && name != "accept-encoding" {
+        let skip = HOP.contains(&name.as_str())
+            || CLIENT_CREDENTIALS.contains(&name.as_str())
+            || name == "host"
+            || name == "accept-encoding";
+        if !skip {
             rb = rb.header(name, value);
         }
+    }
+    for (name, value) in &up.headers {
+        rb = rb.header(name, value);
     }
     // The gateway reads the stream: it must not arrive compressed.
     rb = rb

@@ -84,6 +84,9 @@ pub(crate) async fn refuse(
     .await
 }
 
+/// Headers that carry the client's Tollgate key: removed before forwarding.
+pub(crate) const CLIENT_CREDENTIALS: [&str; 2] = ["authorization", "x-api-key"];
+
 /// The API key from `Authorization: Bearer <key>` or `x-api-key`.
 fn api_key(req: &RequestHeader) -> Option<&str> {
     if let Some(v) = req
@@ -332,8 +335,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream_request.insert_header("x-request-id", &ctx.request_id)?;
-        if let Some(up) = ctx.upstream.as_ref().filter(|u| u.tls) {
-            upstream_request.insert_header("host", &up.sni)?;
+        // The client's Tollgate key is for the gateway, never for the upstream.
+        for h in CLIENT_CREDENTIALS {
+            upstream_request.remove_header(h);
+        }
+        if let Some(up) = ctx.upstream.as_ref() {
+            if up.tls {
+                upstream_request.insert_header("host", &up.sni)?;
+            }
+            for (name, value) in &up.headers {
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
         }
         Ok(())
     }

@@ -20,6 +20,11 @@ struct Echo<'a> {
     method: &'a str,
     path: &'a str,
     request_id: &'a str,
+    /// The credentials the upstream received, so a test can check what a gateway forwards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorization: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    x_api_key: Option<&'a str>,
 }
 
 /// Any method, any unmatched path: echo it back, honouring `status` and
@@ -38,6 +43,8 @@ pub(crate) async fn echo(
         method: method.as_str(),
         path: uri.path(),
         request_id: &request_id,
+        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()),
+        x_api_key: headers.get("x-api-key").and_then(|v| v.to_str().ok()),
     };
     let faults = match Faults::from_request(&headers, &uri) {
         Ok(faults) => faults,

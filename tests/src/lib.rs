@@ -404,8 +404,22 @@ impl Gateway {
         Self::start_on(&Backend::Memory, policy_yaml, extra_args)
     }
 
+    /// Start a gateway with extra environment variables.
+    pub fn start_with_env(policy_yaml: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::spawn(&Backend::Memory, policy_yaml, &[], env)
+    }
+
     /// Start a gateway keeping its counters in `backend`.
     pub fn start_on(backend: &Backend, policy_yaml: &str, extra_args: &[&str]) -> Gateway {
+        Self::spawn(backend, policy_yaml, extra_args, &[])
+    }
+
+    fn spawn(
+        backend: &Backend,
+        policy_yaml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let dir = TempDir::new("gw");
         let policy_file = dir.0.join("policy.yaml");
         std::fs::write(&policy_file, policy_yaml).expect("write policy");
@@ -424,7 +438,8 @@ impl Gateway {
                     "2",
                 ])
                 .args(backend.args())
-                .args(extra_args),
+                .args(extra_args)
+                .envs(env.iter().copied()),
         );
         let api = proc
             .wait_line("api listening on ")

@@ -476,3 +476,39 @@ fn gateway_check_prints_the_located_error_of_every_invalid_fixture() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_clients_key_stays_at_the_gateway_and_the_upstream_gets_its_own() {
+    let mock = MockUpstream::start();
+    let yaml = free_lookup(mock.addr, 5).replace(
+        "read_timeout_ms: 10000 }",
+        "read_timeout_ms: 10000, headers: { authorization: 'Bearer ${TG_TEST_UPSTREAM_KEY}' } }",
+    );
+    let policy_dir = tollgate_e2e::TempDir::new("creds");
+    let file = policy_dir.0.join("p.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    // Without the variable the policy is refused, naming it.
+    let out = Command::new(bin("gateway"))
+        .args(["check", file.to_str().unwrap()])
+        .env_remove("TG_TEST_UPSTREAM_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("environment variable `TG_TEST_UPSTREAM_KEY` is not set")
+    );
+    let gw = Gateway::start_with_env(&yaml, &[("TG_TEST_UPSTREAM_KEY", "sk-upstream-123")]);
+    let r = client()
+        .get(gw.url("/lookup"))
+        .header("x-api-key", "key-free")
+        .send()
+        .await
+        .unwrap();
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["authorization"], "Bearer sk-upstream-123");
+    assert_eq!(
+        echo["x_api_key"],
+        Value::Null,
+        "the Tollgate key is not forwarded"
+    );
+}

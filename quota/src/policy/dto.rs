@@ -120,6 +120,10 @@ pub struct UpstreamDto {
     pub read_timeout_ms: u64,
     #[serde(default = "default_io_ms")]
     pub write_timeout_ms: u64,
+    /// Headers set on every request to this upstream, e.g. the provider's API key. `${NAME}` is
+    /// replaced by the environment variable NAME when the policy loads (keep secrets out of files).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
 }
 
 fn default_connect_ms() -> u64 {

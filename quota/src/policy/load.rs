@@ -456,6 +456,32 @@ impl<'a> Builder<'a> {
                 );
             }
         }
+        let mut headers = Vec::with_capacity(dto.headers.len());
+        for (name, value) in &dto.headers {
+            let hpath = format!("{path}.headers.{name}");
+            let Ok(hname) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                self.err(
+                    file,
+                    value.referenced,
+                    &hpath,
+                    format!("`{name}` is not a valid header name"),
+                );
+                continue;
+            };
+            match expand_env(&value.value) {
+                Err(var) => {
+                    let msg = format!("environment variable `{var}` is not set");
+                    self.err(file, value.referenced, &hpath, msg);
+                }
+                Ok(v) => match http::HeaderValue::from_str(&v) {
+                    Ok(mut hv) => {
+                        hv.set_sensitive(true);
+                        headers.push((hname, hv));
+                    }
+                    Err(_) => self.err(file, value.referenced, &hpath, "not a valid header value"),
+                },
+            }
+        }
         let sni = dto.sni.clone().unwrap_or_else(|| {
             host.trim_start_matches('[')
                 .trim_end_matches(']')
@@ -471,6 +497,7 @@ impl<'a> Builder<'a> {
                 connect_timeout: Duration::from_millis(dto.connect_timeout_ms),
                 read_timeout: Duration::from_millis(dto.read_timeout_ms),
                 write_timeout: Duration::from_millis(dto.write_timeout_ms),
+                headers,
             }),
         );
     }
@@ -792,6 +819,24 @@ impl<'a> Builder<'a> {
             time_zone: tz?,
         })
     }
+}
+
+/// Replace every `${NAME}` with the environment variable NAME; the name of a missing one is the
+/// error.
+fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        out.push_str(&rest[..start]);
+        out.push_str(&std::env::var(name).map_err(|_| name.to_string())?);
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn list(items: &[&str]) -> String {

@@ -306,4 +306,6 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    /// Set on every request to this upstream (environment variables already expanded).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
