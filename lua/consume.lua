@@ -143,6 +143,10 @@ for i = 1, n do
       redis.call('SET', v.key, string.format('%.0f', v.next), 'PXAT', string.format('%.0f', v.expire_at_ms))
     end
     if reserving then
+      if v.kind == 'b' then
+        -- Bucket holds only matter for refunds; drop the expired ones so the hash stays small.
+        live_reserved(v.rkey)
+      end
       redis.call('HSET', v.rkey, attempt, string.format('%.0f:%.0f', v.cost, resv_expires))
       local ttl_ms = math.ceil((resv_expires - now) / 1000) + 60000
       if redis.call('PTTL', v.rkey) < ttl_ms then

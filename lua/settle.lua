@@ -33,7 +33,11 @@ for i = 1, n do
   local reserved = 0
   local entry = redis.call('HGET', rkey, attempt)
   if entry then
-    reserved = tonumber(string.match(entry, '(%d+):'))
+    local amount, expires = string.match(entry, '(%d+):(%d+)')
+    -- An expired hold refunds nothing: it already stopped counting.
+    if tonumber(expires) > now then
+      reserved = tonumber(amount)
+    end
     redis.call('HDEL', rkey, attempt)
   end
   local stored = tonumber(redis.call('GET', key))

@@ -50,6 +50,8 @@ struct Bill {
     /// What was reserved, per quota type, for the settlement's audit record.
     reserved: Vec<(Arc<str>, u64)>,
     request_id: String,
+    /// Reserved in this gateway's local store (the shared one was down): settle there.
+    local: bool,
     settled: bool,
 }
 
@@ -76,54 +78,122 @@ impl Bill {
     }
 }
 
+/// How long a settlement the shared store could not take is retried (it is idempotent).
+const SETTLE_RETRIES: u32 = 120;
+
+/// One settlement to make, owned so it can be retried in the background.
+struct Settling {
+    state: Arc<AppState>,
+    subject: Arc<Subject>,
+    attempt_id: String,
+    request_id: String,
+    reserved_at_ns: i64,
+    local: bool,
+    reserved: Vec<(Arc<str>, u64)>,
+    actual: Vec<(Arc<str>, u64)>,
+    usage: Usage,
+}
+
 async fn settle_now(b: &Bill, usage: Usage, answered: bool) {
-    let actual = b.actual(usage, answered);
-    let items: Vec<(&str, u64)> = actual.iter().map(|(q, n)| (&**q, *n)).collect();
-    let m = &b.state.metrics;
-    let now = b.state.clock.now_ns();
-    match b
-        .state
-        .engine
-        .settle(&b.subject, &items, &b.attempt_id, b.reserved_at_ns, now)
-        .await
-    {
-        Ok(Settled::Charged) => {
-            let settlements = actual
-                .iter()
-                .map(|(q, a)| {
-                    let r = b
-                        .reserved
-                        .iter()
-                        .find(|(rq, _)| rq == q)
-                        .map_or(0, |(_, n)| *n);
-                    Settlement {
-                        quota: q.to_string(),
-                        reserved: r,
-                        actual: *a,
-                        refunded: r.saturating_sub(*a),
-                    }
-                })
-                .collect();
-            let body = EventBody::ReservationSettled {
-                attempt_id: b.attempt_id.clone(),
-                settlements,
-            };
-            b.state
-                .audit(Some(&b.subject.id), Some(&b.request_id), body);
-            m.llm_tokens
-                .with_label_values(&["prompt"])
-                .inc_by(usage.prompt);
-            m.llm_tokens
-                .with_label_values(&["completion"])
-                .inc_by(usage.completion);
-            m.llm_settlements.with_label_values(&["charged"]).inc();
-            tracing::debug!(attempt = %b.attempt_id, prompt = usage.prompt, completion = usage.completion, "settled");
+    let s = Settling {
+        state: b.state.clone(),
+        subject: b.subject.clone(),
+        attempt_id: b.attempt_id.clone(),
+        request_id: b.request_id.clone(),
+        reserved_at_ns: b.reserved_at_ns,
+        local: b.local,
+        reserved: b.reserved.clone(),
+        actual: b.actual(usage, answered),
+        usage,
+    };
+    if let Err(s) = s.try_once().await {
+        // The shared store is unreachable: keep trying without holding up the response.
+        tokio::spawn(s.retry());
+    }
+}
+
+impl Settling {
+    /// Settle once; gives itself back when the store was unreachable.
+    async fn try_once(self) -> Result<(), Settling> {
+        let items: Vec<(&str, u64)> = self.actual.iter().map(|(q, n)| (&**q, *n)).collect();
+        let now = self.state.clock.now_ns();
+        let engine = &self.state.engine;
+        let result = engine
+            .settle(
+                &self.subject,
+                &items,
+                &self.attempt_id,
+                self.reserved_at_ns,
+                now,
+                self.local,
+            )
+            .await;
+        let m = &self.state.metrics;
+        match result {
+            Ok(Settled::Charged) => self.record(),
+            Ok(Settled::AlreadySettled) => {
+                m.llm_settlements.with_label_values(&["duplicate"]).inc()
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, attempt = %self.attempt_id, "settlement deferred: store unreachable");
+                return Err(self);
+            }
+            Err(e) => {
+                m.llm_settlements.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, attempt = %self.attempt_id, "settlement failed; the reservation will expire");
+            }
         }
-        Ok(Settled::AlreadySettled) => m.llm_settlements.with_label_values(&["duplicate"]).inc(),
-        Err(e) => {
-            m.llm_settlements.with_label_values(&["error"]).inc();
-            tracing::error!(error = %e, attempt = %b.attempt_id, "settlement failed; the reservation will expire");
+        Ok(())
+    }
+
+    async fn retry(mut self) {
+        for _ in 0..SETTLE_RETRIES {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            match self.try_once().await {
+                Ok(()) => return,
+                Err(s) => self = s,
+            }
         }
+        self.state
+            .metrics
+            .llm_settlements
+            .with_label_values(&["error"])
+            .inc();
+        tracing::error!(attempt = %self.attempt_id, "settlement abandoned; the reservation will expire");
+    }
+
+    fn record(&self) {
+        let settlements = self
+            .actual
+            .iter()
+            .map(|(q, a)| {
+                let r = self
+                    .reserved
+                    .iter()
+                    .find(|(rq, _)| rq == q)
+                    .map_or(0, |(_, n)| *n);
+                Settlement {
+                    quota: q.to_string(),
+                    reserved: r,
+                    actual: *a,
+                    refunded: r.saturating_sub(*a),
+                }
+            })
+            .collect();
+        let body = EventBody::ReservationSettled {
+            attempt_id: self.attempt_id.clone(),
+            settlements,
+        };
+        self.state
+            .audit(Some(&self.subject.id), Some(&self.request_id), body);
+        let m = &self.state.metrics;
+        m.llm_tokens
+            .with_label_values(&["prompt"])
+            .inc_by(self.usage.prompt);
+        m.llm_tokens
+            .with_label_values(&["completion"])
+            .inc_by(self.usage.completion);
+        m.llm_settlements.with_label_values(&["charged"]).inc();
     }
 }
 
@@ -146,6 +216,7 @@ impl Drop for Bill {
             prompt_estimate: self.prompt_estimate,
             reserved: std::mem::take(&mut self.reserved),
             request_id: std::mem::take(&mut self.request_id),
+            local: self.local,
             settled: true,
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -225,7 +296,7 @@ pub async fn serve(
     let max_out = req.max_tokens.unwrap_or(llm.default_max_tokens);
     let mut reserve: Vec<(&str, u64)> = vec![
         (&route.quota, route.cost),
-        (&llm.tokens_quota, req.prompt_tokens + max_out),
+        (&llm.tokens_quota, req.prompt_tokens.saturating_add(max_out)),
     ];
     let money = price.map(|p| p.cost_micros(req.prompt_tokens, max_out));
     if let (Some(q), Some(m)) = (&llm.spend_quota, money) {
@@ -271,6 +342,7 @@ pub async fn serve(
             .map(|(q, n)| (Arc::<str>::from(*q), *n))
             .collect(),
         request_id: rid.clone(),
+        local: decision.degraded.is_some(),
         settled: false,
     };
     ctx.decision = Some(decision);
@@ -312,6 +384,7 @@ async fn forward(
     for (name, value) in head.headers.iter() {
         let skip = HOP.contains(&name.as_str())
             || CLIENT_CREDENTIALS.contains(&name.as_str())
+            || up.headers.iter().any(|(n, _)| n == name)
             || name == "host"
             || name == "accept-encoding";
         if !skip {
@@ -378,8 +451,11 @@ async fn forward(
             .upstream_errors
             .with_label_values(&[&*up.name])
             .inc();
-        let body = resp.bytes().await.unwrap_or_default();
         bill.settle(Usage::default(), false).await;
+        let body = match tokio::time::timeout(up.read_timeout, resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            _ => Bytes::new(),
+        };
         out.insert_header("content-length", body.len().to_string())?;
         session.write_response_header(Box::new(out), false).await?;
         return session.write_response_body(Some(body), true).await;

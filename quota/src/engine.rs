@@ -137,6 +137,15 @@ pub enum EngineError {
     Storage(#[from] StorageError),
 }
 
+impl EngineError {
+    /// Worth retrying: the store may answer later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EngineError::Storage(e) => e.is_transient(),
+        }
+    }
+}
+
 pub struct Engine<S> {
     store: S,
     /// Counters of this gateway alone, used while the shared store is unreachable.
@@ -236,7 +245,8 @@ impl<S: Storage> Engine<S> {
 
     /// Settle an attempt reserved at `reserved_at_ns`: its reservation is replaced by the
     /// `actual` amounts (refund or extra charge). Idempotent per attempt: a settlement delivered
-    /// twice charges once. Unreachable store: settled locally, so the local counts stay right.
+    /// twice charges once, so a failed one can simply be retried. `local`: the reservation was
+    /// made locally (the shared store was down), and is settled where it was made.
     pub async fn settle(
         &self,
         subject: &Subject,
@@ -244,6 +254,7 @@ impl<S: Storage> Engine<S> {
         attempt_id: &str,
         reserved_at_ns: i64,
         now_ns: i64,
+        local: bool,
     ) -> Result<Settled, EngineError> {
         let Ok(plan) = Plan::new(subject, actual, reserved_at_ns, Phase::Settle) else {
             return Ok(Settled::Charged);
@@ -253,13 +264,10 @@ impl<S: Storage> Engine<S> {
             attempt_id,
             now_ns,
         };
-        match self.store.settle(&req).await {
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, attempt_id, "settling locally: shared store unreachable");
-                Ok(self.fallback.settle(&req).await?)
-            }
-            other => Ok(other?),
+        if local {
+            return Ok(self.fallback.settle(&req).await?);
         }
+        Ok(self.store.settle(&req).await?)
     }
 
     async fn run(

@@ -74,6 +74,7 @@ for_each_backend!(
     reserving_several_quotas_is_all_or_nothing,
     a_rate_bucket_refunds_what_was_not_used,
     concurrent_reservations_and_settlements_are_exact,
+    a_stream_settled_after_midnight_leaves_the_new_day_alone,
 );
 
 const S: i64 = 1_000_000_000;
@@ -327,7 +328,7 @@ async fn settling_replaces_the_reservation_with_the_actual_amount<S: Storage>(st
         "the reservation counts while held"
     );
     assert_eq!(
-        e.settle(&s, &[("tokens", 120)], "a1", now, now)
+        e.settle(&s, &[("tokens", 120)], "a1", now, now, false)
             .await
             .unwrap(),
         Settled::Charged
@@ -349,7 +350,7 @@ async fn settling_replaces_the_reservation_with_the_actual_amount<S: Storage>(st
     )
     .await
     .unwrap();
-    e.settle(&s, &[("tokens", 150)], "a2", now, now)
+    e.settle(&s, &[("tokens", 150)], "a2", now, now, false)
         .await
         .unwrap();
     let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
@@ -375,13 +376,13 @@ async fn a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge<S
     .await
     .unwrap();
     assert_eq!(
-        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now)
+        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now, false)
             .await
             .unwrap(),
         Settled::Charged
     );
     assert_eq!(
-        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now)
+        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now, false)
             .await
             .unwrap(),
         Settled::AlreadySettled
@@ -397,7 +398,7 @@ async fn a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge<S
     )
     .await
     .unwrap();
-    e.settle(&s, &[("tokens", 70)], "req-1.attempt-2", now, now)
+    e.settle(&s, &[("tokens", 70)], "req-1.attempt-2", now, now, false)
         .await
         .unwrap();
     let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
@@ -485,7 +486,7 @@ async fn a_rate_bucket_refunds_what_was_not_used<S: Storage>(store: S) {
         ),
         500
     );
-    e.settle(&s, &[("tokens", 100)], "a1", now, now)
+    e.settle(&s, &[("tokens", 100)], "a1", now, now, false)
         .await
         .unwrap();
     assert_eq!(
@@ -520,13 +521,27 @@ async fn concurrent_reservations_and_settlements_are_exact<S: Storage>(store: S)
                 );
                 assert!(d.await.unwrap().allowed);
                 // Every attempt used i tokens costing 2i micros; some settlements arrive twice.
-                e.settle(&s, &[("tokens", i), ("micros", 2 * i)], &id, now, now)
+                e.settle(
+                    &s,
+                    &[("tokens", i), ("micros", 2 * i)],
+                    &id,
+                    now,
+                    now,
+                    false,
+                )
+                .await
+                .unwrap();
+                if i % 3 == 0 {
+                    e.settle(
+                        &s,
+                        &[("tokens", i), ("micros", 2 * i)],
+                        &id,
+                        now,
+                        now,
+                        false,
+                    )
                     .await
                     .unwrap();
-                if i % 3 == 0 {
-                    e.settle(&s, &[("tokens", i), ("micros", 2 * i)], &id, now, now)
-                        .await
-                        .unwrap();
                 }
             })
         })
@@ -539,4 +554,34 @@ async fn concurrent_reservations_and_settlements_are_exact<S: Storage>(store: S)
     assert_eq!(remaining(&probe, "tokens"), 100_000 - used);
     let probe = e.check(&s, "micros", 0, None, now).await.unwrap();
     assert_eq!(remaining(&probe, "micros"), 100_000 - 2 * used);
+}
+
+async fn a_stream_settled_after_midnight_leaves_the_new_day_alone<S: Storage>(store: S) {
+    let p = policy(TOKENS, "UTC");
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let before = at("2026-11-22T23:59:50Z");
+    let after = at("2026-11-23T00:00:30Z");
+    e.reserve(
+        &s,
+        &[("tokens", 300)],
+        "late",
+        after + 60 * S,
+        before,
+        FailurePolicy::default(),
+    )
+    .await
+    .unwrap();
+    // The new day starts; other requests use 400 of it while the stream still runs.
+    assert!(
+        e.check(&s, "tokens", 400, Some("today-1"), after)
+            .await
+            .unwrap()
+            .allowed
+    );
+    e.settle(&s, &[("tokens", 120)], "late", before, after, false)
+        .await
+        .unwrap();
+    let today = e.check(&s, "tokens", 0, None, after).await.unwrap();
+    assert_eq!(remaining(&today, "tokens"), 600, "today keeps its 400");
 }

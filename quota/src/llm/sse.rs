@@ -123,7 +123,14 @@ impl StreamMeter {
     /// Bytes still held back (an incomplete event); sent when the stream ends.
     pub fn flush(&mut self, out: &mut Vec<Bytes>) {
         if !self.event.is_empty() {
-            out.push(self.event.split().freeze());
+            let rest = self.event.split().freeze();
+            if let Some(kept) = self.filter_event(rest) {
+                out.push(kept);
+            }
+        }
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.on_line(&line);
         }
     }
 
@@ -274,9 +281,14 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
-/// End (exclusive) of the first complete event: after its blank line.
+/// End (exclusive) of the first complete event: after its blank line (`\n\n` or `\r\n\r\n`).
 fn find_event_end(buf: &[u8]) -> Option<usize> {
-    memmem::find(buf, b"\n\n").map(|i| i + 2)
+    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The JSON string (quotes included, escapes kept) right after `key` in `data`, if it is a string.
@@ -432,6 +444,21 @@ mod tests {
                 completion: 1
             },
             "one full delta received"
+        );
+    }
+
+    #[test]
+    fn crlf_event_endings_are_events_too() {
+        let s = openai_stream(true).replace("\n\n", "\r\n\r\n");
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o-mini", true);
+        let out = run(&mut m, &s, 7);
+        assert_eq!(out, openai_stream(false).replace("\n\n", "\r\n\r\n"));
+        assert_eq!(
+            m.usage(0),
+            Usage {
+                prompt: 11,
+                completion: 3
+            }
         );
     }
 

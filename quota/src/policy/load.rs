@@ -188,6 +188,8 @@ struct Builder<'a> {
     declared_quotas: HashSet<String>,
     models: Vec<(String, Price)>,
     guardrail: Option<(super::dto::GuardrailDto, &'a str)>,
+    /// Where `concurrent` was set, per quota type: checked once routes are known.
+    concurrent_at: Vec<(String, Location, String, String)>,
 }
 
 impl<'a> Builder<'a> {
@@ -297,6 +299,19 @@ impl<'a> Builder<'a> {
                 threshold: g.threshold,
             })
         });
+        // An in-flight limit is held by LLM reservations; elsewhere it would never be taken.
+        let llm_tokens: HashSet<&str> = routes
+            .iter()
+            .filter_map(|r| r.llm.as_ref().map(|l| &*l.tokens_quota))
+            .collect();
+        for (file, loc, path, quota_type) in std::mem::take(&mut self.concurrent_at) {
+            if !llm_tokens.contains(quota_type.as_str()) {
+                let msg = format!(
+                    "`concurrent` limits streams in flight: `{quota_type}` must be the `llm.tokens` quota of an LLM route"
+                );
+                self.err(&file, loc, path, msg);
+            }
+        }
         if routes.is_empty() && self.errors.is_empty() {
             // Most often a file caught half-written by an editor: enforcing it would refuse everything.
             let file = files.first().map_or("(policy)", |(f, _)| *f);
@@ -620,6 +635,13 @@ impl<'a> Builder<'a> {
             }
         }
         if let Some(c) = &q.concurrent {
+            let quota_type = path.rsplit('.').next().unwrap_or_default().to_string();
+            self.concurrent_at.push((
+                file.to_string(),
+                c.referenced,
+                format!("{path}.concurrent"),
+                quota_type,
+            ));
             if c.value == 0 {
                 self.err(
                     file,
@@ -672,10 +694,10 @@ impl<'a> Builder<'a> {
                 format!("expected a path starting with `/`, got `{}`", prefix.value),
             );
         }
-        let llm = r
-            .llm
-            .as_ref()
-            .map(|l| self.llm_route(file, &path, &l.value, quotas));
+        let llm = r.llm.as_ref().map(|l| {
+            self.llm_route_distinct(file, &path, &r.quota, &l.value);
+            self.llm_route(file, &path, &l.value, quotas)
+        });
         let fallback_upstream = r.fallback_upstream.as_ref().and_then(|f| {
             let up = self.upstreams.get(&f.value).cloned();
             if up.is_none() {
@@ -713,6 +735,27 @@ impl<'a> Builder<'a> {
             fallback_upstream,
             llm: llm.flatten().map(Arc::new),
         })
+    }
+
+    fn llm_route_distinct(
+        &mut self,
+        file: &str,
+        path: &str,
+        route_quota: &Spanned<String>,
+        l: &LlmRouteDto,
+    ) {
+        let spend = l.spend.as_ref().map(|s| s.value.as_str());
+        let clash =
+            if l.tokens.value == route_quota.value || spend == Some(route_quota.value.as_str()) {
+                Some("the route's `quota` must differ from `llm.tokens` and `llm.spend`")
+            } else if spend == Some(l.tokens.value.as_str()) {
+                Some("`llm.tokens` and `llm.spend` must be different quota types")
+            } else {
+                None
+            };
+        if let Some(msg) = clash {
+            self.err(file, l.tokens.referenced, format!("{path}.llm.tokens"), msg);
+        }
     }
 
     fn llm_route(

@@ -257,10 +257,19 @@ impl Storage for MemoryStore {
                 .iter()
                 .position(|h| &*h.attempt == req.attempt_id)
             {
-                Some(i) => entry.held.swap_remove(i).amount,
+                // An expired hold refunds nothing (as in settle.lua).
+                Some(i) => {
+                    let h = entry.held.swap_remove(i);
+                    if h.expires_ns > now { h.amount } else { 0 }
+                }
                 None => 0,
             };
             entry.state = match (c.limit, entry.state) {
+                // The window moved on since the reservation (a stream across midnight): the
+                // closed window is over, and today's count must not be replaced by it.
+                (Limit::Window { window, .. }, State::Window { window: w, .. }) if w != window => {
+                    entry.state
+                }
                 (Limit::Window { window, .. }, _) => State::Window {
                     window,
                     used: own_used(entry, window) + c.cost,
