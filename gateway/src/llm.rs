@@ -19,7 +19,7 @@ use quota::llm::price::Price;
 use quota::llm::request::{LlmRequest, parse, with_usage_requested};
 use quota::llm::sse::{StreamMeter, json_usage};
 use quota::llm::{Provider, Usage};
-use quota::policy::{LlmRoute, Policy, Route, Subject};
+use quota::policy::{FailureMode, LlmRoute, Policy, Route, Subject};
 use quota::storage::Settled;
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,8 +50,9 @@ struct Bill {
     /// What was reserved, per quota type, for the settlement's audit record.
     reserved: Vec<(Arc<str>, u64)>,
     request_id: String,
-    /// Reserved in this gateway's local store (the shared one was down): settle there.
-    local: bool,
+    /// Reserved in this gateway's local store with this share of each limit (the shared store
+    /// was down): settle there, the same way.
+    local: Option<f64>,
     settled: bool,
 }
 
@@ -88,7 +89,7 @@ struct Settling {
     attempt_id: String,
     request_id: String,
     reserved_at_ns: i64,
-    local: bool,
+    local: Option<f64>,
     reserved: Vec<(Arc<str>, u64)>,
     actual: Vec<(Arc<str>, u64)>,
     usage: Usage,
@@ -342,7 +343,10 @@ pub async fn serve(
             .map(|(q, n)| (Arc::<str>::from(*q), *n))
             .collect(),
         request_id: rid.clone(),
-        local: decision.degraded.is_some(),
+        local: decision.degraded.map(|mode| match mode {
+            FailureMode::Local => policy.failure.local_share,
+            _ => 1.0,
+        }),
         settled: false,
     };
     ctx.decision = Some(decision);

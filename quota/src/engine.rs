@@ -246,7 +246,8 @@ impl<S: Storage> Engine<S> {
     /// Settle an attempt reserved at `reserved_at_ns`: its reservation is replaced by the
     /// `actual` amounts (refund or extra charge). Idempotent per attempt: a settlement delivered
     /// twice charges once, so a failed one can simply be retried. `local`: the reservation was
-    /// made locally (the shared store was down), and is settled where it was made.
+    /// made locally (the shared store was down) with this share of each limit (`local_share`, or 1
+    /// for `fail_open`), and is settled where and as it was made.
     pub async fn settle(
         &self,
         subject: &Subject,
@@ -254,7 +255,7 @@ impl<S: Storage> Engine<S> {
         attempt_id: &str,
         reserved_at_ns: i64,
         now_ns: i64,
-        local: bool,
+        local: Option<f64>,
     ) -> Result<Settled, EngineError> {
         let Ok(plan) = Plan::new(subject, actual, reserved_at_ns, Phase::Settle) else {
             return Ok(Settled::Charged);
@@ -264,7 +265,19 @@ impl<S: Storage> Engine<S> {
             attempt_id,
             now_ns,
         };
-        if local {
+        if let Some(share) = local {
+            let counters: Vec<Counter> = plan
+                .counters
+                .iter()
+                .map(|c| Counter {
+                    limit: scaled(c.limit, share),
+                    ..c.clone()
+                })
+                .collect();
+            let req = SettleRequest {
+                counters: &counters,
+                ..req
+            };
             return Ok(self.fallback.settle(&req).await?);
         }
         Ok(self.store.settle(&req).await?)

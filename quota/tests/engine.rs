@@ -328,7 +328,7 @@ async fn settling_replaces_the_reservation_with_the_actual_amount<S: Storage>(st
         "the reservation counts while held"
     );
     assert_eq!(
-        e.settle(&s, &[("tokens", 120)], "a1", now, now, false)
+        e.settle(&s, &[("tokens", 120)], "a1", now, now, None)
             .await
             .unwrap(),
         Settled::Charged
@@ -350,7 +350,7 @@ async fn settling_replaces_the_reservation_with_the_actual_amount<S: Storage>(st
     )
     .await
     .unwrap();
-    e.settle(&s, &[("tokens", 150)], "a2", now, now, false)
+    e.settle(&s, &[("tokens", 150)], "a2", now, now, None)
         .await
         .unwrap();
     let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
@@ -376,13 +376,13 @@ async fn a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge<S
     .await
     .unwrap();
     assert_eq!(
-        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now, false)
+        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now, None)
             .await
             .unwrap(),
         Settled::Charged
     );
     assert_eq!(
-        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now, false)
+        e.settle(&s, &[("tokens", 50)], "req-1.attempt-1", now, now, None)
             .await
             .unwrap(),
         Settled::AlreadySettled
@@ -398,7 +398,7 @@ async fn a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge<S
     )
     .await
     .unwrap();
-    e.settle(&s, &[("tokens", 70)], "req-1.attempt-2", now, now, false)
+    e.settle(&s, &[("tokens", 70)], "req-1.attempt-2", now, now, None)
         .await
         .unwrap();
     let probe = e.check(&s, "tokens", 0, None, now).await.unwrap();
@@ -486,7 +486,7 @@ async fn a_rate_bucket_refunds_what_was_not_used<S: Storage>(store: S) {
         ),
         500
     );
-    e.settle(&s, &[("tokens", 100)], "a1", now, now, false)
+    e.settle(&s, &[("tokens", 100)], "a1", now, now, None)
         .await
         .unwrap();
     assert_eq!(
@@ -521,27 +521,13 @@ async fn concurrent_reservations_and_settlements_are_exact<S: Storage>(store: S)
                 );
                 assert!(d.await.unwrap().allowed);
                 // Every attempt used i tokens costing 2i micros; some settlements arrive twice.
-                e.settle(
-                    &s,
-                    &[("tokens", i), ("micros", 2 * i)],
-                    &id,
-                    now,
-                    now,
-                    false,
-                )
-                .await
-                .unwrap();
-                if i % 3 == 0 {
-                    e.settle(
-                        &s,
-                        &[("tokens", i), ("micros", 2 * i)],
-                        &id,
-                        now,
-                        now,
-                        false,
-                    )
+                e.settle(&s, &[("tokens", i), ("micros", 2 * i)], &id, now, now, None)
                     .await
                     .unwrap();
+                if i % 3 == 0 {
+                    e.settle(&s, &[("tokens", i), ("micros", 2 * i)], &id, now, now, None)
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -579,9 +565,71 @@ async fn a_stream_settled_after_midnight_leaves_the_new_day_alone<S: Storage>(st
             .unwrap()
             .allowed
     );
-    e.settle(&s, &[("tokens", 120)], "late", before, after, false)
+    e.settle(&s, &[("tokens", 120)], "late", before, after, None)
         .await
         .unwrap();
     let today = e.check(&s, "tokens", 0, None, after).await.unwrap();
     assert_eq!(remaining(&today, "tokens"), 600, "today keeps its 400");
+}
+
+/// A shared store that is always unreachable.
+struct Down;
+
+impl Storage for Down {
+    async fn check_and_consume(
+        &self,
+        _: &quota::storage::ConsumeRequest<'_>,
+    ) -> Result<quota::storage::Outcome, quota::storage::StorageError> {
+        Err(quota::storage::StorageError::Unavailable("down".into()))
+    }
+
+    async fn settle(
+        &self,
+        _: &quota::storage::SettleRequest<'_>,
+    ) -> Result<Settled, quota::storage::StorageError> {
+        Err(quota::storage::StorageError::Unavailable("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn local_mode_reserves_and_settles_against_this_gateways_share() {
+    let p = policy(
+        "  t:\n    lookup: { daily: 1 }\n    tokens:\n      rates: [ { limit: 1, per: hour, burst: 1000 } ]",
+        "UTC",
+    );
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(Down);
+    let now = at("2026-11-22T12:00:00Z");
+    let local = FailurePolicy {
+        mode: quota::policy::FailureMode::Local,
+        local_share: 0.5,
+    };
+    let d = e
+        .reserve(&s, &[("tokens", 400)], "a1", now + 60 * S, now, local)
+        .await
+        .unwrap();
+    assert!(d.allowed && d.degraded.is_some());
+    assert_eq!(
+        remaining(&d, "tokens"),
+        100,
+        "half of the burst of 1000 is this gateway's"
+    );
+    assert!(
+        e.settle(&s, &[("tokens", 100)], "a1", now, now, None)
+            .await
+            .is_err(),
+        "the shared store is down"
+    );
+    e.settle(&s, &[("tokens", 100)], "a1", now, now, Some(0.5))
+        .await
+        .unwrap();
+    let again = e
+        .reserve(&s, &[("tokens", 0)], "probe", now + 60 * S, now, local)
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(&again, "tokens"),
+        400,
+        "the 300 unused tokens came back to the local bucket"
+    );
 }
