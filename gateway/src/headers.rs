@@ -15,43 +15,32 @@ pub fn ceil_s(ns: i64) -> i64 {
     }
 }
 
-fn policy_name(l: &LimitState) -> String {
-    format!("{}-{}", l.quota_type, l.slot.name())
-}
-
-/// The limits that have a window (in-flight limits have none, and no header item).
-fn windowed(d: &Decision) -> impl Iterator<Item = &LimitState> {
-    d.limits.iter().filter(|l| l.window_s > 0)
+/// A structured-field list with one item per windowed limit (in-flight limits have no window and
+/// no item): `"<quota>-<slot>";<params>, ...`, the params written by `params`.
+fn sf_list(d: &Decision, params: impl Fn(&mut String, &LimitState)) -> Option<String> {
+    let mut out = String::new();
+    for l in d.limits.iter().filter(|l| l.window_s > 0) {
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "\"{}-{}\"", l.quota_type, l.slot.name());
+        params(&mut out, l);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// `RateLimit-Policy: "lookup-minute";q=5;w=60, "lookup-day";q=100;w=86400`
 pub fn ratelimit_policy(d: &Decision) -> Option<String> {
-    let mut out = String::new();
-    for (i, l) in windowed(d).enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        let _ = write!(out, "\"{}\";q={};w={}", policy_name(l), l.quota, l.window_s);
-    }
-    (!out.is_empty()).then_some(out)
+    sf_list(d, |out, l| {
+        let _ = write!(out, ";q={};w={}", l.quota, l.window_s);
+    })
 }
 
 /// `RateLimit: "lookup-minute";r=4;t=12, "lookup-day";r=99;t=3600`
 pub fn ratelimit(d: &Decision) -> Option<String> {
-    let mut out = String::new();
-    for (i, l) in windowed(d).enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        let _ = write!(
-            out,
-            "\"{}\";r={};t={}",
-            policy_name(l),
-            l.remaining,
-            ceil_s(l.reset_after_ns)
-        );
-    }
-    (!out.is_empty()).then_some(out)
+    sf_list(d, |out, l| {
+        let _ = write!(out, ";r={};t={}", l.remaining, ceil_s(l.reset_after_ns));
+    })
 }
 
 pub fn rfc3339(ns: i64) -> String {

@@ -72,10 +72,28 @@ impl Bill {
         v
     }
 
+    /// What settling with `usage` means, owned so it can outlive the request.
+    fn settling(&mut self, usage: Usage, answered: bool) -> Settling {
+        self.settled = true;
+        Settling {
+            state: self.state.clone(),
+            subject: self.subject.clone(),
+            attempt_id: std::mem::take(&mut self.attempt_id),
+            request_id: std::mem::take(&mut self.request_id),
+            reserved_at_ns: self.reserved_at_ns,
+            local: self.local,
+            reserved: std::mem::take(&mut self.reserved),
+            actual: self.actual(usage, answered),
+            usage,
+        }
+    }
+
     /// Replace the reservation with `usage`. `answered`: the upstream served the request.
     async fn settle(mut self, usage: Usage, answered: bool) {
-        self.settled = true;
-        settle_now(&self, usage, answered).await;
+        if let Err(s) = self.settling(usage, answered).try_once().await {
+            // The shared store is unreachable: keep trying without holding up the response.
+            tokio::spawn(s.retry());
+        }
     }
 }
 
@@ -93,24 +111,6 @@ struct Settling {
     reserved: Vec<(Arc<str>, u64)>,
     actual: Vec<(Arc<str>, u64)>,
     usage: Usage,
-}
-
-async fn settle_now(b: &Bill, usage: Usage, answered: bool) {
-    let s = Settling {
-        state: b.state.clone(),
-        subject: b.subject.clone(),
-        attempt_id: b.attempt_id.clone(),
-        request_id: b.request_id.clone(),
-        reserved_at_ns: b.reserved_at_ns,
-        local: b.local,
-        reserved: b.reserved.clone(),
-        actual: b.actual(usage, answered),
-        usage,
-    };
-    if let Err(s) = s.try_once().await {
-        // The shared store is unreachable: keep trying without holding up the response.
-        tokio::spawn(s.retry());
-    }
 }
 
 impl Settling {
@@ -205,28 +205,16 @@ impl Drop for Bill {
         }
         // An exit path that did not settle (an early error): release all but the prompt, which
         // the upstream may have read. Runs on the current runtime, after this request.
-        let bill = Bill {
-            state: self.state.clone(),
-            subject: self.subject.clone(),
-            route_quota: self.route_quota.clone(),
-            route_cost: self.route_cost,
-            llm: self.llm.clone(),
-            price: self.price,
-            attempt_id: std::mem::take(&mut self.attempt_id),
-            reserved_at_ns: self.reserved_at_ns,
-            prompt_estimate: self.prompt_estimate,
-            reserved: std::mem::take(&mut self.reserved),
-            request_id: std::mem::take(&mut self.request_id),
-            local: self.local,
-            settled: true,
+        let usage = Usage {
+            prompt: self.prompt_estimate,
+            completion: 0,
         };
+        let s = self.settling(usage, false);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let usage = Usage {
-                    prompt: bill.prompt_estimate,
-                    completion: 0,
-                };
-                settle_now(&bill, usage, false).await;
+                if let Err(s) = s.try_once().await {
+                    s.retry().await;
+                }
             });
         }
     }

@@ -32,7 +32,6 @@ pub struct Ctx {
     started: Instant,
     pub(crate) request_id: String,
     route: Option<Arc<str>>,
-    quota: Option<Arc<str>>,
     pub(crate) upstream: Option<Arc<Upstream>>,
     pub(crate) decision: Option<Decision>,
 }
@@ -159,7 +158,6 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             request_id: String::new(),
             route: None,
-            quota: None,
             upstream: None,
             decision: None,
         }
@@ -206,7 +204,6 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         ctx.route = Some(route.name.clone());
-        ctx.quota = Some(route.quota.clone());
         ctx.upstream = Some(route.upstream.clone());
         if route.expensive
             && let Some(g) = &policy.guardrail

@@ -127,4 +127,26 @@ async fn decisions_and_settlements_become_exactly_one_event_each() {
     let m = tollgate_e2e::metrics(&gw).await;
     assert!(m.contains("audit_events_total 12"), "{m}");
     assert!(m.contains("audit_events_dropped_total 0"), "{m}");
+    // A policy reload is recorded too, with both versions.
+    gw.rewrite_policy(&yaml.replace("lookup: { daily: 7 }", "lookup: { daily: 8 }"));
+    let reloaded = || {
+        read_events(&log).into_iter().find_map(|e| match e.body {
+            EventBody::PolicyChanged {
+                before_version,
+                after_version,
+                ..
+            } => Some((before_version, after_version)),
+            _ => None,
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { reloaded().is_some() }).await,
+        "reload recorded"
+    );
+    let (before, after) = reloaded().unwrap();
+    assert_ne!(
+        before.as_deref(),
+        Some(after.as_str()),
+        "{before:?} -> {after}"
+    );
 }
