@@ -3,6 +3,7 @@
 //! `/healthz`), and hot reload of the policy file.
 
 pub mod api;
+pub mod cp;
 pub mod guardrail;
 pub mod headers;
 pub mod llm;

@@ -20,9 +20,19 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Policy file, or directory of policy files (hot-reloaded).
-    #[arg(long)]
-    config: PathBuf,
+    /// Policy file, or directory of policy files (hot-reloaded). Optional with --control-plane,
+    /// whose policy wins when it has one.
+    #[arg(long, required_unless_present = "control_plane")]
+    config: Option<PathBuf>,
+    /// Follow this control plane (`http://HOST:PORT`): policies and entitlements pushed live.
+    #[arg(long, value_name = "URL")]
+    control_plane: Option<String>,
+    /// Token for the control plane (viewer role is enough).
+    #[arg(long, env = "TOLLGATE_CONTROL_PLANE_TOKEN", hide_env_values = true)]
+    control_plane_token: Option<String>,
+    /// Where the last control-plane snapshot is kept, to start from while it is unreachable.
+    #[arg(long, value_name = "PATH", default_value = "tollgate-snapshot.json")]
+    control_plane_snapshot: PathBuf,
     /// Address of the proxy.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -103,6 +113,9 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             let RunArgs {
                 config,
+                control_plane,
+                control_plane_token,
+                control_plane_snapshot,
                 listen,
                 api_listen,
                 threads,
@@ -134,8 +147,23 @@ fn main() -> ExitCode {
             });
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let control_plane = match (control_plane, control_plane_token) {
+                (Some(url), Some(token)) => Some(gateway::server::ControlPlaneConfig {
+                    url,
+                    token,
+                    snapshot: control_plane_snapshot,
+                }),
+                (Some(_), None) => {
+                    eprintln!(
+                        "gateway: --control-plane needs --control-plane-token (or TOLLGATE_CONTROL_PLANE_TOKEN)"
+                    );
+                    return ExitCode::FAILURE;
+                }
+                (None, _) => None,
+            };
             let cfg = RunConfig {
                 config,
+                control_plane,
                 listen,
                 api_listen,
                 threads,

@@ -26,6 +26,12 @@ pub struct Metrics {
     pub guardrail_actions: IntCounterVec,
     audit_events: IntCounter,
     audit_dropped: IntCounter,
+    /// Control-plane snapshots received, by result (applied, stale, rejected).
+    pub snapshot_refresh: IntCounterVec,
+    /// Revisions the enforced snapshot is behind the control plane's latest.
+    pub snapshot_drift: IntGauge,
+    /// 1 while the control-plane watch stream is connected.
+    pub control_plane_connected: IntGauge,
 }
 
 impl Metrics {
@@ -139,6 +145,27 @@ impl Metrics {
         registry.register(Box::new(audit_events.clone()))?;
         registry.register(Box::new(audit_dropped.clone()))?;
         registry.register(Box::new(lease_units.clone()))?;
+        let snapshot_refresh = IntCounterVec::new(
+            Opts::new(
+                "subscription_snapshot_refresh",
+                "Control-plane snapshots received, by result: applied, stale (not newer), rejected",
+            ),
+            &["result"],
+        )?;
+        let snapshot_drift = IntGauge::new(
+            "quota_snapshot_drift",
+            "Revisions the enforced policy is behind the control plane's latest known revision",
+        )?;
+        let control_plane_connected = IntGauge::new(
+            "control_plane_connected",
+            "1 while the watch stream to the control plane is up",
+        )?;
+        registry.register(Box::new(snapshot_refresh.clone()))?;
+        registry.register(Box::new(snapshot_drift.clone()))?;
+        registry.register(Box::new(control_plane_connected.clone()))?;
+        for r in ["applied", "stale", "rejected"] {
+            snapshot_refresh.with_label_values(&[r]);
+        }
         backend_state.set(1);
         // Show both results from the start, so a dashboard sees 0 rather than no series.
         policy_reloads.with_label_values(&["success"]);
@@ -163,6 +190,9 @@ impl Metrics {
             guardrail_actions,
             audit_events,
             audit_dropped,
+            snapshot_refresh,
+            snapshot_drift,
+            control_plane_connected,
         })
     }
 

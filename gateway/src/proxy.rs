@@ -174,22 +174,64 @@ impl ProxyHttp for Gateway {
             _ => uuid::Uuid::now_v7().to_string(),
         };
         let policy = self.state.policy.load_full();
-        let subject = match api_key(req) {
-            Some(key) if !key.is_empty() => policy.subject_for_key(key),
-            _ => None,
+        let key = api_key(req).filter(|k| !k.is_empty());
+        let subject = match key.map(|k| (k, policy.subject_for_key(k))) {
+            Some((_, Some(s))) => s,
+            // A key we have never seen may be one the control plane issued while we could not
+            // hear it: not "unauthorized" but "try again", unless the policy admits guests.
+            Some((k, None))
+                if self
+                    .state
+                    .control_plane
+                    .as_ref()
+                    .is_some_and(|l| l.unreachable()) =>
+            {
+                match &policy.guest_tier {
+                    Some(tier) => Arc::new(Subject {
+                        id: format!("guest:{}", &quota::policy::key_sha256_hex(k)[..16]).into(),
+                        tier: tier.clone(),
+                        time_zone: chrono_tz::UTC,
+                        enabled: true,
+                    }),
+                    None => {
+                        let msg = "this key's entitlement cannot be checked while the control plane is unreachable; retry shortly";
+                        respond_json(
+                            session,
+                            503,
+                            error_body("entitlement_unavailable", msg, &ctx.request_id),
+                            &[("retry-after", "3".to_string())],
+                            &ctx.request_id,
+                        )
+                        .await?;
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => {
+                let msg = "a valid API key is required (Authorization: Bearer <key> or x-api-key)";
+                respond_json(
+                    session,
+                    401,
+                    error_body("unauthorized", msg, &ctx.request_id),
+                    &[],
+                    &ctx.request_id,
+                )
+                .await?;
+                return Ok(true);
+            }
         };
-        let Some(subject) = subject else {
-            let msg = "a valid API key is required (Authorization: Bearer <key> or x-api-key)";
+        if !subject.enabled {
+            let msg = format!("subject `{}` is disabled", subject.id);
             respond_json(
                 session,
-                401,
-                error_body("unauthorized", msg, &ctx.request_id),
+                403,
+                error_body("subject_disabled", msg, &ctx.request_id),
                 &[],
                 &ctx.request_id,
             )
             .await?;
             return Ok(true);
-        };
+        }
         let route = policy.route(req.method.as_str(), host(req), req.uri.path());
         let Some(route) = route else {
             let msg = format!("no route for {} {}", req.method, req.uri.path());

@@ -1,10 +1,11 @@
 //! Hot reload: watch the policy file (or directory) and, on a change, build the whole new policy and
 //! swap it in with one store. A policy that fails to load leaves the enforced one in place; the
-//! error is logged, counted and shown in `/status`.
+//! error is logged, counted and shown in `/status`. The control-plane follower (`cp`) rebuilds
+//! through the same `rebuild`, so file edits and pushed snapshots combine the same way.
 
-use crate::state::AppState;
+use crate::state::{AppState, Sources};
 use notify::{RecursiveMode, Watcher};
-use quota::policy::load_path;
+use quota::policy::{PolicyErrors, read_sources};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -12,58 +13,100 @@ use tokio::sync::mpsc;
 /// Editors write a file in several steps; wait this long after the first event before reading.
 const SETTLE: Duration = Duration::from_millis(150);
 
-/// Reload the policy now. Returns whether a new policy was stored.
-pub async fn reload(state: &Arc<AppState>) -> bool {
-    let path = state.config_path.clone();
-    let loaded = tokio::task::spawn_blocking(move || load_path(&path)).await;
+/// Apply `change` to the policy's sources and enforce the result, or keep everything as it was
+/// when it does not compile. Blocking (it compiles): call it from a blocking thread. Returns
+/// whether the enforced policy changed.
+pub fn rebuild(
+    state: &AppState,
+    actor: &str,
+    change: impl FnOnce(&mut Sources),
+) -> Result<bool, PolicyErrors> {
+    let mut sources = state.sources.lock().unwrap_or_else(|e| e.into_inner());
+    let mut next = Sources {
+        file: sources.file.clone(),
+        snapshot: sources.snapshot.clone(),
+    };
+    change(&mut next);
     let m = &state.metrics;
-    match loaded {
-        Ok(Ok(policy)) => {
-            if policy.hash == state.policy.load().hash {
-                return false;
-            }
-            tracing::info!(version = %policy.version, hash = %policy.hash, "policy reloaded");
-            let before = state.policy.load();
-            let body = quota::audit::EventBody::PolicyChanged {
-                actor: format!("file:{}", state.config_path.display()),
-                before_version: Some(format!(
-                    "{}@{}",
-                    before.version,
-                    &before.hash[..12.min(before.hash.len())]
-                )),
-                after_version: format!(
-                    "{}@{}",
-                    policy.version,
-                    &policy.hash[..12.min(policy.hash.len())]
-                ),
-            };
-            state.audit(None, None, body);
-            state.policy.replace(policy);
-            m.policy_reloads.with_label_values(&["success"]).inc();
-            true
-        }
-        Ok(Err(errors)) => {
+    let policy = match next.compile() {
+        Ok(p) => p,
+        Err(errors) => {
             tracing::error!(errors = %errors, "policy rejected; the previous policy stays in force");
             state.policy.record_error(errors.to_string());
             m.policy_reloads.with_label_values(&["error"]).inc();
-            false
+            return Err(errors);
         }
-        Err(e) => {
-            tracing::error!(error = %e, "policy reload task failed");
-            false
-        }
+    };
+    *sources = next;
+    let before = state.policy.load_full();
+    if policy.hash == before.hash {
+        return Ok(false);
     }
+    tracing::info!(version = %policy.version, hash = %policy.hash, source = %sources.describe(), "policy loaded");
+    let label =
+        |p: &quota::policy::Policy| format!("{}@{}", p.version, &p.hash[..12.min(p.hash.len())]);
+    let body = quota::audit::EventBody::PolicyChanged {
+        actor: actor.to_string(),
+        before_version: Some(label(&before)),
+        after_version: label(&policy),
+    };
+    state.audit(None, None, body);
+    state.policy.replace(policy);
+    m.policy_reloads.with_label_values(&["success"]).inc();
+    Ok(true)
+}
+
+/// Reload the policy file now. Returns whether a new policy was stored.
+pub async fn reload(state: &Arc<AppState>) -> bool {
+    let Some(path) = state.config_path.clone() else {
+        return false;
+    };
+    let st = state.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let texts = match read_sources(&path) {
+            Ok(t) => t,
+            Err(errors) => {
+                tracing::error!(errors = %errors, "policy rejected; the previous policy stays in force");
+                st.policy.record_error(errors.to_string());
+                st.metrics.policy_reloads.with_label_values(&["error"]).inc();
+                return false;
+            }
+        };
+        let actor = format!("file:{}", path.display());
+        rebuild(&st, &actor, |s| s.file = texts).unwrap_or(false)
+    })
+    .await;
+    done.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "policy reload task failed");
+        false
+    })
 }
 
 /// Watch the policy source until the process ends.
 pub async fn watch(state: Arc<AppState>) -> Result<(), notify::Error> {
+    let Some(path) = state.config_path.clone() else {
+        return Ok(());
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let is_dir = path.is_dir();
+    let file = path.clone();
+    // Only the policy's own files count: other files in the directory (logs, the snapshot) change
+    // all the time.
+    let relevant = move |p: &std::path::Path| {
+        if is_dir {
+            p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+        } else {
+            p.file_name() == file.file_name()
+        }
+    };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
+        if let Ok(e) = event
+            && !e.kind.is_access()
+            && e.paths.iter().any(|p| relevant(p))
+        {
             let _ = tx.send(());
         }
     })?;
-    let path = &state.config_path;
     // Watch the directory that holds the file: editors replace files by renaming, which a watch on
     // the file itself would lose.
     let dir = if path.is_dir() {

@@ -3,7 +3,7 @@
 
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::state::{AppState, Clock, Store};
+use crate::state::{AppState, Clock, Sources, Store};
 use anyhow::Context;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -12,7 +12,7 @@ use pingora::services::background::{BackgroundService, background_service};
 use quota::PolicyHandle;
 use quota::audit::{AuditSink, JsonlSink, NoSink};
 use quota::engine::Engine;
-use quota::policy::load_path;
+use quota::policy::read_sources;
 use quota::storage::{LeaseConfig, LeasedStore, MemoryStore, RedisConfig, RedisStore};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub struct RunConfig {
-    pub config: PathBuf,
+    /// The policy file or directory; optional when following a control plane.
+    pub config: Option<PathBuf>,
+    pub control_plane: Option<ControlPlaneConfig>,
     pub listen: SocketAddr,
     pub api_listen: SocketAddr,
     pub threads: usize,
@@ -34,6 +36,13 @@ pub struct RunConfig {
     pub audit: AuditConfig,
 }
 
+pub struct ControlPlaneConfig {
+    pub url: String,
+    pub token: String,
+    /// The last snapshot applied, kept to start from while the control plane is unreachable.
+    pub snapshot: PathBuf,
+}
+
 pub struct AuditConfig {
     /// Append audit events to this JSONL file; `None`: no audit log.
     pub log: Option<PathBuf>,
@@ -44,7 +53,8 @@ pub struct AuditConfig {
 /// Build the state from the policy at `config`; fails with every policy error when it is invalid.
 /// With Redis, must run inside the Tokio runtime that will drive the Redis connection.
 pub fn build_state(
-    config: PathBuf,
+    config: Option<PathBuf>,
+    control_plane: Option<&ControlPlaneConfig>,
     clock: Clock,
     redis: Option<&RedisConfig>,
     leases: Option<LeaseConfig>,
@@ -57,8 +67,36 @@ pub fn build_state(
         }
         None => Box::new(NoSink),
     };
-    let policy = load_path(&config).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
-    tracing::info!(version = %policy.version, hash = %policy.hash, "policy loaded");
+    let mut sources = Sources::default();
+    if let Some(path) = &config {
+        sources.file = read_sources(path).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+    }
+    let link =
+        control_plane.map(|c| crate::cp::Link::new(&c.url, c.token.clone(), c.snapshot.clone()));
+    let mut policy = sources
+        .compile()
+        .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+    if let Some(link) = &link
+        && let Some(snap) = crate::cp::read_disk_snapshot(&link.snapshot_path)
+    {
+        let revision = snap.revision;
+        let with_snapshot = Sources {
+            file: sources.file.clone(),
+            snapshot: Some(snap),
+        };
+        match with_snapshot.compile() {
+            Ok(p) => {
+                tracing::info!(revision, path = %link.snapshot_path.display(), "starting from the saved control-plane snapshot");
+                policy = p;
+                sources = with_snapshot;
+                link.set_applied(revision);
+            }
+            Err(e) => {
+                tracing::warn!(errors = %e, "the saved control-plane snapshot does not compile; ignored")
+            }
+        }
+    }
+    tracing::info!(version = %policy.version, hash = %policy.hash, source = %sources.describe(), "policy loaded");
     let store = match redis {
         None => Store::Memory(MemoryStore::new()),
         Some(cfg) => {
@@ -83,6 +121,8 @@ pub fn build_state(
         engine: Engine::new(store),
         metrics: Metrics::new().context("registering metrics")?,
         config_path: config,
+        sources: std::sync::Mutex::new(sources),
+        control_plane: link,
         clock,
         guardrail: Default::default(),
         audit,
@@ -117,6 +157,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let _in_rt = rt.enter();
         build_state(
             cfg.config.clone(),
+            cfg.control_plane.as_ref(),
             clock,
             cfg.redis.as_ref(),
             cfg.leases,
@@ -164,6 +205,9 @@ fn control_plane_tasks(
     rt.block_on(async move {
         if state.policy.load().routes.iter().any(|r| r.llm.is_some()) {
             tokio::task::spawn_blocking(quota::llm::tokens::warm_up);
+        }
+        if state.control_plane.is_some() {
+            tokio::spawn(crate::cp::follow(state.clone()));
         }
         let watcher = state.clone();
         tokio::spawn(async move {

@@ -15,8 +15,12 @@ pub struct AppState {
     pub policy: PolicyHandle,
     pub engine: Engine<Store>,
     pub metrics: Metrics,
-    /// The policy file or directory, watched for changes.
-    pub config_path: PathBuf,
+    /// The policy file or directory, watched for changes (`None`: the control plane only).
+    pub config_path: Option<PathBuf>,
+    /// What the enforced policy is compiled from.
+    pub sources: std::sync::Mutex<Sources>,
+    /// The link to the control plane, when the gateway follows one.
+    pub control_plane: Option<crate::cp::Link>,
     pub clock: Clock,
     /// Subjects over the cost guardrail's threshold.
     pub guardrail: crate::guardrail::Tripped,
@@ -26,6 +30,35 @@ pub struct AppState {
     pub gateway_id: String,
     /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
     pub http: reqwest::Client,
+}
+
+/// The inputs of the enforced policy: the policy file's texts and the control plane's latest
+/// snapshot. The control plane's policy document, when it has one, wins over the file; its
+/// subjects take the place of the file's subjects with the same id or key.
+#[derive(Default)]
+pub struct Sources {
+    pub file: Vec<(String, String)>,
+    pub snapshot: Option<quota::policy::Snapshot>,
+}
+
+impl Sources {
+    pub fn compile(&self) -> Result<quota::policy::Policy, quota::policy::PolicyErrors> {
+        match &self.snapshot {
+            Some(s) => s.compile(&self.file),
+            None if self.file.is_empty() => Ok(quota::policy::Policy::empty()),
+            None => quota::policy::parse_sources(&self.file),
+        }
+    }
+
+    /// Where the enforced policy comes from, for /status.
+    pub fn describe(&self) -> String {
+        match &self.snapshot {
+            Some(s) if s.policy.is_some() => format!("control-plane revision {}", s.revision),
+            Some(s) => format!("file with control-plane subjects (revision {})", s.revision),
+            None if self.file.is_empty() => "none".into(),
+            None => "file".into(),
+        }
+    }
 }
 
 /// The gateway's notion of now. Production uses the system clock; `--test-clock` lets an end-to-end

@@ -144,3 +144,105 @@ fn a_directory_merges_its_files_and_cross_references_work_across_them() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+const BASE: &str = "upstreams:
+  up: { address: '127.0.0.1:9' }
+routes:
+  - { name: lookup, match: { path_prefix: /lookup }, upstream: up, quota: lookup }
+tiers:
+  free: { lookup: { daily: 10 } }
+  pro: { lookup: { daily: 1000 } }
+guest_tier: free
+subjects:
+  - { key: local-key, id: ops, tier: pro }
+  - { key: shared-key, id: alice, tier: free }
+";
+
+fn sources(texts: &[&str]) -> Vec<(String, String)> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("s{i}.yaml"), t.to_string()))
+        .collect()
+}
+
+#[test]
+fn hashed_keys_overrides_and_disabled_subjects() {
+    use quota::policy::{EntitlementSource, key_sha256_hex, parse_sources};
+    let hashed = format!(
+        "subjects:
+  - id: acme
+    tier: free
+    key_sha256: ['{}', '{}']
+    overrides: {{ lookup: {{ daily: 50 }} }}
+  - {{ id: gone, tier: pro, enabled: false, key_sha256: ['{}'] }}
+",
+        key_sha256_hex("acme-1"),
+        key_sha256_hex("acme-2").to_uppercase(),
+        key_sha256_hex("gone-1"),
+    );
+    let p = parse_sources(&sources(&[BASE, &hashed])).expect("valid");
+    let a1 = p.subject_for_key("acme-1").expect("hashed key");
+    let a2 = p.subject_for_key("acme-2").expect("upper-case hex too");
+    assert!(std::sync::Arc::ptr_eq(&a1, &a2), "one subject, two keys");
+    assert_eq!(&*a1.tier.name, "free");
+    let free = &p.tiers["free"];
+    assert_ne!(
+        a1.tier.quotas.get("lookup"),
+        free.quotas.get("lookup"),
+        "override applied"
+    );
+    assert!(p.subject_for_key("acme-3").is_none());
+    assert!(!p.subject_for_key("gone-1").expect("known").enabled);
+    assert_eq!(p.guest_tier.as_ref().map(|t| &*t.name), Some("free"));
+}
+
+#[test]
+fn subject_errors_name_the_field() {
+    use quota::policy::parse_sources;
+    let bad = "subjects:
+  - { id: a, tier: free, key_sha256: [abc] }
+  - { id: b, tier: free }
+  - { id: c, tier: free, key: k, overrides: { nope: { daily: 1 } } }
+";
+    let err = parse_sources(&sources(&[BASE, bad]))
+        .expect_err("invalid")
+        .to_string();
+    for want in [
+        "s1.yaml:2:39: subjects[0].key_sha256[0]: expected a SHA-256 as 64 hexadecimal digits",
+        "s1.yaml:3:20: subjects[1]: a subject needs `key` or `key_sha256` (its API keys)",
+        "s1.yaml:4:53: subjects[2].overrides.nope: quota type `nope` is not defined by any tier",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+    let guest = BASE.replace("guest_tier: free", "guest_tier: gold");
+    let err = parse_sources(&sources(&[&guest]))
+        .expect_err("invalid")
+        .to_string();
+    assert!(
+        err.contains("s0.yaml:8:13: guest_tier: unknown tier `gold`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn overlay_subjects_replace_base_subjects_with_the_same_id_or_key() {
+    use quota::policy::{EntitlementSource, parse_layered};
+    let overlay = "subjects:
+  - { id: alice, tier: pro, key: alice-new }
+  - { id: bob, tier: pro, key: shared-key }
+";
+    let p = parse_layered(&sources(&[BASE, overlay]), 1).expect("valid");
+    assert!(
+        p.subject_for_key("local-key").is_some(),
+        "base subjects stay"
+    );
+    assert_eq!(
+        &*p.subject_for_key("alice-new").expect("alice").tier.name,
+        "pro"
+    );
+    assert_eq!(&*p.subject_for_key("shared-key").expect("bob").id, "bob");
+    assert_eq!(p.subjects().count(), 3, "alice once, from the overlay");
+    // Without the layering the same texts conflict.
+    assert!(quota::policy::parse_sources(&sources(&[BASE, overlay])).is_err());
+}

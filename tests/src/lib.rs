@@ -54,13 +54,25 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
+        Self::spawn_logged(cmd, None)
+    }
+
+    /// Spawn with stderr (the logs) appended to `log` (unless TOLLGATE_TEST_LOGS shows them).
+    pub fn spawn_logged(cmd: &mut Command, log: Option<&Path>) -> Proc {
+        let stderr = if std::env::var_os("TOLLGATE_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else if let Some(path) = log {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_or_else(|_| Stdio::null(), Stdio::from)
+        } else {
+            Stdio::null()
+        };
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("TOLLGATE_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .expect("spawn process");
         let stdout = child.stdout.take().expect("stdout");
@@ -389,6 +401,8 @@ pub struct Gateway {
     pub proxy: SocketAddr,
     pub api: SocketAddr,
     pub policy_file: PathBuf,
+    /// The gateway's logs (stderr).
+    pub log: PathBuf,
     proc: Proc,
     _dir: TempDir,
 }
@@ -406,30 +420,52 @@ impl Gateway {
 
     /// Start a gateway with extra environment variables.
     pub fn start_with_env(policy_yaml: &str, env: &[(&str, &str)]) -> Gateway {
-        Self::spawn(&Backend::Memory, policy_yaml, &[], env)
+        Self::spawn(&Backend::Memory, Some(policy_yaml), &[], env)
     }
 
     /// Start a gateway keeping its counters in `backend`.
     pub fn start_on(backend: &Backend, policy_yaml: &str, extra_args: &[&str]) -> Gateway {
-        Self::spawn(backend, policy_yaml, extra_args, &[])
+        Self::spawn(backend, Some(policy_yaml), extra_args, &[])
+    }
+
+    /// Start a gateway that follows `cp` (no policy file), keeping its last snapshot at
+    /// `snapshot`.
+    pub fn following(cp: &ControlPlane, token: &str, snapshot: &Path) -> Gateway {
+        let snapshot = snapshot.to_str().expect("utf-8 path");
+        let url = cp.url("");
+        let args = [
+            "--control-plane",
+            &url,
+            "--control-plane-token",
+            token,
+            "--control-plane-snapshot",
+            snapshot,
+        ];
+        Self::spawn(&Backend::Memory, None, &args, &[])
     }
 
     fn spawn(
         backend: &Backend,
-        policy_yaml: &str,
+        policy_yaml: Option<&str>,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
         let dir = TempDir::new("gw");
         let policy_file = dir.0.join("policy.yaml");
-        std::fs::write(&policy_file, policy_yaml).expect("write policy");
+        let log = dir.0.join("logs");
+        std::fs::create_dir_all(&log).expect("log dir");
+        let log = log.join("stderr.log");
+        let mut config = Vec::new();
+        if let Some(yaml) = policy_yaml {
+            std::fs::write(&policy_file, yaml).expect("write policy");
+            config = vec!["--config", policy_file.to_str().expect("utf-8 path")];
+        }
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut proc = Proc::spawn(
+        let mut proc = Proc::spawn_logged(
             Command::new(bin("gateway"))
+                .arg("run")
+                .args(config)
                 .args([
-                    "run",
-                    "--config",
-                    policy_file.to_str().expect("utf-8 path"),
                     "--listen",
                     &proxy.to_string(),
                     "--api-listen",
@@ -440,6 +476,7 @@ impl Gateway {
                 .args(backend.args())
                 .args(extra_args)
                 .envs(env.iter().copied()),
+            Some(&log),
         );
         let api = proc
             .wait_line("api listening on ")
@@ -450,6 +487,7 @@ impl Gateway {
             proxy,
             api,
             policy_file,
+            log,
             proc,
             _dir: dir,
         }
@@ -477,6 +515,153 @@ impl Gateway {
     /// SIGTERM: the graceful shutdown an orchestrator asks for.
     pub fn terminate(&self) {
         self.proc.terminate();
+    }
+}
+
+/// A database for the control plane: a SQLite file or a fresh PostgreSQL database (on the server
+/// named by `TOLLGATE_POSTGRES_URL`, default the local one), dropped with the value.
+pub enum Db {
+    Sqlite(TempDir),
+    Postgres {
+        admin_url: String,
+        url: String,
+        name: String,
+    },
+}
+
+impl Db {
+    pub fn sqlite() -> Db {
+        Db::Sqlite(TempDir::new("cpdb"))
+    }
+
+    pub fn postgres() -> Db {
+        let admin_url = std::env::var("TOLLGATE_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = unique_prefix().replace('-', "_");
+        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(b, _)| b);
+        Db::Postgres {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Db::Sqlite(dir) => format!("sqlite://{}", dir.0.join("cp.db").display()),
+            Db::Postgres { url, .. } => url.clone(),
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Db::Postgres {
+            admin_url, name, ..
+        } = self
+        {
+            let _ = Command::new("psql")
+                .arg(admin_url.as_str())
+                .args([
+                    "-qc",
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .output()
+        .expect("psql (PostgreSQL client) must be installed: scripts/setup does it");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running `control-plane serve` on a fixed loopback port (so it can be restarted in place).
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    /// The bootstrap admin token.
+    pub admin: String,
+    pub db_url: String,
+    pub log: PathBuf,
+    proc: Option<Proc>,
+    _dir: TempDir,
+}
+
+impl ControlPlane {
+    pub fn start(db: &Db) -> ControlPlane {
+        let dir = TempDir::new("cp");
+        let mut cp = ControlPlane {
+            addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            admin: format!("admin-{}", unique_prefix()),
+            db_url: db.url(),
+            log: dir.0.join("stderr.log"),
+            proc: None,
+            _dir: dir,
+        };
+        cp.restart();
+        cp
+    }
+
+    /// Start it again (after `kill`) on the same address and database.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut proc = Proc::spawn_logged(
+            Command::new(bin("control-plane"))
+                .args(["serve", "--listen", &self.addr.to_string()])
+                .args(["--database", &self.db_url, "--heartbeat-ms", "1000"])
+                .env("TOLLGATE_ADMIN_TOKEN", &self.admin),
+            Some(&self.log),
+        );
+        proc.wait_line("control plane listening on ");
+        self.proc = Some(proc);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Send `body` (JSON, or text when it is a string) with the admin token; returns status and
+    /// the JSON answer.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = client()
+            .request(method.parse().expect("method"), self.url(path))
+            .bearer_auth(&self.admin);
+        match body {
+            Some(serde_json::Value::String(text)) => req = req.body(text),
+            Some(v) => req = req.json(&v),
+            None => {}
+        }
+        let resp = req.send().await.expect("control plane request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
 

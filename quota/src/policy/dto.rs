@@ -27,6 +27,9 @@ pub struct PolicyFile {
     /// Prices of LLM models, per million tokens; a `default` entry prices unknown models.
     #[serde(default)]
     pub models: BTreeMap<String, Spanned<ModelDto>>,
+    /// The tier given to keys the gateway cannot look up while its control plane is unreachable;
+    /// without one such keys get 503 and a `Retry-After`.
+    pub guest_tier: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,11 +200,25 @@ pub enum PeriodDto {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubjectDto {
-    pub key: Spanned<String>,
+    /// The API key itself; or give `key_sha256`, so the file need not hold keys.
+    pub key: Option<Spanned<String>>,
+    /// SHA-256 (hex) of API keys of this subject.
+    #[serde(default)]
+    pub key_sha256: Vec<Spanned<String>>,
     pub id: String,
     pub tier: Spanned<String>,
     #[serde(default = "utc")]
     pub time_zone: Spanned<String>,
+    /// Per quota type: limits that replace the tier's for this subject alone.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, Spanned<QuotaDto>>,
+    /// A disabled subject's keys are refused with 403.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn utc() -> Spanned<String> {

@@ -59,6 +59,11 @@ impl std::error::Error for PolicyErrors {}
 
 /// Load a policy file, or every policy file directly inside a directory (in name order).
 pub fn load_path(path: &Path) -> Result<Policy, PolicyErrors> {
+    parse_sources(&read_sources(path)?)
+}
+
+/// The named texts of a policy file, or of every policy file directly inside a directory.
+pub fn read_sources(path: &Path) -> Result<Vec<(String, String)>, PolicyErrors> {
     let display = path.display().to_string();
     let source_err = |message: String| {
         PolicyErrors(vec![PolicyError::Source {
@@ -100,11 +105,21 @@ pub fn load_path(path: &Path) -> Result<Policy, PolicyErrors> {
             }
         }
     }
-    parse_sources(&sources)
+    Ok(sources)
 }
 
 /// Build a policy from named YAML texts (a file name or any label used in error messages).
 pub fn parse_sources(sources: &[(String, String)]) -> Result<Policy, PolicyErrors> {
+    parse_layered(sources, sources.len())
+}
+
+/// Build a policy from named YAML texts where the subjects of `sources[overlay_from..]` take the
+/// place of earlier sources' subjects with the same id or API key: the control plane's
+/// entitlements over those of a policy file.
+pub fn parse_layered(
+    sources: &[(String, String)],
+    overlay_from: usize,
+) -> Result<Policy, PolicyErrors> {
     let mut errors = Vec::new();
     let mut parsed = Vec::with_capacity(sources.len());
     let mut hasher = Sha256::new();
@@ -124,7 +139,7 @@ pub fn parse_sources(sources: &[(String, String)]) -> Result<Policy, PolicyError
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
-    Builder::default().build(parsed, hash)
+    Builder::default().build(parsed, hash, overlay_from)
 }
 
 fn parse_file(name: &str, text: &str) -> Result<PolicyFile, PolicyError> {
@@ -188,6 +203,7 @@ struct Builder<'a> {
     declared_quotas: HashSet<String>,
     models: Vec<(String, Price)>,
     guardrail: Option<(super::dto::GuardrailDto, &'a str)>,
+    guest_tier: Option<(Spanned<String>, &'a str)>,
     /// Where `concurrent` was set, per quota type: checked once routes are known.
     concurrent_at: Vec<(String, Location, String, String)>,
 }
@@ -213,6 +229,7 @@ impl<'a> Builder<'a> {
         mut self,
         files: Vec<(&'a str, PolicyFile)>,
         hash: String,
+        overlay_from: usize,
     ) -> Result<Policy, PolicyErrors> {
         // Definitions first (upstreams, tiers), then what refers to them (routes, subjects), so the
         // order of files in a directory does not matter.
@@ -229,8 +246,30 @@ impl<'a> Builder<'a> {
         defined_quotas.sort();
         let mut routes = Vec::new();
         let mut subjects = HashMap::new();
+        let mut subjects_by_hash = HashMap::new();
         let mut subjects_by_id: HashMap<Arc<str>, Arc<Subject>> = HashMap::new();
-        for (file, doc) in &files {
+        let mut over_ids = HashSet::new();
+        let mut over_keys = HashSet::new();
+        for (_, doc) in files.iter().skip(overlay_from) {
+            for s in &doc.subjects {
+                over_ids.insert(s.value.id.as_str());
+                over_keys.extend(s.value.key.iter().map(|k| k.value.clone()));
+                over_keys.extend(
+                    s.value
+                        .key_sha256
+                        .iter()
+                        .map(|h| h.value.to_ascii_lowercase()),
+                );
+            }
+        }
+        let overridden = |s: &SubjectDto| {
+            over_ids.contains(s.id.as_str())
+                || s.key.as_ref().is_some_and(|k| over_keys.contains(&k.value))
+                || s.key_sha256
+                    .iter()
+                    .any(|h| over_keys.contains(&h.value.to_ascii_lowercase()))
+        };
+        for (file_i, (file, doc)) in files.iter().enumerate() {
             for (i, route) in doc.routes.iter().enumerate() {
                 if let Some(r) = self.route(file, i, route, &defined_quotas) {
                     if routes.iter().any(|o: &Route| o.name == r.name) {
@@ -245,17 +284,23 @@ impl<'a> Builder<'a> {
                 }
             }
             for (i, subject) in doc.subjects.iter().enumerate() {
+                if file_i < overlay_from && overridden(&subject.value) {
+                    continue;
+                }
                 if let Some(s) = self.subject(file, i, &subject.value) {
                     // Several keys of one subject share one entitlement; they must agree on it.
                     let s = match subjects_by_id.get(&s.id) {
                         Some(known)
-                            if known.tier.name == s.tier.name && known.time_zone == s.time_zone =>
+                            if known.tier.name == s.tier.name
+                                && known.time_zone == s.time_zone
+                                && known.enabled == s.enabled
+                                && subject.value.overrides.is_empty() =>
                         {
                             known.clone()
                         }
                         Some(known) => {
                             let msg = format!(
-                                "subject `{}` is already defined with tier `{}` and time zone `{}`; all its keys must agree",
+                                "subject `{}` is already defined with tier `{}` and time zone `{}`; all its keys must agree, and overrides go on its first entry",
                                 s.id, known.tier.name, known.time_zone
                             );
                             self.err(file, subject.referenced, format!("subjects[{i}]"), msg);
@@ -267,14 +312,27 @@ impl<'a> Builder<'a> {
                             s
                         }
                     };
-                    let key = subject.value.key.value.clone();
-                    if subjects.insert(key, s).is_some() {
+                    if let Some(key) = &subject.value.key
+                        && subjects.insert(key.value.clone(), s.clone()).is_some()
+                    {
                         self.err(
                             file,
-                            subject.value.key.referenced,
+                            key.referenced,
                             format!("subjects[{i}].key"),
                             "this API key is already given to another subject",
                         );
+                    }
+                    for (j, h) in subject.value.key_sha256.iter().enumerate() {
+                        let path = format!("subjects[{i}].key_sha256[{j}]");
+                        let Some(digest) = parse_sha256(&h.value) else {
+                            let msg = "expected a SHA-256 as 64 hexadecimal digits";
+                            self.err(file, h.referenced, path, msg);
+                            continue;
+                        };
+                        if subjects_by_hash.insert(digest, s.clone()).is_some() {
+                            let msg = "this API key is already given to another subject";
+                            self.err(file, h.referenced, path, msg);
+                        }
                     }
                 }
             }
@@ -298,6 +356,14 @@ impl<'a> Builder<'a> {
                 quota: g.quota.value.as_str().into(),
                 threshold: g.threshold,
             })
+        });
+        let guest_tier = self.guest_tier.take().and_then(|(name, file)| {
+            let tier = self.tiers.get(&name.value).cloned();
+            if tier.is_none() {
+                let msg = format!("unknown tier `{}`", name.value);
+                self.err(file, name.referenced, "guest_tier", msg);
+            }
+            tier
         });
         // An in-flight limit is held by LLM reservations; elsewhere it would never be taken.
         let llm_tokens: HashSet<&str> = routes
@@ -341,7 +407,9 @@ impl<'a> Builder<'a> {
             routes,
             tiers: self.tiers,
             subjects,
+            subjects_by_hash,
             subjects_by_id,
+            guest_tier,
             models: self.models,
             guardrail,
         })
@@ -370,6 +438,13 @@ impl<'a> Builder<'a> {
                 FailureModeDto::FailClosed => FailureMode::FailClosed,
                 FailureModeDto::Local => FailureMode::Local,
             });
+        }
+        if let Some(g) = &doc.guest_tier {
+            if self.guest_tier.is_some() {
+                let msg = "`guest_tier` is set in more than one file";
+                self.err(file, g.referenced, "guest_tier", msg);
+            }
+            self.guest_tier = Some((g.clone(), file));
         }
         if let Some(g) = &doc.guardrail {
             if self.guardrail.is_some() {
@@ -821,13 +896,20 @@ impl<'a> Builder<'a> {
     fn subject(&mut self, file: &str, i: usize, s: &SubjectDto) -> Option<Subject> {
         let path = format!("subjects[{i}]");
         let before = self.errors.len();
-        if s.key.value.trim().is_empty() {
-            self.err(
-                file,
-                s.key.referenced,
-                format!("{path}.key"),
-                "expected a non-empty API key",
-            );
+        match &s.key {
+            Some(key) if key.value.trim().is_empty() => {
+                self.err(
+                    file,
+                    key.referenced,
+                    format!("{path}.key"),
+                    "expected a non-empty API key",
+                );
+            }
+            None if s.key_sha256.is_empty() => {
+                let msg = "a subject needs `key` or `key_sha256` (its API keys)";
+                self.err(file, s.tier.referenced, path.clone(), msg);
+            }
+            _ => {}
         }
         let tier = self.tiers.get(&s.tier.value).cloned();
         if tier.is_none() {
@@ -853,15 +935,46 @@ impl<'a> Builder<'a> {
                 msg,
             );
         }
+        let mut tier = tier?;
+        if !s.overrides.is_empty() {
+            let mut quotas = tier.quotas.clone();
+            for (quota, dto) in &s.overrides {
+                let qpath = format!("{path}.overrides.{quota}");
+                if !self.declared_quotas.contains(quota) {
+                    let msg = format!("quota type `{quota}` is not defined by any tier");
+                    self.err(file, dto.referenced, qpath, msg);
+                } else if let Some(limits) = self.quota(file, &qpath, dto) {
+                    quotas.insert(quota.as_str().into(), limits);
+                }
+            }
+            tier = Arc::new(Tier {
+                name: tier.name.clone(),
+                quotas,
+            });
+        }
         if self.errors.len() != before {
             return None;
         }
         Some(Subject {
             id: s.id.as_str().into(),
-            tier: tier?,
+            tier,
             time_zone: tz?,
+            enabled: s.enabled,
         })
     }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(out)
 }
 
 /// Replace every `${NAME}` with the environment variable NAME; the name of a missing one is the

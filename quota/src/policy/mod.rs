@@ -3,14 +3,17 @@
 
 pub mod dto;
 mod load;
+mod snapshot;
 
-pub use load::{PolicyError, PolicyErrors, load_path, parse_sources};
+pub use load::{PolicyError, PolicyErrors, load_path, parse_layered, parse_sources, read_sources};
+pub use snapshot::{PolicyDoc, Snapshot, SubjectEntry};
 
 use crate::calendar::CalendarPeriod;
 use crate::limiter::Limit;
 use crate::llm::Provider;
 use crate::llm::price::Price;
 use chrono_tz::Tz;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +60,11 @@ pub struct Policy {
     pub tiers: HashMap<String, Arc<Tier>>,
     /// By API key.
     subjects: HashMap<String, Arc<Subject>>,
+    /// By the SHA-256 of the API key (keys issued by the control plane are only stored hashed).
+    subjects_by_hash: HashMap<[u8; 32], Arc<Subject>>,
     subjects_by_id: HashMap<Arc<str>, Arc<Subject>>,
+    /// For keys that cannot be looked up while the control plane is unreachable.
+    pub guest_tier: Option<Arc<Tier>>,
     /// Model prices, longest name first (a price applies to names it prefixes).
     models: Vec<(String, Price)>,
     pub guardrail: Option<Guardrail>,
@@ -72,6 +79,24 @@ pub struct Guardrail {
 }
 
 impl Policy {
+    /// No routes, no subjects: what a gateway enforces before it has any policy (every request
+    /// is refused).
+    pub fn empty() -> Self {
+        Self {
+            version: "none".into(),
+            hash: String::new(),
+            failure: FailurePolicy::default(),
+            routes: Vec::new(),
+            tiers: HashMap::new(),
+            subjects: HashMap::new(),
+            subjects_by_hash: HashMap::new(),
+            subjects_by_id: HashMap::new(),
+            guest_tier: None,
+            models: Vec::new(),
+            guardrail: None,
+        }
+    }
+
     /// The route for a request, most specific match first.
     pub fn route(&self, method: &str, host: Option<&str>, path: &str) -> Option<&Route> {
         let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
@@ -111,15 +136,36 @@ pub trait EntitlementSource: Send + Sync {
 
 impl EntitlementSource for Policy {
     fn subject_for_key(&self, api_key: &str) -> Option<Arc<Subject>> {
-        self.subjects.get(api_key).cloned()
+        if let Some(s) = self.subjects.get(api_key) {
+            return Some(s.clone());
+        }
+        if self.subjects_by_hash.is_empty() {
+            return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(api_key.as_bytes()).into();
+        self.subjects_by_hash.get(&digest).cloned()
     }
 }
 
 #[derive(Debug)]
 pub struct Subject {
     pub id: Arc<str>,
+    /// The tier's limits, with the subject's own overrides applied (the name stays the tier's).
     pub tier: Arc<Tier>,
     pub time_zone: Tz,
+    /// Disabled subjects' keys are refused (403) rather than unknown (401).
+    pub enabled: bool,
+}
+
+/// The hex SHA-256 of an API key, as policies and the control plane store it.
+pub fn key_sha256_hex(api_key: &str) -> String {
+    let digest = Sha256::digest(api_key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 #[derive(Debug)]

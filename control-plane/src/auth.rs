@@ -1,0 +1,117 @@
+//! Who is calling: bearer tokens with a role (viewer < editor < admin). Tokens are stored as
+//! SHA-256 hashes and compared in constant time; a token is `tga_<id>_<secret>`, so the lookup is
+//! by id and never by the secret. The bootstrap admin token is whatever the operator chose, under
+//! the id `bootstrap`.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Editor,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(Self::Viewer),
+            "editor" => Some(Self::Editor),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Editor => "editor",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+pub const BOOTSTRAP_ID: &str = "bootstrap";
+
+/// The authenticated caller; its name is recorded as the actor of every write.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Actor {
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(role.name()))
+        }
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Equal-length comparison whose time does not depend on where the inputs differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// A new random secret: 256 bits from the OS generator, hex.
+pub fn random_secret() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("{}{}", a.simple(), b.simple())
+}
+
+/// Split `tga_<id>_<secret>`; anything else is tried as the bootstrap token.
+fn token_id(token: &str) -> &str {
+    token
+        .strip_prefix("tga_")
+        .and_then(|rest| rest.split_once('_'))
+        .map_or(BOOTSTRAP_ID, |(id, _)| id)
+}
+
+impl FromRequestParts<Arc<AppState>> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let Some((name, role, hash)) = state.store.token(token_id(token)).await? else {
+            return Err(ApiError::Unauthorized);
+        };
+        if !constant_time_eq(sha256_hex(token.as_bytes()).as_bytes(), hash.as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+        let role = Role::parse(&role)
+            .ok_or_else(|| ApiError::Internal(format!("token `{name}` has an unknown role")))?;
+        Ok(Actor {
+            name: format!("token:{name}"),
+            role,
+        })
+    }
+}

@@ -1,0 +1,14 @@
+//! Tollgate's control plane: admins change policies and entitlements over REST; every change is a
+//! new revision, validated with the gateway's own policy code, stored (SQLite or PostgreSQL),
+//! audited, and pushed to every watching gateway.
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod state;
+pub mod store;
+pub mod watch;
+
+pub use api::app;
+pub use state::AppState;
+pub use store::Store;

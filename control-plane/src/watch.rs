@@ -1,0 +1,86 @@
+//! The push channel to gateways: `GET /v1/watch?since=REVISION` is a server-sent-event stream that
+//! sends the full snapshot when the caller is behind (always on a first connect), then every new
+//! revision as it is committed, and a heartbeat carrying the current revision when idle. Snapshots
+//! are whole, so a gateway that missed revisions only needs the latest one.
+
+use crate::auth::{Actor, Role};
+use crate::error::ApiError;
+use crate::state::{AppState, Published};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use std::sync::Arc;
+use utoipa::IntoParams;
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct WatchQuery {
+    /// The revision the caller already has; omit (or 0) to get the full snapshot.
+    pub since: Option<u64>,
+}
+
+fn frame(p: &Published) -> Bytes {
+    let mut out = Vec::with_capacity(p.json.len() + 48);
+    out.extend_from_slice(format!("event: snapshot\nid: {}\ndata: ", p.revision).as_bytes());
+    out.extend_from_slice(&p.json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+fn heartbeat(revision: u64) -> Bytes {
+    Bytes::from(format!(
+        "event: heartbeat\ndata: {{\"revision\":{revision}}}\n\n"
+    ))
+}
+
+/// Stream snapshots to a gateway.
+#[utoipa::path(get, path = "/v1/watch", tag = "gateways", params(WatchQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "text/event-stream: `snapshot` events (data: the snapshot JSON) and `heartbeat` events (data: {\"revision\": N})", content_type = "text/event-stream"),
+        (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
+pub async fn watch(
+    State(state): State<Arc<AppState>>,
+    actor: Actor,
+    Query(q): Query<WatchQuery>,
+) -> Result<Response, ApiError> {
+    actor.require(Role::Viewer)?;
+    let mut rx = state.published.subscribe();
+    let every = state.heartbeat;
+    let mut sent = q.since.unwrap_or(0);
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
+    tracing::info!(actor = %actor.name, since = sent, "gateway watching");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            let current = rx.borrow_and_update().clone();
+            let out = if current.revision > sent {
+                sent = current.revision;
+                frame(&current)
+            } else {
+                heartbeat(current.revision)
+            };
+            if tx.send(Ok(out)).await.is_err() {
+                return; // the gateway left
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

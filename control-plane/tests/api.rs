@@ -1,0 +1,672 @@
+//! The REST API driven in-process (`app(state)`, no sockets), on SQLite and on PostgreSQL:
+//! roles on every route group, versions, diff, rollback, dry-run validation, webhook
+//! idempotency, hashed keys, the OpenAPI document, and no secret in the logs.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use control_plane::{AppState, Store, app};
+use http_body_util::BodyExt;
+use quota::audit::NoSink;
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower::ServiceExt;
+
+const ADMIN: &str = "bootstrap-admin-token-for-tests";
+
+const POLICY: &str = "version: api-test
+upstreams:
+  up: { address: '127.0.0.1:9' }
+routes:
+  - { name: lookup, match: { path_prefix: /lookup }, upstream: up, quota: lookup }
+tiers:
+  free:
+    lookup: { daily: 10 }
+  pro:
+    lookup: { daily: 1000 }
+";
+
+struct Api {
+    router: axum::Router,
+    state: Arc<AppState>,
+    _db: Option<PgDb>,
+}
+
+/// A fresh PostgreSQL database, dropped afterwards.
+struct PgDb {
+    admin: String,
+    name: String,
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Dropped inside a runtime: do it on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::AnyPool::connect(&admin).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn api(pg: bool) -> Api {
+    sqlx::any::install_default_drivers();
+    let (url, db) = if pg {
+        let admin = std::env::var("TOLLGATE_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("tgcp_{}", uuid::Uuid::now_v7().simple());
+        let pool = sqlx::AnyPool::connect(&admin).await.expect("postgres");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        (
+            format!("{base}/{name}"),
+            Some(PgDb {
+                admin: admin.clone(),
+                name,
+            }),
+        )
+    } else {
+        ("sqlite::memory:".to_string(), None)
+    };
+    let store = Store::connect(&url).await.expect("store");
+    store
+        .put_token(
+            "bootstrap",
+            "bootstrap",
+            "admin",
+            &control_plane::auth::sha256_hex(ADMIN.as_bytes()),
+            "test",
+        )
+        .await
+        .expect("token");
+    let state = AppState::new(store, Box::new(NoSink), Duration::from_millis(200))
+        .await
+        .expect("state");
+    Api {
+        router: app(state.clone()),
+        state,
+        _db: db,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Body,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(body).expect("request"))
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn json(&self, method: &str, path: &str, token: &str, v: Value) -> (StatusCode, Value) {
+        self.call(method, path, Some(token), Body::from(v.to_string()))
+            .await
+    }
+
+    async fn token(&self, role: &str) -> String {
+        let (s, b) = self
+            .json(
+                "POST",
+                "/v1/tokens",
+                ADMIN,
+                json!({ "name": role, "role": role }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["token"].as_str().expect("token").to_string()
+    }
+}
+
+async fn roles_guard_every_route_group(pg: bool) {
+    let api = api(pg).await;
+    let viewer = api.token("viewer").await;
+    let editor = api.token("editor").await;
+    let (s, _) = api
+        .call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    // (method, path, body, the least role that may call it)
+    let routes: &[(&str, &str, &str, &str)] = &[
+        ("GET", "/v1/policies", "", "viewer"),
+        ("GET", "/v1/policies/active", "", "viewer"),
+        ("GET", "/v1/policies/1", "", "viewer"),
+        ("GET", "/v1/policies/diff?from=1", "", "viewer"),
+        ("POST", "/v1/policies/validate", POLICY, "editor"),
+        ("POST", "/v1/policies", POLICY, "editor"),
+        ("POST", "/v1/policies/1/rollback", "", "editor"),
+        ("GET", "/v1/tiers", "", "viewer"),
+        ("GET", "/v1/subjects", "", "viewer"),
+        ("PUT", "/v1/subjects/s1", r#"{"tier":"free"}"#, "editor"),
+        ("GET", "/v1/subjects/s1", "", "viewer"),
+        ("POST", "/v1/subjects/s1/keys", "", "editor"),
+        (
+            "POST",
+            "/v1/entitlements",
+            r#"{"subject":"s2","tier":"pro"}"#,
+            "editor",
+        ),
+        ("DELETE", "/v1/subjects/s2", "", "editor"),
+        ("GET", "/v1/changes", "", "viewer"),
+        ("GET", "/v1/tokens", "", "admin"),
+        (
+            "POST",
+            "/v1/tokens",
+            r#"{"name":"x","role":"viewer"}"#,
+            "admin",
+        ),
+    ];
+    for (method, path, body, least) in routes {
+        let (s, b) = api.call(method, path, None, Body::from(*body)).await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
+        assert_eq!(b["error"], "unauthorized");
+        let (s, _) = api
+            .call(method, path, Some("tga_nope_wrong"), Body::from(*body))
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with a made-up token"
+        );
+        let too_weak = match *least {
+            "viewer" => None,
+            "editor" => Some(&viewer),
+            _ => Some(&editor),
+        };
+        if let Some(t) = too_weak {
+            let (s, b) = api.call(method, path, Some(t), Body::from(*body)).await;
+            assert_eq!(
+                s,
+                StatusCode::FORBIDDEN,
+                "{method} {path} with a weaker role: {b}"
+            );
+            assert_eq!(b["error"], "forbidden");
+        }
+        let enough = match *least {
+            "viewer" => &viewer,
+            "editor" => &editor,
+            _ => ADMIN,
+        };
+        let (s, b) = api
+            .call(method, path, Some(enough), Body::from(*body))
+            .await;
+        assert!(s.is_success(), "{method} {path} as {least}: {s} {b}");
+    }
+    // The watch stream too (its body never ends, so only the status is read).
+    for (token, want) in [(None, 401), (Some(editor.as_str()), 200)] {
+        let mut req = Request::builder().uri("/v1/watch");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = api
+            .router
+            .clone()
+            .oneshot(req.body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status().as_u16(), want);
+    }
+    // Every write names its actor.
+    let (_, changes) = api
+        .call("GET", "/v1/changes", Some(&viewer), Body::empty())
+        .await;
+    let actors: Vec<&str> = changes
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["actor"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        actors.contains(&"token:editor") && actors.contains(&"token:bootstrap"),
+        "{changes}"
+    );
+    // A revoked token stops working at once.
+    let id = viewer.split('_').nth(1).expect("id");
+    let (s, _) = api
+        .call(
+            "DELETE",
+            &format!("/v1/tokens/{id}"),
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .call("GET", "/v1/policies", Some(&viewer), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn roles_guard_every_route_group_sqlite() {
+    roles_guard_every_route_group(false).await;
+}
+
+#[tokio::test]
+async fn roles_guard_every_route_group_postgres() {
+    roles_guard_every_route_group(true).await;
+}
+
+async fn policy_versions(pg: bool) {
+    let api = api(pg).await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies?comment=first",
+            Some(ADMIN),
+            Body::from(POLICY),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(
+        (b["version"].as_u64(), b["label"].as_str()),
+        (Some(1), Some("api-test"))
+    );
+    let v2 = POLICY.replace("daily: 10 }", "daily: 20 }");
+    let (s, _) = api
+        .call("POST", "/v1/policies", Some(ADMIN), Body::from(v2.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // Dry run: errors with line and column, and nothing changes.
+    let broken = POLICY.replace("daily: 10", "daily: ten");
+    let before = api.state.store.revision().await.expect("revision");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies/validate",
+            Some(ADMIN),
+            Body::from(broken.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["error"], "invalid");
+    let first = b["errors"][0].as_str().expect("error line");
+    assert!(
+        first.starts_with("control-plane policy v3:8:22: tiers.free.lookup.daily:"),
+        "{first}"
+    );
+    assert!(first.contains("tiers.free.lookup"), "{first}");
+    let (s, b) = api
+        .call("POST", "/v1/policies", Some(ADMIN), Body::from(broken))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(api.state.store.revision().await.expect("revision"), before);
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies/validate",
+            Some(ADMIN),
+            Body::from(v2.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["routes"], json!(["lookup"]));
+
+    // History, diff, rollback.
+    let (_, hist) = api
+        .call("GET", "/v1/policies", Some(ADMIN), Body::empty())
+        .await;
+    let versions: Vec<u64> = hist
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|v| v["version"].as_u64())
+        .collect();
+    assert_eq!(versions, [2, 1]);
+    assert_eq!(hist[1]["comment"], "first");
+    let (_, d) = api
+        .call(
+            "GET",
+            "/v1/policies/diff?from=1&to=2",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    let diff = d["diff"].as_str().expect("diff");
+    assert!(
+        diff.contains("-    lookup: { daily: 10 }\n+    lookup: { daily: 20 }"),
+        "{diff}"
+    );
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies/1/rollback",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["version"], 3);
+    assert_eq!(b["yaml"], POLICY);
+    assert_eq!(b["comment"], "rollback to v1");
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/policies/9/rollback",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A policy that drops a tier a subject is on is refused, naming the subject.
+    let (s, _) = api
+        .json("PUT", "/v1/subjects/acme", ADMIN, json!({ "tier": "pro" }))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, key) = api
+        .call("POST", "/v1/subjects/acme/keys", Some(ADMIN), Body::empty())
+        .await;
+    let no_pro = POLICY.replace("  pro:\n    lookup: { daily: 1000 }\n", "");
+    let (s, b) = api
+        .call("POST", "/v1/policies", Some(ADMIN), Body::from(no_pro))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["errors"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown tier `pro`"),
+        "{b}"
+    );
+
+    // What gateways receive: the active document and key hashes, never the key.
+    let snap = api.state.store.snapshot().await.expect("snapshot");
+    assert_eq!(snap.policy.as_ref().map(|p| p.version), Some(3));
+    let key = key["key"].as_str().expect("key");
+    assert_eq!(
+        snap.subjects[0].key_sha256,
+        [quota::policy::key_sha256_hex(key)]
+    );
+    let policy = snap.compile(&[]).expect("compiles");
+    use quota::policy::EntitlementSource;
+    assert_eq!(
+        policy.subject_for_key(key).map(|s| s.id.to_string()),
+        Some("acme".into())
+    );
+    let listed = api
+        .call("GET", "/v1/subjects/acme", Some(ADMIN), Body::empty())
+        .await
+        .1;
+    assert!(!listed.to_string().contains(key), "{listed}");
+}
+
+#[tokio::test]
+async fn policies_are_versioned_diffed_rolled_back_and_validated_sqlite() {
+    policy_versions(false).await;
+}
+
+#[tokio::test]
+async fn policies_are_versioned_diffed_rolled_back_and_validated_postgres() {
+    policy_versions(true).await;
+}
+
+async fn subjects_and_webhook(pg: bool) {
+    let api = api(pg).await;
+    let (s, b) = api
+        .json("PUT", "/v1/subjects/acme", ADMIN, json!({ "tier": "free" }))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "subjects need a policy first: {b}");
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    let bad = [
+        (json!({ "tier": "gold" }), "unknown tier `gold`"),
+        (
+            json!({ "tier": "free", "time_zone": "Mars/Base" }),
+            "unknown time zone",
+        ),
+        (
+            json!({ "tier": "free", "overrides": { "lookup": { "daily": 0 } } }),
+            "overrides.lookup",
+        ),
+        (
+            json!({ "tier": "free", "overrides": { "nope": { "daily": 5 } } }),
+            "quota type `nope`",
+        ),
+    ];
+    for (body, want) in bad {
+        let (s, b) = api
+            .json("PUT", "/v1/subjects/acme", ADMIN, body.clone())
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {b}");
+        assert!(b.to_string().contains(want), "{body}: {b}");
+    }
+    let (s, b) = api
+        .json(
+            "PUT",
+            "/v1/subjects/acme",
+            ADMIN,
+            json!({ "tier": "free", "time_zone": "Europe/Berlin", "overrides": { "lookup": { "daily": 50 } } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["overrides"]["lookup"]["daily"], 50);
+    let (_, key) = api
+        .call("POST", "/v1/subjects/acme/keys", Some(ADMIN), Body::empty())
+        .await;
+    let key = key["key"].as_str().expect("key").to_string();
+    let policy = api
+        .state
+        .store
+        .snapshot()
+        .await
+        .expect("snap")
+        .compile(&[])
+        .expect("compiles");
+    use quota::policy::EntitlementSource;
+    let acme = policy.subject_for_key(&key).expect("acme");
+    assert_eq!(acme.time_zone, chrono_tz::Europe::Berlin);
+    assert_eq!(
+        acme.tier.quotas.get("lookup"),
+        Some(&quota::policy::QuotaLimits::Limited(vec![
+            quota::policy::LimitSpec::Calendar {
+                limit: 50,
+                period: quota::calendar::CalendarPeriod::Day,
+            }
+        ])),
+        "the override replaces the tier's limit"
+    );
+
+    // The webhook: one call upgrades; a retry with the same key changes nothing; the same key
+    // with a different request is a conflict.
+    let call = json!({ "subject": "acme", "tier": "pro", "idempotency_key": "evt_1" });
+    let (s, first) = api
+        .json("POST", "/v1/entitlements", ADMIN, call.clone())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(
+        (first["before_tier"].as_str(), first["after_tier"].as_str()),
+        (Some("free"), Some("pro"))
+    );
+    let rev = api.state.store.revision().await.expect("rev");
+    let (s, again) = api.json("POST", "/v1/entitlements", ADMIN, call).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["revision"], first["revision"]);
+    assert_eq!(api.state.store.revision().await.expect("rev"), rev);
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            json!({ "subject": "acme", "tier": "free", "idempotency_key": "evt_1" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // A new customer is created by its first webhook.
+    let (s, b) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            json!({ "subject": "newco", "tier": "free", "time_zone": "Asia/Tokyo" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["before_tier"], Value::Null);
+    let (_, newco) = api
+        .call("GET", "/v1/subjects/newco", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(newco["time_zone"], "Asia/Tokyo");
+
+    // Disable, revoke a key.
+    let (s, b) = api
+        .json(
+            "PUT",
+            "/v1/subjects/acme",
+            ADMIN,
+            json!({ "tier": "pro", "enabled": false }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let key_id = b["keys"][0]["id"].as_str().expect("key id").to_string();
+    let policy = api
+        .state
+        .store
+        .snapshot()
+        .await
+        .expect("snap")
+        .compile(&[])
+        .expect("compiles");
+    assert!(!policy.subject_for_key(&key).expect("still known").enabled);
+    let (s, _) = api
+        .call(
+            "DELETE",
+            &format!("/v1/subjects/acme/keys/{key_id}"),
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let policy = api
+        .state
+        .store
+        .snapshot()
+        .await
+        .expect("snap")
+        .compile(&[])
+        .expect("compiles");
+    assert!(
+        policy.subject_for_key(&key).is_none(),
+        "a revoked key is unknown"
+    );
+}
+
+#[tokio::test]
+async fn subjects_keys_and_the_webhook_sqlite() {
+    subjects_and_webhook(false).await;
+}
+
+#[tokio::test]
+async fn subjects_keys_and_the_webhook_postgres() {
+    subjects_and_webhook(true).await;
+}
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let api = api(false).await;
+    let (s, doc) = api.call("GET", "/openapi.json", None, Body::empty()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().unwrap_or("").starts_with("3."),
+        "{doc}"
+    );
+    for path in [
+        "/v1/policies",
+        "/v1/policies/{version}/rollback",
+        "/v1/subjects/{id}/keys",
+        "/v1/entitlements",
+        "/v1/tokens",
+        "/v1/watch",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+/// Log lines written while the API handles requests carrying secrets.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn tokens_and_keys_never_reach_the_logs() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let api = api(false).await;
+    let editor = api.token("editor").await;
+    api.call("POST", "/v1/policies", Some(&editor), Body::from(POLICY))
+        .await;
+    api.json(
+        "PUT",
+        "/v1/subjects/acme",
+        &editor,
+        json!({ "tier": "free" }),
+    )
+    .await;
+    let (_, key) = api
+        .call(
+            "POST",
+            "/v1/subjects/acme/keys",
+            Some(&editor),
+            Body::empty(),
+        )
+        .await;
+    api.call("GET", "/v1/tokens", Some(&editor), Body::empty())
+        .await;
+    let text = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
+    assert!(
+        text.contains("policy version created"),
+        "logs were captured: {text}"
+    );
+    for secret in [ADMIN, editor.as_str(), key["key"].as_str().expect("key")] {
+        assert!(!text.contains(secret), "a secret was logged");
+    }
+}

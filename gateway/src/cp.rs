@@ -1,0 +1,245 @@
+//! Following the control plane: a long-lived watch stream (server-sent events) that delivers the
+//! full snapshot on connect and each new revision after it. A snapshot newer than the enforced one
+//! is compiled and swapped in, then written to disk so a restart while the control plane is away
+//! starts from it. Reconnects with capped exponential backoff; a stream silent for three
+//! heartbeats is treated as dead. The token is never logged.
+
+use crate::reload::rebuild;
+use crate::state::AppState;
+use futures_util::StreamExt;
+use quota::policy::Snapshot;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Three heartbeats (sent every 5 s) missed.
+const SILENCE: Duration = Duration::from_secs(15);
+
+pub struct Link {
+    /// Base URL, without a trailing slash.
+    pub url: String,
+    token: String,
+    pub snapshot_path: PathBuf,
+    connected: AtomicBool,
+    /// The revision enforced now.
+    applied: AtomicU64,
+    /// The newest revision the control plane has announced.
+    latest: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("cannot reach the control plane: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the control plane answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("the watch stream ended")]
+    Closed,
+    #[error("no heartbeat for {0:?}")]
+    Silent(Duration),
+}
+
+impl Link {
+    pub fn new(url: &str, token: String, snapshot_path: PathBuf) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            token,
+            snapshot_path,
+            connected: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            latest: AtomicU64::new(0),
+        }
+    }
+
+    /// True until the first stream is up and whenever it is down: keys this gateway does not
+    /// know may then exist at the control plane.
+    pub fn unreachable(&self) -> bool {
+        !self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    pub fn latest(&self) -> u64 {
+        self.latest.load(Ordering::Relaxed)
+    }
+
+    /// Record a snapshot enforced at start (from disk).
+    pub fn set_applied(&self, revision: u64) {
+        self.applied.store(revision, Ordering::Relaxed);
+        self.latest.fetch_max(revision, Ordering::Relaxed);
+    }
+}
+
+/// Read the snapshot a previous run wrote; `None` (with a warning) when it is missing or damaged.
+pub fn read_disk_snapshot(path: &Path) -> Option<Snapshot> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the control-plane snapshot");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged control-plane snapshot");
+            None
+        }
+    }
+}
+
+/// Replace the file atomically: a crash leaves the old snapshot or the new one, never half.
+fn write_disk_snapshot(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Follow the control plane until the process ends.
+pub async fn follow(state: Arc<AppState>) {
+    let Some(link) = state.control_plane.as_ref() else {
+        return;
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut connected = false;
+        let result = stream_once(&state, link, &mut connected).await;
+        link.connected.store(false, Ordering::Relaxed);
+        state.metrics.control_plane_connected.set(0);
+        if connected {
+            backoff = BACKOFF_MIN;
+        }
+        if let Err(e) = result {
+            tracing::warn!(url = %link.url, error = %e, retry_in_ms = backoff.as_millis() as u64, "control-plane stream down");
+        }
+        // Jitter, so a fleet does not reconnect in lockstep after an outage.
+        let jitter = Duration::from_millis(u64::from(uuid::Uuid::now_v7().as_bytes()[15]) % 50);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn stream_once(
+    state: &Arc<AppState>,
+    link: &Link,
+    connected: &mut bool,
+) -> Result<(), StreamError> {
+    let url = format!("{}/v1/watch?since={}", link.url, link.applied());
+    let resp = state
+        .http
+        .get(&url)
+        .bearer_auth(&link.token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(StreamError::Status(resp.status()));
+    }
+    *connected = true;
+    link.connected.store(true, Ordering::Relaxed);
+    state.metrics.control_plane_connected.set(1);
+    tracing::info!(url = %link.url, since = link.applied(), "following the control plane");
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut scanned: usize = 0;
+    loop {
+        let chunk = match tokio::time::timeout(SILENCE, body.next()).await {
+            Err(_) => return Err(StreamError::Silent(SILENCE)),
+            Ok(None) => return Err(StreamError::Closed),
+            Ok(Some(chunk)) => chunk?,
+        };
+        buf.extend_from_slice(&chunk);
+        // Events end with a blank line; a snapshot may span many chunks.
+        while let Some(end) = buf[scanned.saturating_sub(1)..]
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .map(|p| p + scanned.saturating_sub(1))
+        {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            scanned = 0;
+            handle_event(state, link, &event).await;
+        }
+        scanned = buf.len();
+    }
+}
+
+async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) {
+    let mut kind = "message";
+    let mut data = Vec::new();
+    for line in event.split(|&b| b == b'\n') {
+        if let Some(v) = line.strip_prefix(b"event:") {
+            kind = match v.trim_ascii() {
+                b"snapshot" => "snapshot",
+                b"heartbeat" => "heartbeat",
+                _ => "other",
+            };
+        } else if let Some(v) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+        }
+    }
+    match kind {
+        "heartbeat" => {
+            #[derive(serde::Deserialize)]
+            struct Beat {
+                revision: u64,
+            }
+            if let Ok(b) = serde_json::from_slice::<Beat>(&data) {
+                link.latest.fetch_max(b.revision, Ordering::Relaxed);
+            }
+        }
+        "snapshot" => apply_snapshot(state, link, data).await,
+        _ => {}
+    }
+    let drift = link.latest().saturating_sub(link.applied());
+    state.metrics.snapshot_drift.set(drift as i64);
+}
+
+async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) {
+    let m = &state.metrics;
+    let snap: Snapshot = match serde_json::from_slice(&data) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "undecodable snapshot from the control plane; ignored");
+            m.snapshot_refresh.with_label_values(&["rejected"]).inc();
+            return;
+        }
+    };
+    link.latest.fetch_max(snap.revision, Ordering::Relaxed);
+    // Never go back: a reconnect to a lagging replica must not undo a newer revision.
+    if snap.revision <= link.applied() {
+        m.snapshot_refresh.with_label_values(&["stale"]).inc();
+        return;
+    }
+    let revision = snap.revision;
+    let st = state.clone();
+    let actor = format!("control-plane:{}", link.url);
+    let applied = tokio::task::spawn_blocking(move || {
+        rebuild(&st, &actor, |s| s.snapshot = Some(snap)).is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    if !applied {
+        m.snapshot_refresh.with_label_values(&["rejected"]).inc();
+        return;
+    }
+    link.applied.store(revision, Ordering::Relaxed);
+    m.snapshot_refresh.with_label_values(&["applied"]).inc();
+    tracing::info!(revision, "control-plane snapshot applied");
+    let path = link.snapshot_path.clone();
+    let written = tokio::task::spawn_blocking(move || write_disk_snapshot(&path, &data)).await;
+    if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+        tracing::warn!(path = %link.snapshot_path.display(), error = %e, "cannot save the snapshot to disk");
+    }
+}
