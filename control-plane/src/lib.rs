@@ -5,6 +5,8 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod ledger;
+pub mod reconcile;
 pub mod state;
 pub mod store;
 pub mod watch;

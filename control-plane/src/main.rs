@@ -1,12 +1,15 @@
 //! The `control-plane` binary: `serve` runs the REST API and the gateways' watch streams.
 
 use anyhow::Context;
+use audit_kafka::{AccountingConsumer, ConsumerConfig, KafkaSink, KafkaSinkConfig};
 use clap::{Parser, Subcommand};
 use control_plane::auth::{BOOTSTRAP_ID, sha256_hex};
+use control_plane::ledger::Ledger;
 use control_plane::{AppState, Store};
 use quota::audit::{AuditSink, JsonlSink, NoSink};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -20,6 +23,53 @@ struct Cli {
 enum Command {
     /// Serve the admin REST API and the gateways' watch streams.
     Serve(ServeArgs),
+    /// Read audit events from Kafka into the `quota_audit` ledger (a consumer group: run several
+    /// to share the partitions).
+    Accounting(AccountingArgs),
+    /// Compare the ledger's totals of a day with a gateway's live daily counters.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(clap::Args)]
+struct AccountingArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    #[arg(long)]
+    brokers: String,
+    #[arg(long, default_value = "tollgate-audit")]
+    topic: String,
+    #[arg(long, default_value = "tollgate-accounting")]
+    group: String,
+    /// The ledger: `sqlite://FILE` or `postgres://…`.
+    #[arg(long, default_value = "sqlite://tollgate-ledger.db")]
+    database: String,
+    /// Events per transaction at most.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Serve the consumer's counters as Prometheus metrics here.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// A librdkafka consumer property, `KEY=VALUE` (TLS, SASL, `session.timeout.ms`); repeatable.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    kafka_options: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ReconcileArgs {
+    /// The ledger: `sqlite://FILE` or `postgres://…`.
+    #[arg(long)]
+    database: String,
+    /// A gateway's API address (`http://127.0.0.1:9090`), whose counters are compared.
+    #[arg(long)]
+    gateway: String,
+    /// The subjects' local day, `YYYY-MM-DD` (default: today in UTC).
+    #[arg(long)]
+    day: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also write the drift as Prometheus text (for a textfile collector).
+    #[arg(long)]
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -35,6 +85,17 @@ struct ServeArgs {
     /// Append audit events (policy and entitlement changes) to this JSONL file.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Send audit events to Kafka instead (`host:port[,host:port]`), spooling while it is away.
+    #[arg(long, value_name = "BROKERS", conflicts_with = "audit_log")]
+    audit_kafka: Option<String>,
+    #[arg(long, default_value = "tollgate-audit")]
+    audit_topic: String,
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "tollgate-control-plane-spool"
+    )]
+    audit_spool: PathBuf,
     /// Interval of heartbeats on idle watch streams.
     #[arg(long, default_value_t = 5000)]
     heartbeat_ms: u64,
@@ -53,7 +114,85 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Accounting(args) => rt.block_on(accounting(args)),
+        Command::Reconcile(args) => {
+            let drift = rt.block_on(reconcile(args))?;
+            // Non-zero when the ledger and the counters disagree, for cron jobs and CI.
+            std::process::exit(if drift == 0 { 0 } else { 3 });
+        }
     }
+}
+
+async fn ledger(url: &str) -> anyhow::Result<Ledger> {
+    let store = Store::connect(url)
+        .await
+        .with_context(|| format!("opening the database {}", redact(url)))?;
+    Ok(Ledger::new(store.pool().clone()).await?)
+}
+
+async fn accounting(args: AccountingArgs) -> anyhow::Result<()> {
+    let ledger = ledger(&args.database).await?;
+    let mut cfg = ConsumerConfig::new(&args.brokers, &args.group, &args.topic);
+    cfg.batch_max = args.batch.max(1);
+    for o in &args.kafka_options {
+        let (k, v) = o
+            .split_once('=')
+            .with_context(|| format!("--kafka-option `{o}`: expected KEY=VALUE"))?;
+        cfg.extra.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let consumer = AccountingConsumer::new(cfg, ledger)?;
+    let stats = consumer.stats_handle();
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        println!("metrics listening on {}", listener.local_addr()?);
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let s = stats.get();
+                async move {
+                    format!(
+                        "# TYPE accounting_events_consumed_total counter\naccounting_events_consumed_total {}\n\
+                         # TYPE accounting_events_inserted_total counter\naccounting_events_inserted_total {}\n\
+                         # TYPE accounting_events_duplicate_total counter\naccounting_events_duplicate_total {}\n\
+                         # TYPE accounting_events_undecodable_total counter\naccounting_events_undecodable_total {}\n\
+                         # TYPE accounting_batches_total counter\naccounting_batches_total {}\n",
+                        s.consumed, s.inserted, s.duplicates, s.undecodable, s.batches
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+    println!(
+        "accounting consumer running (topic {}, group {})",
+        args.topic, args.group
+    );
+    consumer
+        .run(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn reconcile(args: ReconcileArgs) -> anyhow::Result<i64> {
+    let ledger = ledger(&args.database).await?;
+    let day = args
+        .day
+        .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m-%d").to_string());
+    let report = control_plane::reconcile::reconcile(&ledger, &args.gateway, &day).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if let Some(path) = &args.metrics_file {
+        std::fs::write(path, report.prometheus())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report.drift)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -93,9 +232,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let audit: Box<dyn AuditSink> = match &args.audit_log {
-        Some(path) => Box::new(JsonlSink::open(path)?),
-        None => Box::new(NoSink),
+    let mut kafka = None;
+    let audit: Box<dyn AuditSink> = match (&args.audit_log, args.audit_kafka) {
+        (Some(path), _) => Box::new(JsonlSink::open(path)?),
+        (None, Some(brokers)) => {
+            let mut cfg = KafkaSinkConfig::new(brokers, args.audit_spool);
+            cfg.topic = args.audit_topic;
+            let sink = Arc::new(KafkaSink::new(cfg)?);
+            kafka = Some(sink.clone());
+            Box::new(sink)
+        }
+        (None, None) => Box::new(NoSink),
     };
     let state = AppState::new(
         store,
@@ -113,6 +260,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    if let Some(k) = kafka {
+        k.shutdown(Duration::from_secs(3)).await?;
+    }
     Ok(())
 }
 

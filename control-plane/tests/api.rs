@@ -59,6 +59,10 @@ impl Drop for PgDb {
 }
 
 async fn api(pg: bool) -> Api {
+    api_with(pg, Box::new(NoSink)).await
+}
+
+async fn api_with(pg: bool, audit: Box<dyn quota::audit::AuditSink>) -> Api {
     sqlx::any::install_default_drivers();
     let (url, db) = if pg {
         let admin = std::env::var("TOLLGATE_POSTGRES_URL")
@@ -91,7 +95,7 @@ async fn api(pg: bool) -> Api {
         )
         .await
         .expect("token");
-    let state = AppState::new(store, Box::new(NoSink), Duration::from_millis(200))
+    let state = AppState::new(store, audit, Duration::from_millis(200))
         .await
         .expect("state");
     Api {
@@ -669,4 +673,87 @@ async fn tokens_and_keys_never_reach_the_logs() {
     for secret in [ADMIN, editor.as_str(), key["key"].as_str().expect("key")] {
         assert!(!text.contains(secret), "a secret was logged");
     }
+}
+
+/// Keeps every event emitted.
+#[derive(Default)]
+struct Collect(Mutex<Vec<quota::audit::AuditEvent>>);
+
+impl quota::audit::AuditSink for Collect {
+    fn emit(&self, event: quota::audit::AuditEvent) {
+        self.0.lock().expect("lock").push(event);
+    }
+    fn counts(&self) -> quota::audit::SinkCounts {
+        quota::audit::SinkCounts::default()
+    }
+}
+
+#[tokio::test]
+async fn every_admin_change_is_an_audit_event_with_its_actor() {
+    use quota::audit::EventBody;
+    let events = Arc::new(Collect::default());
+    let api = api_with(false, Box::new(events.clone())).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    api.json(
+        "POST",
+        "/v1/entitlements",
+        ADMIN,
+        json!({ "subject": "acme", "tier": "free" }),
+    )
+    .await;
+    api.json(
+        "POST",
+        "/v1/entitlements",
+        ADMIN,
+        json!({ "subject": "acme", "tier": "pro" }),
+    )
+    .await;
+    let got: Vec<(Option<String>, EventBody)> = events
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| (e.subject.clone(), e.body.clone()))
+        .collect();
+    let actor = "token:bootstrap".to_string();
+    assert_eq!(
+        got,
+        vec![
+            (
+                None,
+                EventBody::PolicyChanged {
+                    actor: actor.clone(),
+                    before_version: None,
+                    after_version: "v1".into()
+                }
+            ),
+            (
+                None,
+                EventBody::PolicyChanged {
+                    actor: actor.clone(),
+                    before_version: Some("v1".into()),
+                    after_version: "v2".into()
+                }
+            ),
+            (
+                Some("acme".into()),
+                EventBody::EntitlementChanged {
+                    actor: actor.clone(),
+                    before_tier: None,
+                    after_tier: "free".into()
+                }
+            ),
+            (
+                Some("acme".into()),
+                EventBody::EntitlementChanged {
+                    actor,
+                    before_tier: Some("free".into()),
+                    after_tier: "pro".into()
+                }
+            ),
+        ]
+    );
 }

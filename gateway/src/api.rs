@@ -95,7 +95,7 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             _ => "quota_exceeded",
         });
         state.record_decision(
-            &req.subject,
+            subject,
             req.request_id.as_deref(),
             &req.quota,
             req.cost,
@@ -136,6 +136,9 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     state.metrics.sync_backend(state.engine.store());
     state.metrics.sync_audit(state.audit.counts());
+    if let Some(k) = &state.kafka {
+        state.metrics.sync_kafka(&k.stats());
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -185,8 +185,12 @@ impl Settling {
             attempt_id: self.attempt_id.clone(),
             settlements,
         };
-        self.state
-            .audit(Some(&self.subject.id), Some(&self.request_id), body);
+        self.state.emit(
+            &self.subject,
+            Some(&self.request_id),
+            self.reserved_at_ns,
+            body,
+        );
         let m = &self.state.metrics;
         m.llm_tokens
             .with_label_values(&["prompt"])

@@ -67,6 +67,21 @@ struct RunArgs {
     /// Append an audit event per decision and settlement to this JSONL file.
     #[arg(long, value_name = "PATH")]
     audit_log: Option<PathBuf>,
+    /// Send audit events to Kafka (`host:port[,host:port]`), spooling to disk while it is away.
+    #[arg(long, value_name = "BROKERS", conflicts_with = "audit_log")]
+    audit_kafka: Option<String>,
+    /// Kafka topic of audit events.
+    #[arg(long, default_value = "tollgate-audit")]
+    audit_topic: String,
+    /// Directory of the audit spool (events waiting for Kafka survive restarts here).
+    #[arg(long, value_name = "DIR", default_value = "tollgate-audit-spool")]
+    audit_spool: PathBuf,
+    /// A librdkafka property for the audit producer, `KEY=VALUE` (TLS, SASL, tuning); repeatable.
+    #[arg(long = "audit-kafka-option", value_name = "KEY=VALUE")]
+    audit_kafka_options: Vec<String>,
+    /// Upper bound of the audit spool; past it new events are dropped and counted.
+    #[arg(long, default_value_t = 1024)]
+    audit_spool_max_mb: u64,
     /// This gateway's name in audit events (default: gateway-<pid>).
     #[arg(long)]
     gateway_id: Option<String>,
@@ -128,10 +143,33 @@ fn main() -> ExitCode {
                 no_leases,
                 lease_ttl_ms,
                 audit_log,
+                audit_kafka,
+                audit_topic,
+                audit_spool,
+                audit_spool_max_mb,
+                audit_kafka_options,
                 gateway_id,
             } = *args;
+            let mut kafka_extra = Vec::new();
+            for o in audit_kafka_options {
+                match o.split_once('=') {
+                    Some((k, v)) => kafka_extra.push((k.trim().to_string(), v.trim().to_string())),
+                    None => {
+                        eprintln!("gateway: --audit-kafka-option `{o}`: expected KEY=VALUE");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            let kafka = audit_kafka.map(|brokers| {
+                let mut k = audit_kafka::KafkaSinkConfig::new(brokers, audit_spool);
+                k.topic = audit_topic;
+                k.spool.max_bytes = audit_spool_max_mb.saturating_mul(1 << 20);
+                k.extra = kafka_extra;
+                k
+            });
             let audit = gateway::server::AuditConfig {
                 log: audit_log,
+                kafka,
                 gateway_id: gateway_id.unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             };
             let leases = (!no_leases).then(|| quota::storage::LeaseConfig {

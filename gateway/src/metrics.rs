@@ -32,6 +32,8 @@ pub struct Metrics {
     pub snapshot_drift: IntGauge,
     /// 1 while the control-plane watch stream is connected.
     pub control_plane_connected: IntGauge,
+    /// The Kafka audit sink's counters, copied at each scrape.
+    kafka: [IntGauge; 6],
 }
 
 impl Metrics {
@@ -163,6 +165,38 @@ impl Metrics {
         registry.register(Box::new(snapshot_refresh.clone()))?;
         registry.register(Box::new(snapshot_drift.clone()))?;
         registry.register(Box::new(control_plane_connected.clone()))?;
+        let kafka = [
+            (
+                "audit_kafka_delivered_total",
+                "Audit events Kafka confirmed (directly or from the spool)",
+            ),
+            (
+                "audit_kafka_spooled_total",
+                "Audit events written to the disk spool",
+            ),
+            (
+                "audit_kafka_delivery_errors_total",
+                "Failed Kafka deliveries (those events were spooled)",
+            ),
+            (
+                "audit_spool_pending_records",
+                "Audit events in the spool, not yet confirmed by Kafka",
+            ),
+            (
+                "audit_spool_pending_bytes",
+                "Bytes in the spool, not yet confirmed by Kafka",
+            ),
+            (
+                "audit_kafka_spooling",
+                "1 while events go to the spool instead of Kafka",
+            ),
+        ]
+        .map(|(name, help)| IntGauge::new(name, help));
+        let [a, b, c, d, e, f] = kafka;
+        let kafka = [a?, b?, c?, d?, e?, f?];
+        for g in &kafka {
+            registry.register(Box::new(g.clone()))?;
+        }
         for r in ["applied", "stale", "rejected"] {
             snapshot_refresh.with_label_values(&[r]);
         }
@@ -193,7 +227,23 @@ impl Metrics {
             snapshot_refresh,
             snapshot_drift,
             control_plane_connected,
+            kafka,
         })
+    }
+
+    /// Bring the Kafka sink's metrics up to date.
+    pub fn sync_kafka(&self, s: &audit_kafka::SinkStats) {
+        let values = [
+            s.delivered,
+            s.spooled,
+            s.delivery_errors,
+            s.spool_pending_records,
+            s.spool_pending_bytes,
+            u64::from(s.spooling),
+        ];
+        for (g, v) in self.kafka.iter().zip(values) {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
     }
 
     /// Bring the audit metrics up to date with the sink's own counters.

@@ -57,7 +57,7 @@ pub(crate) async fn refuse(
         Reason::NotInTier => "quota_not_in_tier",
         _ => "quota_exceeded",
     };
-    state.record_decision(&subject.id, Some(rid), quota, amount, Some(reason));
+    state.record_decision(subject, Some(rid), quota, amount, Some(reason));
     if decision.reason == Reason::NotInTier {
         let msg = format!(
             "tier `{}` does not include quota `{quota}`",
@@ -335,7 +335,7 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         self.state
-            .record_decision(&subject.id, Some(&ctx.request_id), &quota, cost, None);
+            .record_decision(&subject, Some(&ctx.request_id), &quota, cost, None);
         ctx.decision = Some(decision);
         Ok(false)
     }

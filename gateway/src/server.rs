@@ -46,6 +46,8 @@ pub struct ControlPlaneConfig {
 pub struct AuditConfig {
     /// Append audit events to this JSONL file; `None`: no audit log.
     pub log: Option<PathBuf>,
+    /// Send audit events to Kafka (with a disk spool for outages) instead.
+    pub kafka: Option<audit_kafka::KafkaSinkConfig>,
     /// This gateway's name in audit events.
     pub gateway_id: String,
 }
@@ -60,12 +62,22 @@ pub fn build_state(
     leases: Option<LeaseConfig>,
     audit_cfg: &AuditConfig,
 ) -> anyhow::Result<Arc<AppState>> {
-    let audit: Box<dyn AuditSink> = match &audit_cfg.log {
-        Some(path) => {
+    let mut kafka = None;
+    let audit: Box<dyn AuditSink> = match (&audit_cfg.log, &audit_cfg.kafka) {
+        (Some(path), _) => {
             tracing::info!(path = %path.display(), "audit events to a JSONL file");
             Box::new(JsonlSink::open(path)?)
         }
-        None => Box::new(NoSink),
+        (None, Some(cfg)) => {
+            tracing::info!(brokers = %cfg.brokers, topic = %cfg.topic, spool = %cfg.spool.dir.display(), "audit events to Kafka");
+            let sink = Arc::new(
+                audit_kafka::KafkaSink::new(cfg.clone())
+                    .context("starting the Kafka audit sink")?,
+            );
+            kafka = Some(sink.clone());
+            Box::new(sink)
+        }
+        (None, None) => Box::new(NoSink),
     };
     let mut sources = Sources::default();
     if let Some(path) = &config {
@@ -126,6 +138,7 @@ pub fn build_state(
         clock,
         guardrail: Default::default(),
         audit,
+        kafka,
         gateway_id: audit_cfg.gateway_id.clone(),
         http: reqwest::Client::builder()
             .no_proxy()
@@ -189,8 +202,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     proxy.add_tcp(&cfg.listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service(
-        "lease return on shutdown",
-        ReturnLeasesOnShutdown(state),
+        "lease return and audit flush on shutdown",
+        OnShutdown {
+            state,
+            grace: Duration::from_secs(cfg.grace_period_s),
+        },
     ));
     server.run_forever()
 }
@@ -254,19 +270,37 @@ fn control_plane_tasks(
     });
 }
 
-/// On graceful shutdown (SIGTERM), give back every unused lease so the fleet can use it.
-struct ReturnLeasesOnShutdown(Arc<AppState>);
+/// On graceful shutdown (SIGTERM): give back every unused lease so the fleet can use it, and
+/// hand every audit event to Kafka or the disk spool.
+struct OnShutdown {
+    state: Arc<AppState>,
+    grace: Duration,
+}
 
 #[async_trait::async_trait]
-impl BackgroundService for ReturnLeasesOnShutdown {
+impl BackgroundService for OnShutdown {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Store::Leased(leased) = self.0.engine.store() else {
-            return;
-        };
         let _ = shutdown.changed().await;
-        match leased.return_leases(self.0.clock.now_ns(), true).await {
-            Ok(()) => tracing::info!("unused leases returned"),
-            Err(e) => tracing::warn!(error = %e, "unused leases not returned"),
+        if let Store::Leased(leased) = self.state.engine.store() {
+            match leased.return_leases(self.state.clock.now_ns(), true).await {
+                Ok(()) => tracing::info!("unused leases returned"),
+                Err(e) => tracing::warn!(error = %e, "unused leases not returned"),
+            }
+        }
+        if let Some(k) = &self.state.kafka {
+            // Leave time within the grace period for the spool's fsync.
+            let wait = self
+                .grace
+                .saturating_sub(Duration::from_secs(1))
+                .max(Duration::from_millis(500));
+            match k.shutdown(wait).await {
+                Ok(s) => tracing::info!(
+                    delivered = s.delivered,
+                    spooled = s.spool_pending_records,
+                    "audit sink flushed"
+                ),
+                Err(e) => tracing::warn!(error = %e, "audit sink not flushed"),
+            }
         }
     }
 }

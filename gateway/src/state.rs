@@ -6,6 +6,7 @@ use quota::audit::{AuditEvent, AuditSink, EventBody};
 use quota::engine::Engine;
 use quota::storage::AnyStore;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 /// The counter store the gateway runs on: in memory (the embedded default) or Redis.
@@ -26,6 +27,8 @@ pub struct AppState {
     pub guardrail: crate::guardrail::Tripped,
     /// Where decisions and settlements are recorded (a JSONL file, or nowhere).
     pub audit: Box<dyn AuditSink>,
+    /// The Kafka audit sink (also behind `audit`), for its statistics and a flush at shutdown.
+    pub kafka: Option<Arc<audit_kafka::KafkaSink>>,
     /// Names this gateway in audit events.
     pub gateway_id: String,
     /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
@@ -103,7 +106,7 @@ impl AppState {
     /// Count a decision in the metrics and record it in the audit log.
     pub fn record_decision(
         &self,
-        subject: &str,
+        subject: &quota::policy::Subject,
         request_id: Option<&str>,
         quota: &str,
         amount: u64,
@@ -132,7 +135,22 @@ impl AppState {
                 }
             }
         };
-        self.audit(Some(subject), request_id, body);
+        let now = self.clock.now_ns();
+        self.emit(subject, request_id, now, body);
+    }
+
+    /// Record an event about `subject` that changed its counters of the day around `at_ns`.
+    pub fn emit(
+        &self,
+        subject: &quota::policy::Subject,
+        request_id: Option<&str>,
+        at_ns: i64,
+        body: EventBody,
+    ) {
+        let now = self.clock.now_ns();
+        let event = AuditEvent::new(&self.gateway_id, Some(&subject.id), request_id, now, body)
+            .with_day(subject.time_zone, at_ns);
+        self.audit.emit(event);
     }
 
     pub fn audit(&self, subject: Option<&str>, request_id: Option<&str>, body: EventBody) {

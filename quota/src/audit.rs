@@ -28,6 +28,10 @@ pub struct AuditEvent {
     /// The subject's tenant; the subject itself until tenants exist.
     pub tenant: Option<String>,
     pub request_id: Option<String>,
+    /// The subject's local calendar day (`2026-11-22`) whose daily counters the event changed:
+    /// for a settlement, the day of its reservation. Lets the ledger be compared with counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
     #[serde(flatten)]
     pub body: EventBody,
 }
@@ -87,8 +91,16 @@ impl AuditEvent {
             subject: subject.map(str::to_string),
             tenant: subject.map(str::to_string),
             request_id: request_id.map(str::to_string),
+            day: None,
             body,
         }
+    }
+
+    /// Set the local day of `tz` at `at_ns` (see `day`).
+    pub fn with_day(mut self, tz: chrono_tz::Tz, at_ns: i64) -> Self {
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(at_ns).with_timezone(&tz);
+        self.day = Some(at.format("%Y-%m-%d").to_string());
+        self
     }
 }
 
@@ -103,6 +115,17 @@ pub trait AuditSink: Send + Sync {
 pub struct SinkCounts {
     pub emitted: u64,
     pub dropped: u64,
+}
+
+/// A shared sink: one handle emits, another (kept by its owner) flushes it at shutdown.
+impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
+    fn emit(&self, event: AuditEvent) {
+        (**self).emit(event);
+    }
+
+    fn counts(&self) -> SinkCounts {
+        (**self).counts()
+    }
 }
 
 /// A sink that discards everything (auditing off).

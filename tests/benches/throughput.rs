@@ -14,7 +14,7 @@ use quota::policy::{EntitlementSource, parse_sources};
 use quota::storage::MemoryStore;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate_e2e::{Gateway, MockUpstream, policy};
+use tollgate_e2e::{Broker, Gateway, MockUpstream, TempDir, metric, metrics, policy, tansu_bin};
 
 const DECISIONS: usize = 400_000;
 const HTTP_REQUESTS: usize = 20_000;
@@ -413,4 +413,62 @@ fn main() {
             ms(proxied.p99) / ms(base.p99)
         );
     }
+    drop(gw);
+    audit_sinks(&rt, &policy(mock.addr, &routes, tiers, &["pro"]));
+}
+
+/// Gateway throughput with each audit sink against none, measured in turns in one run, and how
+/// many events Kafka confirmed per second meanwhile.
+fn audit_sinks(rt: &tokio::runtime::Runtime, policy: &str) {
+    let tansu = tansu_bin();
+    if std::process::Command::new(&tansu)
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        println!("\n(audit sink benchmark skipped: no tansu broker; scripts/setup installs it)");
+        return;
+    }
+    let broker = Broker::start();
+    let dir = TempDir::new("bench-audit");
+    let spool = dir.0.join("spool").to_string_lossy().to_string();
+    let log = dir.0.join("audit.jsonl").to_string_lossy().to_string();
+    let brokers = broker.brokers();
+    let off = Gateway::start(policy);
+    let jsonl = Gateway::start_with(policy, &["--audit-log", &log]);
+    let kafka = Gateway::start_with(
+        policy,
+        &["--audit-kafka", &brokers, "--audit-spool", &spool],
+    );
+    let mut runs: [Vec<Load>; 3] = Default::default();
+    // Alternate, so drift in machine load hits every variant alike.
+    for _ in 0..2 {
+        for (i, gw) in [&off, &jsonl, &kafka].into_iter().enumerate() {
+            runs[i].push(rt.block_on(load(gw.url("/lookup/1"), Some("key-pro"))));
+        }
+    }
+    let km = rt.block_on(metrics(&kafka));
+    let delivered = metric(&km, "audit_kafka_delivered_total").unwrap_or(0);
+    let emitted = metric(&km, "audit_events_total").unwrap_or(0);
+    let best = |r: &Vec<Load>| r.iter().map(|l| l.rps).fold(0.0, f64::max);
+    println!(
+        "\n## Audit sinks ({HTTP_REQUESTS} GET /lookup x2 per sink, {CONCURRENCY} connections, one event per request)\n"
+    );
+    println!("| sink | req/s (= events/s) | vs no audit |");
+    println!("|---|---:|---:|");
+    for (name, r) in [
+        ("none", &runs[0]),
+        ("JSONL file", &runs[1]),
+        ("Kafka (tansu on loopback)", &runs[2]),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2}x |",
+            best(r),
+            best(r) / best(&runs[0])
+        );
+    }
+    println!(
+        "\nKafka confirmed {delivered} of {emitted} events by the end of the run ({} in the spool).",
+        metric(&km, "audit_spool_pending_records").unwrap_or(0)
+    );
 }

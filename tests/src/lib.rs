@@ -112,6 +112,18 @@ impl Proc {
         self.child.id()
     }
 
+    /// Wait for the process to exit by itself; false if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Ask the process to stop gracefully (SIGTERM).
     pub fn terminate(&self) {
         let status = Command::new("kill")
@@ -516,6 +528,15 @@ impl Gateway {
     pub fn terminate(&self) {
         self.proc.terminate();
     }
+
+    /// SIGTERM, then wait until the gateway has exited.
+    pub fn shut_down(&mut self) {
+        self.proc.terminate();
+        assert!(
+            self.proc.wait_exit(Duration::from_secs(20)),
+            "the gateway exits after SIGTERM"
+        );
+    }
 }
 
 /// A database for the control plane: a SQLite file or a fresh PostgreSQL database (on the server
@@ -724,5 +745,159 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `tansu` binary (a Kafka-protocol broker): `TOLLGATE_TANSU`, else where `scripts/setup`
+/// installs it, else `tansu` on the PATH.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_TANSU") {
+        return p.into();
+    }
+    let cached = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .map(|h| h.join(".cache/tollgate-tools/bin/tansu"));
+    match cached {
+        Some(p) if p.exists() => p,
+        _ => "tansu".into(),
+    }
+}
+
+/// A real Kafka-protocol broker (tansu) on a fixed loopback port, storing in SQLite in its own
+/// directory, so it can be killed and restarted with its data. The topic `tollgate-audit` (3
+/// partitions) is created on first start.
+pub struct Broker {
+    pub port: u16,
+    proc: Option<Proc>,
+    dir: TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let mut b = Broker {
+            port: free_port(),
+            proc: None,
+            dir: TempDir::new("tansu"),
+        };
+        b.restart();
+        let status = Command::new(tansu_bin())
+            .args(["topic", "create", "tollgate-audit", "--partitions", "3"])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", b.port)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("tansu topic create");
+        assert!(status.success(), "topic created");
+        b
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let proc = Proc::spawn_logged(
+            Command::new(tansu_bin())
+                .current_dir(&self.dir.0)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                // A relative path: tansu resolves it against its working directory.
+                .args(["--storage-engine", "sqlite://tansu.db"]),
+            Some(&self.dir.0.join("broker.log")),
+        );
+        wait_tcp(format!("127.0.0.1:{}", self.port).parse().expect("addr"));
+        self.proc = Some(proc);
+    }
+
+    /// SIGKILL: the broker vanishes mid-conversation.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// `control-plane accounting`: the consumer that turns audit events into the ledger.
+pub struct Accounting {
+    pub metrics: SocketAddr,
+    proc: Proc,
+}
+
+impl Accounting {
+    pub fn start(broker: &Broker, db: &Db, batch: usize) -> Accounting {
+        let mut proc = Proc::spawn(
+            Command::new(bin("control-plane"))
+                .args(["accounting", "--brokers", &broker.brokers()])
+                .args(["--database", &db.url(), "--batch", &batch.to_string()])
+                .args(["--metrics-listen", "127.0.0.1:0"])
+                // A killed consumer's partitions move to its successor after this long (the
+                // default, 45 s, would only slow the tests down).
+                .args(["--kafka-option", "session.timeout.ms=6000"]),
+        );
+        let metrics = proc
+            .wait_line("metrics listening on ")
+            .parse()
+            .expect("metrics address");
+        proc.wait_line("accounting consumer running");
+        Accounting { metrics, proc }
+    }
+
+    /// SIGKILL, wherever it is in a batch.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    pub async fn counter(&self, name: &str) -> u64 {
+        let text = client()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default();
+        metric(&text, name).unwrap_or(0)
+    }
+}
+
+/// Read-only queries on the ledger (`quota_audit`).
+pub struct LedgerDb(sqlx::AnyPool);
+
+impl LedgerDb {
+    pub async fn open(db: &Db) -> LedgerDb {
+        sqlx::any::install_default_drivers();
+        let url = match db {
+            // The consumer may not have created the file yet.
+            Db::Sqlite(_) => format!("{}?mode=rwc", db.url()),
+            Db::Postgres { .. } => db.url(),
+        };
+        LedgerDb(sqlx::AnyPool::connect(&url).await.expect("ledger"))
+    }
+
+    /// One number from `sql`; 0 while the table does not exist yet.
+    pub async fn scalar(&self, sql: &'static str) -> i64 {
+        use sqlx::Row;
+        match sqlx::query(sql).fetch_one(&self.0).await {
+            Ok(row) => row.try_get::<i64, _>(0).unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    pub async fn strings(&self, sql: &'static str) -> Vec<String> {
+        use sqlx::Row;
+        sqlx::query(sql)
+            .fetch_all(&self.0)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect()
     }
 }
