@@ -102,8 +102,9 @@ for i = 1, n do
     v.retry_after = v.allowed and 0 or v.reset_after
     v.next = own + ((v.allowed and not reserving) and cost or 0)
     v.now_remaining = math.max(limit - used, 0)
-    -- Never in the past, even for a clock injected by a test.
-    v.expire_at_ms = math.floor(math.max(reset_at, now) / 1000) + tonumber(ARGV[4])
+    -- A TTL relative to the gateway's clock, not an absolute PXAT: Redis's own clock then plays
+    -- no part (a skewed server, or a clock injected by a test, cannot expire a live window).
+    v.ttl_ms = math.ceil((math.max(reset_at, now) - now) / 1000) + tonumber(ARGV[4])
   end
   verdicts[i] = v
   all = all and v.allowed
@@ -140,7 +141,7 @@ for i = 1, n do
       redis.call('SET', v.key, string.format('%.0f', v.next),
         'PX', math.max(math.ceil((v.next - now) / 1000), 1))
     elseif v.next > 0 then
-      redis.call('SET', v.key, string.format('%.0f', v.next), 'PXAT', string.format('%.0f', v.expire_at_ms))
+      redis.call('SET', v.key, string.format('%.0f', v.next), 'PX', math.max(v.ttl_ms, 1))
     end
     if reserving then
       if v.kind == 'b' then

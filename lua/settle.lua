@@ -49,8 +49,9 @@ for i = 1, n do
       redis.call('DEL', key)
     end
   elseif actual > 0 then
-    local expire_at_ms = math.floor(math.max(b, now) / 1000) + tonumber(ARGV[4])
-    redis.call('SET', key, string.format('%.0f', (stored or 0) + actual), 'PXAT', string.format('%.0f', expire_at_ms))
+    -- Relative to the gateway's clock, as in consume.lua: Redis's clock plays no part.
+    local ttl_ms = math.ceil((math.max(b, now) - now) / 1000) + tonumber(ARGV[4])
+    redis.call('SET', key, string.format('%.0f', (stored or 0) + actual), 'PX', math.max(ttl_ms, 1))
   end
 end
 return 1
