@@ -163,7 +163,7 @@ async fn put_policy(
         Store::insert_policy(&mut w, &yaml, &compiled.version, &comment, &actor.name).await?;
     let detail = format!("policy v{version} ({})", compiled.version);
     Store::commit(w, "policy", &format!("v{version}"), &actor.name, &detail).await?;
-    state.publish().await?;
+    state.publish_committed().await;
     state.audit(
         None,
         EventBody::PolicyChanged {
@@ -456,14 +456,8 @@ async fn write_subject(
     before_tier: Option<String>,
     idempotency: Option<(&str, &str, serde_json::Value)>,
 ) -> Result<u64, ApiError> {
-    // Validate with a stand-in key when the subject has none yet, so its tier, time zone and
-    // overrides are checked now rather than when its first key is issued.
-    let mut probe = entry.clone();
-    if probe.key_sha256.is_empty() {
-        probe.key_sha256.push(sha256_hex(b"validation"));
-    }
     snap.subjects.retain(|s| s.id != entry.id);
-    snap.subjects.push(probe);
+    snap.subjects.push(entry.clone());
     validate(snap.clone()).await?;
     entry.key_sha256.clear();
     let mut w = state.store.begin().await?;
@@ -481,7 +475,7 @@ async fn write_subject(
         entry.enabled
     );
     Store::commit(w, "subject", &entry.id, &actor.name, &detail).await?;
-    state.publish().await?;
+    state.publish_committed().await;
     state.audit(
         Some(&entry.id),
         EventBody::EntitlementChanged {
@@ -510,7 +504,7 @@ async fn delete_subject(
         return Err(ApiError::NotFound(format!("no subject `{id}`")));
     }
     Store::commit(w, "subject", &id, &actor.name, "deleted").await?;
-    state.publish().await?;
+    state.publish_committed().await;
     state.audit(
         Some(&id),
         EventBody::EntitlementChanged {
@@ -562,7 +556,7 @@ async fn create_key(
     .await?;
     let detail = format!("key {key_id} ({prefix}…) issued");
     Store::commit(w, "key", &id, &actor.name, &detail).await?;
-    state.publish().await?;
+    state.publish_committed().await;
     let body = NewKey {
         id: key_id,
         key,
@@ -591,7 +585,7 @@ async fn revoke_key(
         )));
     }
     Store::commit(w, "key", &id, &actor.name, &format!("key {key_id} revoked")).await?;
-    state.publish().await?;
+    state.publish_committed().await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -93,25 +93,32 @@ impl FromRequestParts<Arc<AppState>> for Actor {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized)?;
-        let Some((name, role, hash)) = state.store.token(token_id(token)).await? else {
-            return Err(ApiError::Unauthorized);
-        };
-        if !constant_time_eq(sha256_hex(token.as_bytes()).as_bytes(), hash.as_bytes()) {
-            return Err(ApiError::Unauthorized);
-        }
-        let role = Role::parse(&role)
-            .ok_or_else(|| ApiError::Internal(format!("token `{name}` has an unknown role")))?;
-        Ok(Actor {
-            name: format!("token:{name}"),
-            role,
-        })
+        verify(state, bearer(&parts.headers).ok_or(ApiError::Unauthorized)?).await
     }
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Who holds `token`, if it is a live token.
+pub async fn verify(state: &AppState, token: &str) -> Result<Actor, ApiError> {
+    let Some((name, role, hash)) = state.store.token(token_id(token)).await? else {
+        return Err(ApiError::Unauthorized);
+    };
+    if !constant_time_eq(sha256_hex(token.as_bytes()).as_bytes(), hash.as_bytes()) {
+        return Err(ApiError::Unauthorized);
+    }
+    let role = Role::parse(&role)
+        .ok_or_else(|| ApiError::Internal(format!("token `{name}` has an unknown role")))?;
+    Ok(Actor {
+        name: format!("token:{name}"),
+        role,
+    })
 }

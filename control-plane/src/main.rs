@@ -102,10 +102,14 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs on stderr: stdout carries what a command prints (`reconcile --json`, the listen address).
+    // PostgreSQL's notices (`... already exists, skipping` at each start) are not worth a line.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -169,11 +173,7 @@ async fn accounting(args: AccountingArgs) -> anyhow::Result<()> {
         "accounting consumer running (topic {}, group {})",
         args.topic, args.group
     );
-    consumer
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    consumer.run(stop_signal()).await?;
     Ok(())
 }
 
@@ -255,15 +255,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     println!("control plane listening on {}", listener.local_addr()?);
     tracing::info!(revision = state.published.borrow().revision, "serving");
-    axum::serve(listener, control_plane::app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let closing = state.closing.clone();
+    let server =
+        axum::serve(listener, control_plane::app(state)).with_graceful_shutdown(async move {
+            stop_signal().await;
+            // Watch streams never end by themselves; end them so the server can drain.
+            closing.send_replace(true);
+        });
+    server.await?;
     if let Some(k) = kafka {
         k.shutdown(Duration::from_secs(3)).await?;
     }
     Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
 }
 
 /// The database URL without its password, for messages.

@@ -21,9 +21,11 @@ pub struct Row {
     pub quota: String,
     pub day: String,
     pub ledger: i64,
-    /// `None` when the quota has no daily counter to compare with (rates or monthly only).
+    /// `None` when there is no daily counter of this day to compare with: see `note`.
     pub live: Option<i64>,
     pub drift: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,14 +34,17 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Sum of absolute differences.
     pub drift: i64,
+    /// Rows that could not be compared (see their notes).
+    pub unchecked: usize,
 }
 
-/// What the gateway's daily counter of `subject`/`quota` holds, from a probe that costs nothing.
+/// What the gateway's daily counter of `subject`/`quota` holds, from a probe that costs nothing;
+/// `Err(note)` when there is no counter of that day to compare with.
 async fn live_daily(
     http: &reqwest::Client,
     gateway: &str,
     t: &Total,
-) -> Result<Option<i64>, ReconcileError> {
+) -> Result<Result<i64, String>, ReconcileError> {
     let url = format!("{}/check", gateway.trim_end_matches('/'));
     let err = |message: String| ReconcileError::Gateway {
         url: url.clone(),
@@ -51,21 +56,28 @@ async fn live_daily(
         .send()
         .await
         .map_err(|e| err(e.to_string()))?;
-    if resp.status() == reqwest::StatusCode::NOT_FOUND {
-        // The subject is gone from the policy: its counters can no longer be read.
-        return Ok(None);
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status == reqwest::StatusCode::NOT_FOUND && v["error"] == "unknown_subject" {
+        return Ok(Err("subject no longer in the gateway's policy".into()));
     }
-    let v: serde_json::Value = resp.json().await.map_err(|e| err(e.to_string()))?;
-    let day = v["limits"]
+    if !status.is_success() {
+        // A gateway that cannot read its counters (its store is down) must not look like zero.
+        return Err(err(format!("answered {status}: {v}")));
+    }
+    if v["day"].as_str() != Some(t.day.as_str()) {
+        return Ok(Err(format!(
+            "the live counter is of {} (the subject's local today)",
+            v["day"].as_str().unwrap_or("?")
+        )));
+    }
+    let daily = v["limits"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|l| l["window"] == "day");
-    Ok(day.and_then(|l| {
-        let limit = l["limit"].as_i64()?;
-        let remaining = l["remaining"].as_i64()?;
-        Some(limit - remaining)
-    }))
+        .find(|l| l["window"] == "day")
+        .and_then(|l| Some(l["limit"].as_i64()? - l["remaining"].as_i64()?));
+    Ok(daily.ok_or_else(|| "no daily limit on this quota".to_string()))
 }
 
 pub async fn reconcile(
@@ -85,19 +97,22 @@ pub async fn reconcile(
     for t in ledger.totals(day).await? {
         let live = live_daily(&http, gateway, &t).await?;
         rows.push(Row {
-            drift: live.map_or(0, |l| l - t.delta),
+            drift: live.as_ref().map_or(0, |l| l - t.delta),
             subject: t.subject,
             quota: t.quota,
             day: t.day,
             ledger: t.delta,
-            live,
+            live: live.as_ref().ok().copied(),
+            note: live.err(),
         });
     }
     let drift = rows.iter().map(|r| r.drift.abs()).sum();
+    let unchecked = rows.iter().filter(|r| r.live.is_none()).count();
     Ok(Report {
         day: day.to_string(),
         rows,
         drift,
+        unchecked,
     })
 }
 
@@ -111,14 +126,21 @@ impl Report {
             let live = r.live.map_or_else(|| "-".to_string(), |l| l.to_string());
             let _ = writeln!(
                 out,
-                "{:<24} {:<16} {:<10} {:>12} {:>12} {:>8}",
-                r.subject, r.quota, r.day, r.ledger, live, r.drift
+                "{:<24} {:<16} {:<10} {:>12} {:>12} {:>8}  {}",
+                r.subject,
+                r.quota,
+                r.day,
+                r.ledger,
+                live,
+                r.drift,
+                r.note.as_deref().unwrap_or("")
             );
         }
         let _ = writeln!(
             out,
-            "{} counters, total drift {}",
+            "{} counters, {} not comparable, total drift {}",
             self.rows.len(),
+            self.unchecked,
             self.drift
         );
         out

@@ -27,6 +27,8 @@ pub struct AppState {
     pub source: String,
     /// How often an idle watch stream carries a heartbeat.
     pub heartbeat: Duration,
+    /// Set when the process stops: watch streams end so the server can drain.
+    pub closing: watch::Sender<bool>,
 }
 
 impl AppState {
@@ -44,7 +46,16 @@ impl AppState {
             audit,
             source: "control-plane".into(),
             heartbeat,
+            closing: watch::channel(false).0,
         }))
+    }
+
+    /// After a committed write: publish it. A failure is logged, not returned — the write stands,
+    /// and the next publish (any write, or a restart) carries it to the gateways.
+    pub async fn publish_committed(&self) {
+        if let Err(e) = self.publish().await {
+            tracing::error!(error = %e, "a committed change could not be published yet");
+        }
     }
 
     /// Read the committed state and hand it to every watch stream.
@@ -78,7 +89,14 @@ fn publishable(s: &Snapshot) -> Published {
 }
 
 /// Compile `snap` exactly as a gateway will; refuse it with every error when it does not compile.
-pub async fn validate(snap: Snapshot) -> Result<quota::policy::Policy, ApiError> {
+/// Subjects without keys are checked too (under a stand-in key): a gateway skips them, but they
+/// must still be valid the moment a key is issued.
+pub async fn validate(mut snap: Snapshot) -> Result<quota::policy::Policy, ApiError> {
+    for s in snap.subjects.iter_mut().filter(|s| s.key_sha256.is_empty()) {
+        s.key_sha256.push(crate::auth::sha256_hex(
+            format!("stand-in key of {}", s.id).as_bytes(),
+        ));
+    }
     tokio::task::spawn_blocking(move || snap.compile(&[]))
         .await
         .map_err(|e| ApiError::Internal(format!("validation task: {e}")))?

@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::state::{AppState, Published};
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -29,9 +29,11 @@ fn frame(p: &Published) -> Bytes {
     Bytes::from(out)
 }
 
-fn heartbeat(revision: u64) -> Bytes {
+/// Carries the interval, so a gateway knows how long a silence means the stream is dead.
+fn heartbeat(revision: u64, every: std::time::Duration) -> Bytes {
     Bytes::from(format!(
-        "event: heartbeat\ndata: {{\"revision\":{revision}}}\n\n"
+        "event: heartbeat\ndata: {{\"revision\":{revision},\"every_ms\":{}}}\n\n",
+        every.as_millis()
     ))
 }
 
@@ -44,9 +46,15 @@ fn heartbeat(revision: u64) -> Bytes {
 pub async fn watch(
     State(state): State<Arc<AppState>>,
     actor: Actor,
+    headers: HeaderMap,
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, ApiError> {
     actor.require(Role::Viewer)?;
+    // Checked again at every heartbeat: a revoked token stops receiving at once.
+    let token = crate::auth::bearer(&headers)
+        .unwrap_or_default()
+        .to_string();
+    let mut closing = state.closing.subscribe();
     let mut rx = state.published.subscribe();
     let every = state.heartbeat;
     let mut sent = q.since.unwrap_or(0);
@@ -60,7 +68,11 @@ pub async fn watch(
                 sent = current.revision;
                 frame(&current)
             } else {
-                heartbeat(current.revision)
+                if crate::auth::verify(&state, &token).await.is_err() {
+                    tracing::info!("watch stream closed: its token is no longer valid");
+                    return;
+                }
+                heartbeat(current.revision, every)
             };
             if tx.send(Ok(out)).await.is_err() {
                 return; // the gateway left
@@ -69,6 +81,7 @@ pub async fn watch(
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
                 _ = tx.closed() => return,
+                _ = closing.changed() => return,
             }
         }
     });

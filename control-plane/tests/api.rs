@@ -757,3 +757,57 @@ async fn every_admin_change_is_an_audit_event_with_its_actor() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_subject_without_keys_still_binds_policy_changes() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    let (s, _) = api
+        .json("PUT", "/v1/subjects/later", ADMIN, json!({ "tier": "pro" }))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Dropping `pro` would break `later` the moment it gets a key: refused now.
+    let no_pro = POLICY.replace("  pro:\n    lookup: { daily: 1000 }\n", "");
+    let (s, b) = api
+        .call("POST", "/v1/policies", Some(ADMIN), Body::from(no_pro))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(b.to_string().contains("unknown tier `pro`"), "{b}");
+}
+
+#[tokio::test]
+async fn revoking_a_token_ends_its_watch_stream() {
+    let api = api(false).await;
+    let viewer = api.token("viewer").await;
+    let resp = api
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/v1/watch")
+                .header("authorization", format!("Bearer {viewer}"))
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a first event").expect("frame");
+    assert!(first.data_ref().is_some());
+    let id = viewer.split('_').nth(1).expect("id");
+    api.call(
+        "DELETE",
+        &format!("/v1/tokens/{id}"),
+        Some(ADMIN),
+        Body::empty(),
+    )
+    .await;
+    // Heartbeats come every 200 ms here; the stream must end at the next one.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ended after the revocation");
+}

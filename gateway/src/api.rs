@@ -34,6 +34,8 @@ enum ApiError {
     Invalid(String),
     #[error("unknown subject `{0}`")]
     UnknownSubject(String),
+    #[error("subject `{0}` is disabled")]
+    Disabled(String),
     #[error("not found")]
     NotFound,
     #[error("quota service unavailable")]
@@ -45,6 +47,7 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::UnknownSubject(_) => (StatusCode::NOT_FOUND, "unknown_subject"),
+            ApiError::Disabled(_) => (StatusCode::FORBIDDEN, "subject_disabled"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(e) => {
                 tracing::error!(error = %e, "check failed");
@@ -77,6 +80,9 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     let subject = policy
         .subject_by_id(&req.subject)
         .ok_or_else(|| ApiError::UnknownSubject(req.subject.clone()))?;
+    if !subject.enabled {
+        return Err(ApiError::Disabled(req.subject));
+    }
     let d = state
         .engine
         .decide(
@@ -109,8 +115,12 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     } else {
         retry_ns
     };
+    let local = chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(d.now_ns)
+        .with_timezone(&subject.time_zone);
     let body = json!({
         "allowed": d.allowed,
+        // The subject's local date: the day its daily counters count.
+        "day": local.format("%Y-%m-%d").to_string(),
         "reason": match d.reason {
             Reason::WithinLimits => "within_limits",
             Reason::Unlimited => "unlimited",

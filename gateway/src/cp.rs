@@ -15,7 +15,7 @@ use std::time::Duration;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Three heartbeats (sent every 5 s) missed.
+/// Until the first heartbeat says how often they come: three of the default 5 s missed.
 const SILENCE: Duration = Duration::from_secs(15);
 
 pub struct Link {
@@ -54,8 +54,8 @@ impl Link {
         }
     }
 
-    /// True until the first stream is up and whenever it is down: keys this gateway does not
-    /// know may then exist at the control plane.
+    /// True unless a stream is up and this gateway enforces the latest revision it announced:
+    /// otherwise keys this gateway does not know may exist at the control plane.
     pub fn unreachable(&self) -> bool {
         !self.connected.load(Ordering::Relaxed)
     }
@@ -145,15 +145,15 @@ async fn stream_once(
         return Err(StreamError::Status(resp.status()));
     }
     *connected = true;
-    link.connected.store(true, Ordering::Relaxed);
     state.metrics.control_plane_connected.set(1);
     tracing::info!(url = %link.url, since = link.applied(), "following the control plane");
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut scanned: usize = 0;
+    let mut silence = SILENCE;
     loop {
-        let chunk = match tokio::time::timeout(SILENCE, body.next()).await {
-            Err(_) => return Err(StreamError::Silent(SILENCE)),
+        let chunk = match tokio::time::timeout(silence, body.next()).await {
+            Err(_) => return Err(StreamError::Silent(silence)),
             Ok(None) => return Err(StreamError::Closed),
             Ok(Some(chunk)) => chunk?,
         };
@@ -166,13 +166,20 @@ async fn stream_once(
         {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
             scanned = 0;
-            handle_event(state, link, &event).await;
+            if let Some(every) = handle_event(state, link, &event).await {
+                silence = (every * 3).max(Duration::from_secs(1));
+            }
+            // Current only once the announced revision is enforced (a snapshot still in flight,
+            // or one this gateway refused, leaves it behind).
+            let current = link.latest() <= link.applied();
+            link.connected.store(current, Ordering::Relaxed);
         }
         scanned = buf.len();
     }
 }
 
-async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) {
+/// Handle one event; returns the heartbeat interval when the event announced it.
+async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) -> Option<Duration> {
     let mut kind = "message";
     let mut data = Vec::new();
     for line in event.split(|&b| b == b'\n') {
@@ -189,14 +196,24 @@ async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) {
             data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
         }
     }
+    let mut every = None;
     match kind {
         "heartbeat" => {
             #[derive(serde::Deserialize)]
             struct Beat {
                 revision: u64,
+                every_ms: Option<u64>,
             }
             if let Ok(b) = serde_json::from_slice::<Beat>(&data) {
+                if b.revision < link.applied() {
+                    tracing::warn!(
+                        theirs = b.revision,
+                        ours = link.applied(),
+                        "the control plane is at an older revision than this gateway enforces (was its database restored?); keeping ours"
+                    );
+                }
                 link.latest.fetch_max(b.revision, Ordering::Relaxed);
+                every = b.every_ms.map(Duration::from_millis);
             }
         }
         "snapshot" => apply_snapshot(state, link, data).await,
@@ -204,6 +221,7 @@ async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) {
     }
     let drift = link.latest().saturating_sub(link.applied());
     state.metrics.snapshot_drift.set(drift as i64);
+    every
 }
 
 async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) {

@@ -524,6 +524,10 @@ impl Gateway {
         self.proc.kill();
     }
 
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// SIGTERM: the graceful shutdown an orchestrator asks for.
     pub fn terminate(&self) {
         self.proc.terminate();
@@ -748,6 +752,17 @@ where
     }
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc; 0 when unreadable.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; 100 ticks/s.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// The `tansu` binary (a Kafka-protocol broker): `TOLLGATE_TANSU`, else where `scripts/setup`
 /// installs it, else `tansu` on the PATH.
 pub fn tansu_bin() -> PathBuf {
@@ -814,6 +829,10 @@ impl Broker {
         );
         wait_tcp(format!("127.0.0.1:{}", self.port).parse().expect("addr"));
         self.proc = Some(proc);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
     }
 
     /// SIGKILL: the broker vanishes mid-conversation.

@@ -316,6 +316,13 @@ guest_tier: free
         403,
         "disabled subject"
     );
+    let r = client()
+        .post(gw.api_url("/check"))
+        .json(&json!({ "subject": "off", "quota": "lookup" }))
+        .send()
+        .await
+        .expect("check");
+    assert_eq!(r.status(), 403, "/check refuses a disabled subject too");
     assert_eq!(
         get_json(gw.api_url("/status")).await["control_plane"]["connected"],
         false

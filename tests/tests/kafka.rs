@@ -151,7 +151,11 @@ fn reconcile(db: &Db, gw: &Gateway) -> (i32, Value) {
         .args(["--day", DAY, "--json"])
         .output()
         .expect("reconcile");
-    let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    // A failed run prints no JSON: keep its message, so an assertion on the report shows why.
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        json!({ "stdout": String::from_utf8_lossy(&out.stdout),
+                "stderr": String::from_utf8_lossy(&out.stderr) })
+    });
     (out.status.code().unwrap_or(-1), report)
 }
 
@@ -167,6 +171,10 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
+        Self::start_on(Db::sqlite()).await
+    }
+
+    async fn start_on(db: Db) -> Setup {
         let mock = MockUpstream::start();
         let broker = Broker::start();
         let spool = TempDir::new("spool");
@@ -177,7 +185,7 @@ impl Setup {
         Setup {
             _mock: mock,
             broker,
-            db: Db::sqlite(),
+            db,
             _spool: spool,
             gw,
         }
@@ -185,14 +193,23 @@ impl Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ten_thousand_requests_reach_the_ledger_once_and_reconcile_to_zero() {
+async fn ten_thousand_requests_reach_the_sqlite_ledger_once_and_reconcile_to_zero() {
+    ten_thousand(Db::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_requests_reach_the_postgres_ledger_once_and_reconcile_to_zero() {
+    ten_thousand(Db::postgres()).await;
+}
+
+async fn ten_thousand(db: Db) {
     let Setup {
         _mock,
         broker,
         db,
         _spool,
         gw,
-    } = Setup::start().await;
+    } = Setup::start_on(db).await;
     let mut consumer = Accounting::start(&broker, &db, 500);
     let ledger = LedgerDb::open(&db).await;
 

@@ -264,7 +264,10 @@ impl<'a> Builder<'a> {
         }
         let overridden = |s: &SubjectDto| {
             over_ids.contains(s.id.as_str())
-                || s.key.as_ref().is_some_and(|k| over_keys.contains(&k.value))
+                || s.key.as_ref().is_some_and(|k| {
+                    over_keys.contains(&k.value)
+                        || over_keys.contains(&super::key_sha256_hex(&k.value))
+                })
                 || s.key_sha256
                     .iter()
                     .any(|h| over_keys.contains(&h.value.to_ascii_lowercase()))
