@@ -756,6 +756,7 @@ impl Driver {
         let batch = match spool.read_batch(REPLAY_BATCH_RECORDS, REPLAY_BATCH_BYTES) {
             Ok(b) => b,
             Err(e) => {
+                spool.rewind();
                 drop(spool);
                 tracing::error!(error = %e, "audit spool read failed");
                 self.next_probe = Instant::now() + self.cfg.probe_interval;
@@ -763,7 +764,16 @@ impl Driver {
             }
         };
         if batch.records.is_empty() {
-            if spool.is_drained() {
+            if batch.end > spool.acked() {
+                // Only corrupt data was read: given up, so acknowledged, or it is read forever.
+                let acked = spool.ack(batch.receipt());
+                self.shared.publish_spool_gauges(&spool);
+                drop(spool);
+                match acked {
+                    Ok(()) => self.start_replay(),
+                    Err(e) => tracing::error!(error = %e, "audit spool acknowledgement failed"),
+                }
+            } else if spool.is_drained() {
                 // Anything `emit` overflowed is in the spool and was just replayed.
                 self.shared.overflowed.store(false, Ordering::Relaxed);
                 drop(spool);
@@ -796,6 +806,12 @@ impl Driver {
                     replay.outstanding += 1;
                     self.inflight
                         .push(Box::pin(async move { (Tag::Replay, fut.await) }));
+                }
+                // As in direct mode (an event over the broker's size limit, say): dropped and
+                // counted, or the spool would never get past it.
+                Err((e, _)) if is_permanent(&e) => {
+                    tracing::error!(error = %e, "kafka will never accept this spooled audit event");
+                    self.shared.drop_events(1, "rejected by kafka");
                 }
                 Err((e, _)) => {
                     self.count_delivery_error(&e);
@@ -844,6 +860,7 @@ impl Driver {
             && let Err(e) = job.run()
         {
             tracing::error!(error = %e, "audit spool fsync failed");
+            self.shared.lock_spool().mark_unsynced();
         }
     }
 

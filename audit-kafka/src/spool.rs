@@ -171,6 +171,9 @@ pub struct Spool {
     dirty: bool,
     last_sync: Instant,
     corrupt_skips: u64,
+    /// Corrupt frames found (where) and how far reading skipped past each: a re-read after a
+    /// rewind skips exactly as far again, never over records appended since.
+    skips: BTreeMap<Position, u64>,
     _lock: File,
 }
 
@@ -292,6 +295,15 @@ impl Spool {
         let active = open_append(&dir, last)?;
         let disk_bytes = segments.values().sum();
         normalize(&segments, &mut acked);
+        // A cursor that had to be corrected (it pointed past data a power cut took) is written
+        // back now: left as it was, the next restart would apply it to the records appended since.
+        if let Some(c) = cursor {
+            let mut c = c;
+            normalize(&segments, &mut c);
+            if c != acked {
+                write_cursor(&dir, acked)?;
+            }
+        }
         let spool = Self {
             cfg,
             segments,
@@ -304,6 +316,7 @@ impl Spool {
             dirty: false,
             last_sync: Instant::now(),
             corrupt_skips: 0,
+            skips: BTreeMap::new(),
             _lock: lock,
         };
         if pending_records > 0 {
@@ -438,7 +451,22 @@ impl Spool {
 
     /// Read up to `max_records` records (and about `max_bytes`; always at least one if any is
     /// pending) from the read position on, advancing it. Nothing is acknowledged.
+    /// On an error the read position is where it was before the call, so nothing is skipped.
     pub fn read_batch(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, SpoolError> {
+        let start = self.read;
+        let result = self.read_batch_from(max_records, max_bytes);
+        if result.is_err() {
+            self.read = start;
+            self.read_file = None;
+        }
+        result
+    }
+
+    fn read_batch_from(
         &mut self,
         max_records: usize,
         max_bytes: usize,
@@ -517,17 +545,26 @@ impl Spool {
 
     /// A frame inside the spool is unreadable: nothing after it in this segment can be framed
     /// again, so the rest of the segment is given up.
+    /// In the active segment "the rest" is what it held when the corruption was first found:
+    /// records appended after that are framed anew and stay readable.
     fn skip_corrupt(&mut self, seq: u64, at: u64, seg_len: u64) {
-        self.corrupt_skips += 1;
-        tracing::error!(
-            segment = %segment_path(&self.cfg.dir, seq).display(),
-            offset = at,
-            skipped_bytes = seg_len - at,
-            "audit spool: corrupt record, skipping the rest of the segment"
-        );
+        let here = Position {
+            segment: seq,
+            offset: at,
+        };
+        let end = *self.skips.entry(here).or_insert_with(|| {
+            self.corrupt_skips += 1;
+            tracing::error!(
+                segment = %segment_path(&self.cfg.dir, seq).display(),
+                offset = at,
+                skipped_bytes = seg_len - at,
+                "audit spool: corrupt record, skipping the rest of the segment"
+            );
+            seg_len
+        });
         self.read = Position {
             segment: seq,
-            offset: seg_len,
+            offset: end,
         };
         // The count of records in the skipped range is unknown; let the acknowledgement clamp.
     }
@@ -542,6 +579,7 @@ impl Spool {
         }
         write_cursor(&self.cfg.dir, end)?;
         self.acked = end;
+        self.skips = self.skips.split_off(&end);
         if self.read < end {
             self.read = end;
         }
@@ -572,6 +610,17 @@ impl Spool {
     /// Forget unacknowledged reads: the next `read_batch` starts again at the cursor.
     pub fn rewind(&mut self) {
         self.read = self.acked;
+    }
+
+    /// Where the persisted cursor stands. A [`ReadBatch`] with no records whose `end` is past it
+    /// skipped corrupt data, and is acknowledged like any other.
+    pub fn acked(&self) -> Position {
+        self.acked
+    }
+
+    /// An fsync from [`Spool::take_sync`] failed: the data is still to be synced.
+    pub fn mark_unsynced(&mut self) {
+        self.dirty = true;
     }
 
     /// Nothing is left to read (some of it may still await acknowledgement).
@@ -631,7 +680,10 @@ impl Spool {
             None => Ok(false),
             Some(job) => {
                 let path = segment_path(&self.cfg.dir, self.active_seq());
-                job.run().map_err(SpoolError::io(&path))?;
+                if let Err(e) = job.run() {
+                    self.dirty = true;
+                    return Err(SpoolError::io(&path)(e));
+                }
                 Ok(true)
             }
         }
@@ -972,6 +1024,82 @@ pub(crate) mod tests {
         assert!(!got.is_empty() && got.len() < recs.len());
         assert_eq!(got.last(), recs.last());
         assert_eq!(spool.stats().corrupt_skips, 1);
+    }
+
+    #[test]
+    fn a_failed_read_gives_back_what_it_had_read() {
+        let dir = TempDir::new("readerr");
+        let mut c = cfg(&dir);
+        c.segment_bytes = 60; // three records per segment
+        let recs: Vec<Vec<u8>> = (0..9).map(rec).collect();
+        let mut spool = Spool::open(c).unwrap();
+        spool.append_batch(&recs);
+        assert_eq!(spool.read_batch(1, 1 << 20).unwrap().records, recs[..1]);
+        // The next segment cannot be opened (out of file descriptors, a disk error...).
+        let second = segment_files(&dir.0)[1].clone();
+        let hidden = second.with_extension("hidden");
+        std::fs::rename(&second, &hidden).unwrap();
+        assert!(spool.read_batch(100, 1 << 20).is_err());
+        std::fs::rename(&hidden, &second).unwrap();
+        assert_eq!(read_all(&mut spool), recs[1..], "nothing was skipped");
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_active_segment_never_hides_later_ones() {
+        let dir = TempDir::new("activerot");
+        let mut spool = Spool::open(cfg(&dir)).unwrap();
+        spool.append(b"one").unwrap();
+        spool.append(b"two").unwrap();
+        // Bit rot in "two" while the spool is open.
+        let seg = segment_files(&dir.0).pop().unwrap();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(b"X", HEADER * 2 + 3 + 2).unwrap();
+        let b = spool.read_batch(10, 1 << 20).unwrap();
+        assert_eq!(b.records, vec![b"one".to_vec()]);
+        // Delivery failed: read again, with a record appended meanwhile.
+        spool.rewind();
+        spool.append(b"three").unwrap();
+        assert_eq!(
+            read_all(&mut spool),
+            vec![b"one".to_vec(), b"three".to_vec()]
+        );
+        assert_eq!(
+            spool.stats().corrupt_skips,
+            1,
+            "one corruption, found twice"
+        );
+        // A batch that only skipped corrupt data is acknowledgeable: it ends past the cursor.
+        spool.rewind();
+        let b = spool.read_batch(1, 1 << 20).unwrap();
+        spool.ack(b.receipt()).unwrap();
+        let skipped = spool.read_batch(10, 1 << 20).unwrap();
+        assert_eq!(skipped.records, vec![b"three".to_vec()]);
+    }
+
+    #[test]
+    fn a_cursor_past_data_lost_in_a_power_cut_is_corrected_on_disk() {
+        let dir = TempDir::new("cursorfix");
+        let recs: Vec<Vec<u8>> = (0..6).map(rec).collect();
+        {
+            let mut spool = Spool::open(cfg(&dir)).unwrap();
+            spool.append_batch(&recs);
+            let b = spool.read_batch(6, 1 << 20).unwrap();
+            spool.ack(b.receipt()).unwrap();
+        }
+        // The cursor reached the disk, the last records' bytes did not.
+        let seg = segment_files(&dir.0).pop().unwrap();
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len / 2).unwrap();
+        drop(f);
+        {
+            let mut spool = Spool::open(cfg(&dir)).unwrap();
+            spool.append(b"after the cut").unwrap();
+        }
+        // A second restart before any acknowledgement still finds the new record.
+        let mut spool = Spool::open(cfg(&dir)).unwrap();
+        assert_eq!(read_all(&mut spool), vec![b"after the cut".to_vec()]);
+        assert_eq!(spool.stats().corrupt_skips, 0);
     }
 
     #[test]
