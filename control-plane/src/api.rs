@@ -623,6 +623,12 @@ async fn change_entitlement(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
+    // A blank key would make every such call a replay of the first one.
+    if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(ApiError::BadRequest(
+            "`idempotency_key` (or the Idempotency-Key header) must not be blank".into(),
+        ));
+    }
     let request_sha = sha256_hex(
         &serde_json::to_vec(&(&req.subject, &req.tier, &req.time_zone)).unwrap_or_default(),
     );
@@ -751,6 +757,7 @@ async fn create_token(
             role.name(),
             &sha256_hex(token.as_bytes()),
             &actor.name,
+            false,
         )
         .await?;
     tracing::info!(actor = %actor.name, id = %id, name = %req.name, role = role.name(), "token created");

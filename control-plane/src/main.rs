@@ -221,6 +221,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     "admin",
                     &sha256_hex(token.as_bytes()),
                     "operator",
+                    true,
                 )
                 .await?;
         }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use quota::audit::{AuditEvent, AuditSink, EventBody};
 use quota::policy::Snapshot;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 
@@ -29,7 +30,12 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// Set when the process stops: watch streams end so the server can drain.
     pub closing: watch::Sender<bool>,
+    /// A committed change is not published yet (the store failed when it was read back).
+    unpublished: AtomicBool,
 }
+
+/// How often a change that could not be published is tried again.
+const REPUBLISH_EVERY: Duration = Duration::from_millis(500);
 
 impl AppState {
     pub async fn new(
@@ -39,7 +45,7 @@ impl AppState {
     ) -> Result<Arc<Self>, StoreError> {
         let first = publishable(&store.snapshot().await?);
         let (published, _) = watch::channel(Arc::new(first));
-        Ok(Arc::new(Self {
+        let state = Arc::new(Self {
             store,
             write_lock: Mutex::new(()),
             published,
@@ -47,14 +53,34 @@ impl AppState {
             source: "control-plane".into(),
             heartbeat,
             closing: watch::channel(false).0,
-        }))
+            unpublished: AtomicBool::new(false),
+        });
+        // Retries a failed publish; ends with the state (it holds only a weak reference).
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REPUBLISH_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(state) = weak.upgrade() else { return };
+                if state.unpublished.load(Ordering::Relaxed) {
+                    let _write = state.write_lock.lock().await;
+                    state.publish_committed().await;
+                }
+            }
+        });
+        Ok(state)
     }
 
-    /// After a committed write: publish it. A failure is logged, not returned — the write stands,
-    /// and the next publish (any write, or a restart) carries it to the gateways.
+    /// After a committed write: publish it. A failure is logged, not returned — the write stands —
+    /// and retried in the background until the gateways have it: otherwise a revoked key would
+    /// keep working, unannounced, until some other change.
     pub async fn publish_committed(&self) {
-        if let Err(e) = self.publish().await {
-            tracing::error!(error = %e, "a committed change could not be published yet");
+        match self.publish().await {
+            Ok(_) => self.unpublished.store(false, Ordering::Relaxed),
+            Err(e) => {
+                self.unpublished.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "a committed change could not be published yet; retrying");
+            }
         }
     }
 
@@ -89,19 +115,41 @@ fn publishable(s: &Snapshot) -> Published {
 }
 
 /// Compile `snap` exactly as a gateway will; refuse it with every error when it does not compile.
-/// Subjects without keys are checked too (under a stand-in key): a gateway skips them, but they
-/// must still be valid the moment a key is issued.
-pub async fn validate(mut snap: Snapshot) -> Result<quota::policy::Policy, ApiError> {
-    for s in snap.subjects.iter_mut().filter(|s| s.key_sha256.is_empty()) {
-        s.key_sha256.push(crate::auth::sha256_hex(
-            format!("stand-in key of {}", s.id).as_bytes(),
-        ));
-    }
-    tokio::task::spawn_blocking(move || snap.compile(&[]))
-        .await
-        .map_err(|e| ApiError::Internal(format!("validation task: {e}")))?
-        .map_err(|errors| ApiError::Invalid {
-            detail: format!("refused: {} error(s); nothing was changed", errors.0.len()),
-            errors: errors.0.iter().map(ToString::to_string).collect(),
-        })
+/// Which subjects a gateway compiles changes without a policy write (a subject's first key is
+/// issued, its last revoked, the subject deleted: the policy document's own entry with that id
+/// counts again), so two more variants must compile too: every subject with a key (a stand-in
+/// for keyless ones), and the document without the control plane's subjects.
+pub async fn validate(snap: Snapshot) -> Result<quota::policy::Policy, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let exact = snap.compile(&[])?;
+        let mut keyed = snap.clone();
+        let mut stand_ins = false;
+        for s in keyed
+            .subjects
+            .iter_mut()
+            .filter(|s| s.key_sha256.is_empty())
+        {
+            stand_ins = true;
+            s.key_sha256.push(crate::auth::sha256_hex(
+                format!("stand-in key of {}", s.id).as_bytes(),
+            ));
+        }
+        if stand_ins {
+            keyed.compile(&[])?;
+        }
+        if !snap.subjects.is_empty() {
+            let document = Snapshot {
+                subjects: Vec::new(),
+                ..snap
+            };
+            document.compile(&[])?;
+        }
+        Ok(exact)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("validation task: {e}")))?
+    .map_err(|errors: quota::policy::PolicyErrors| ApiError::Invalid {
+        detail: format!("refused: {} error(s); nothing was changed", errors.0.len()),
+        errors: errors.0.iter().map(ToString::to_string).collect(),
+    })
 }

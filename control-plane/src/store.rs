@@ -525,7 +525,8 @@ impl Store {
             .collect()
     }
 
-    /// Insert or replace a token (the bootstrap token is re-written at every start).
+    /// Insert a token; with `replace`, one with the same id is replaced (the bootstrap token is
+    /// re-written at every start). Without it an id clash is an error, never a silent takeover.
     pub async fn put_token(
         &self,
         id: &str,
@@ -533,20 +534,25 @@ impl Store {
         role: &str,
         sha256: &str,
         actor: &str,
+        replace: bool,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = if replace {
             "INSERT INTO admin_tokens (id, name, role, sha256, created_by, created_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET name = $2, role = $3, sha256 = $4, revoked_at_ms = NULL",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(role)
-        .bind(sha256)
-        .bind(actor)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+             ON CONFLICT (id) DO UPDATE SET name = $2, role = $3, sha256 = $4, revoked_at_ms = NULL"
+        } else {
+            "INSERT INTO admin_tokens (id, name, role, sha256, created_by, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        };
+        sqlx::query(sql)
+            .bind(id)
+            .bind(name)
+            .bind(role)
+            .bind(sha256)
+            .bind(actor)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -50,7 +50,7 @@ pub async fn watch(
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, ApiError> {
     actor.require(Role::Viewer)?;
-    // Checked again at every heartbeat: a revoked token stops receiving at once.
+    // Checked again every heartbeat interval, whatever is sent: a revoked token stops receiving.
     let token = crate::auth::bearer(&headers)
         .unwrap_or_default()
         .to_string();
@@ -62,16 +62,21 @@ pub async fn watch(
     tracing::info!(actor = %actor.name, since = sent, "gateway watching");
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
+        let mut verified = tokio::time::Instant::now();
         loop {
+            // Half the interval: ticks that run a little early still check once per interval.
+            if verified.elapsed() >= every / 2 {
+                if crate::auth::verify(&state, &token).await.is_err() {
+                    tracing::info!("watch stream closed: its token is no longer valid");
+                    return;
+                }
+                verified = tokio::time::Instant::now();
+            }
             let current = rx.borrow_and_update().clone();
             let out = if current.revision > sent {
                 sent = current.revision;
                 frame(&current)
             } else {
-                if crate::auth::verify(&state, &token).await.is_err() {
-                    tracing::info!("watch stream closed: its token is no longer valid");
-                    return;
-                }
                 heartbeat(current.revision, every)
             };
             if tx.send(Ok(out)).await.is_err() {

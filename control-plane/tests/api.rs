@@ -92,6 +92,7 @@ async fn api_with(pg: bool, audit: Box<dyn quota::audit::AuditSink>) -> Api {
             "admin",
             &control_plane::auth::sha256_hex(ADMIN.as_bytes()),
             "test",
+            true,
         )
         .await
         .expect("token");
@@ -810,4 +811,81 @@ async fn revoking_a_token_ends_its_watch_stream() {
     })
     .await;
     assert!(ended.is_ok(), "the stream ended after the revocation");
+}
+
+#[tokio::test]
+async fn a_policy_is_checked_with_whichever_subjects_gateways_may_compile() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    let (s, _) = api
+        .json("PUT", "/v1/subjects/acme", ADMIN, json!({ "tier": "free" }))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // The document's own `acme` names a tier that does not exist. While the control plane's
+    // `acme` has no key, gateways compile the document's entry: refused.
+    let with_doc_subject = format!(
+        "{POLICY}subjects:\n  - {{ id: acme, tier: gold, key_sha256: ['{}'] }}\n",
+        "ab".repeat(32)
+    );
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies",
+            Some(ADMIN),
+            Body::from(with_doc_subject.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(b.to_string().contains("unknown tier `gold`"), "{b}");
+    // With a key, the control plane's `acme` hides the document's: still refused, since revoking
+    // that key would bring the document's entry back.
+    let (s, _) = api
+        .call("POST", "/v1/subjects/acme/keys", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies",
+            Some(ADMIN),
+            Body::from(with_doc_subject),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    let (_, active) = api
+        .call("GET", "/v1/policies/active", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(
+        active["version"], 1,
+        "the active version is unchanged: {active}"
+    );
+}
+
+#[tokio::test]
+async fn blank_idempotency_keys_and_the_reserved_guest_id_are_refused() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    api.json("PUT", "/v1/subjects/acme", ADMIN, json!({ "tier": "free" }))
+        .await;
+    let (s, b) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            json!({ "subject": "acme", "tier": "pro", "idempotency_key": " " }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = api
+        .json(
+            "PUT",
+            "/v1/subjects/guest",
+            ADMIN,
+            json!({ "tier": "free" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(b.to_string().contains("reserved"), "{b}");
 }

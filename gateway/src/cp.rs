@@ -17,6 +17,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Until the first heartbeat says how often they come: three of the default 5 s missed.
 const SILENCE: Duration = Duration::from_secs(15);
+/// Largest event accepted (a snapshot of a few hundred thousand subjects fits): a peer that never
+/// ends an event cannot grow the buffer without bound.
+const MAX_EVENT: usize = 256 << 20;
 
 pub struct Link {
     /// Base URL, without a trailing slash.
@@ -40,6 +43,8 @@ enum StreamError {
     Closed,
     #[error("no heartbeat for {0:?}")]
     Silent(Duration),
+    #[error("an event larger than {MAX_EVENT} bytes")]
+    TooLarge,
 }
 
 impl Link {
@@ -157,6 +162,9 @@ async fn stream_once(
             Ok(None) => return Err(StreamError::Closed),
             Ok(Some(chunk)) => chunk?,
         };
+        if buf.len() + chunk.len() > MAX_EVENT {
+            return Err(StreamError::TooLarge);
+        }
         buf.extend_from_slice(&chunk);
         // Events end with a blank line; a snapshot may span many chunks.
         while let Some(end) = buf[scanned.saturating_sub(1)..]

@@ -189,7 +189,7 @@ impl ProxyHttp for Gateway {
                 match &policy.guest_tier {
                     // One subject for every such key: made-up keys share one guest quota.
                     Some(tier) => Arc::new(Subject {
-                        id: "guest".into(),
+                        id: quota::policy::GUEST_SUBJECT.into(),
                         tier: tier.clone(),
                         time_zone: chrono_tz::UTC,
                         enabled: true,

@@ -55,6 +55,10 @@ const EXPECTED: &[(&str, &str)] = &[
         "11:13: tiers.free.lookup: expected at least one of `rates`, `daily`, `monthly`, `concurrent`, or `unlimited: true`",
     ),
     ("missing_field", "7:5: routes[0]: missing field `quota`"),
+    (
+        "reserved_subject_id",
+        "13:33: subjects[0].id: the subject id `guest` is reserved for keys admitted under `guest_tier`",
+    ),
     ("syntax_error", "10:3: tiers: expected mapping start"),
     (
         "unknown_field",

@@ -914,6 +914,13 @@ impl<'a> Builder<'a> {
             }
             _ => {}
         }
+        if s.id == super::GUEST_SUBJECT {
+            let msg = format!(
+                "the subject id `{}` is reserved for keys admitted under `guest_tier`",
+                super::GUEST_SUBJECT
+            );
+            self.err(file, s.tier.referenced, format!("{path}.id"), msg);
+        }
         let tier = self.tiers.get(&s.tier.value).cloned();
         if tier.is_none() {
             let mut known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();

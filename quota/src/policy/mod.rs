@@ -158,6 +158,10 @@ pub struct Subject {
 }
 
 /// The hex SHA-256 of an API key, as policies and the control plane store it.
+/// The subject that keys unknown to a gateway are counted as while the control plane is
+/// unreachable and the policy names a `guest_tier`; no real subject may take this id.
+pub const GUEST_SUBJECT: &str = "guest";
+
 pub fn key_sha256_hex(api_key: &str) -> String {
     let digest = Sha256::digest(api_key.as_bytes());
     let mut out = String::with_capacity(64);
