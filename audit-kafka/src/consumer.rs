@@ -31,15 +31,29 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A message that is not an audit event this consumer understands (a newer gateway's event type
+/// during a rolling upgrade, or junk). It is kept, not skipped: once its offset is committed, the
+/// ledger is the only place it still exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub error: String,
+}
+
 /// Where the consumer puts events: the ledger.
 pub trait LedgerWriter: Send + Sync {
     type Error: std::fmt::Display + Send;
 
-    /// Insert the batch in one transaction, idempotently by `event_id`; returns how many events
-    /// were new. `Ok` means durably stored: the offsets are committed right after.
+    /// Insert the batch in one transaction, idempotently by `event_id` (unreadable messages by
+    /// topic, partition and offset); returns how many events were new. `Ok` means durably
+    /// stored: the offsets are committed right after.
     fn write_batch(
         &self,
         events: &[AuditEvent],
+        unreadable: &[Unreadable],
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 }
 
@@ -51,8 +65,9 @@ impl<T: LedgerWriter> LedgerWriter for Arc<T> {
     fn write_batch(
         &self,
         events: &[AuditEvent],
+        unreadable: &[Unreadable],
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send {
-        (**self).write_batch(events)
+        (**self).write_batch(events, unreadable)
     }
 }
 
@@ -162,6 +177,7 @@ pub struct AccountingConsumer<W> {
 #[derive(Default)]
 struct Batch {
     events: Vec<AuditEvent>,
+    unreadable: Vec<Unreadable>,
     next_offsets: HashMap<(String, i32), i64>,
     messages: usize,
 }
@@ -206,7 +222,8 @@ impl<W: LedgerWriter> AccountingConsumer<W> {
             let Some(batch) = self.collect(&mut stop).await? else {
                 return Ok(());
             };
-            if !batch.events.is_empty() && !self.write(&batch.events, &mut stop).await {
+            let empty = batch.events.is_empty() && batch.unreadable.is_empty();
+            if !empty && !self.write(&batch, &mut stop).await {
                 return Ok(());
             }
             self.commit(&batch).await;
@@ -244,8 +261,8 @@ impl<W: LedgerWriter> AccountingConsumer<W> {
                     *next = (*next).max(m.offset() + 1);
                     match m.payload().map(serde_json::from_slice::<AuditEvent>) {
                         Some(Ok(event)) => batch.events.push(event),
-                        Some(Err(e)) => self.undecodable(&m, &e.to_string()),
-                        None => self.undecodable(&m, "empty payload"),
+                        Some(Err(e)) => batch.unreadable.push(self.undecodable(&m, &e.to_string())),
+                        None => batch.unreadable.push(self.undecodable(&m, "empty payload")),
                     }
                     deadline
                         .get_or_insert_with(|| tokio::time::Instant::now() + self.cfg.batch_wait);
@@ -270,26 +287,34 @@ impl<W: LedgerWriter> AccountingConsumer<W> {
         Ok(Some(batch))
     }
 
-    fn undecodable(&self, m: &impl Message, why: &str) {
+    fn undecodable(&self, m: &impl Message, why: &str) -> Unreadable {
         self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             topic = m.topic(),
             partition = m.partition(),
             offset = m.offset(),
             error = why,
-            "skipping a message that is not an audit event"
+            "a message that is not an audit event this consumer reads; kept as unreadable"
         );
+        Unreadable {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            error: why.to_string(),
+        }
     }
 
     /// Write until it succeeds; `false` when stopped first.
     async fn write(
         &self,
-        events: &[AuditEvent],
+        batch: &Batch,
         stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> bool {
+        let events = &batch.events;
         let mut backoff = self.cfg.retry_initial;
         loop {
-            match self.writer.write_batch(events).await {
+            match self.writer.write_batch(events, &batch.unreadable).await {
                 Ok(inserted) => {
                     let c = &self.counters;
                     c.inserted.fetch_add(inserted, Ordering::Relaxed);
@@ -372,15 +397,26 @@ mod tests {
     #[derive(Default)]
     struct MemLedger {
         rows: Mutex<Vec<AuditEvent>>,
+        unreadable: Mutex<Vec<Unreadable>>,
         failing: AtomicBool,
     }
 
     impl LedgerWriter for MemLedger {
         type Error = String;
 
-        async fn write_batch(&self, events: &[AuditEvent]) -> Result<u64, String> {
+        async fn write_batch(
+            &self,
+            events: &[AuditEvent],
+            unreadable: &[Unreadable],
+        ) -> Result<u64, String> {
             if self.failing.load(Ordering::Relaxed) {
                 return Err("database unavailable".into());
+            }
+            let mut kept = self.unreadable.lock().unwrap();
+            for u in unreadable {
+                if !kept.contains(u) {
+                    kept.push(u.clone());
+                }
             }
             let mut rows = self.rows.lock().unwrap();
             let mut inserted = 0;
@@ -470,7 +506,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn offsets_are_committed_after_the_write_and_junk_is_skipped() {
+    async fn offsets_are_committed_after_the_write_and_junk_is_kept_as_unreadable() {
         let mock = MockCluster::new(1).unwrap();
         mock.create_topic(TOPIC, 3, 1).unwrap();
         let brokers = mock.bootstrap_servers();
@@ -505,6 +541,9 @@ mod tests {
         );
         assert!(s.batches >= 4, "{s:?}");
         assert_eq!(committed_total(&brokers), 31, "past the junk message too");
+        let kept = ledger.unreadable.lock().unwrap().clone();
+        assert_eq!(kept.len(), 1, "the junk is in the ledger, not dropped");
+        assert_eq!(kept[0].payload, b"not json");
     }
 
     #[tokio::test]

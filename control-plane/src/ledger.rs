@@ -6,7 +6,7 @@
 //! `QuotaConsumed`, the actual use of each quota of a `ReservationSettled` (LLM calls are recorded
 //! once they are settled; a reservation that expires unsettled left nothing), 0 otherwise.
 
-use audit_kafka::LedgerWriter;
+use audit_kafka::{LedgerWriter, Unreadable};
 use quota::audit::{AuditEvent, EventBody};
 use serde::Serialize;
 use sqlx::{AnyPool, Row};
@@ -18,6 +18,13 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota_audit (
     reserved BIGINT, actual BIGINT, refunded BIGINT, attempt_id TEXT, reason TEXT,
     body TEXT NOT NULL, ingested_at_ms BIGINT NOT NULL,
     PRIMARY KEY (event_id, quota))";
+
+/// Messages the consumer could not read as events (a newer schema during a rolling upgrade, or
+/// junk), kept whole so an upgraded consumer or an operator can still account for them.
+const UNREADABLE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota_audit_unreadable (
+    topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, kafka_offset BIGINT NOT NULL,
+    payload TEXT NOT NULL, error TEXT NOT NULL, ingested_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (topic, kafka_partition, kafka_offset))";
 
 #[derive(Clone)]
 pub struct Ledger {
@@ -93,6 +100,7 @@ impl Ledger {
     /// Use `pool` (SQLite or PostgreSQL) and create the table if needed.
     pub async fn new(pool: AnyPool) -> Result<Self, sqlx::Error> {
         sqlx::query(SCHEMA).execute(&pool).await?;
+        sqlx::query(UNREADABLE_SCHEMA).execute(&pool).await?;
         sqlx::query(
             "CREATE INDEX IF NOT EXISTS quota_audit_day ON quota_audit (day, subject, quota)",
         )
@@ -103,9 +111,30 @@ impl Ledger {
 
     /// Insert a batch in one transaction; events already in the ledger are skipped. Returns the
     /// number of events that were new.
-    pub async fn write_batch(&self, events: &[AuditEvent]) -> Result<u64, sqlx::Error> {
+    pub async fn write_batch(
+        &self,
+        events: &[AuditEvent],
+        unreadable: &[Unreadable],
+    ) -> Result<u64, sqlx::Error> {
         let now = chrono::Utc::now().timestamp_millis();
         let mut tx = self.pool.begin().await?;
+        for u in unreadable {
+            sqlx::query(
+                "INSERT INTO quota_audit_unreadable
+                    (topic, kafka_partition, kafka_offset, payload, error, ingested_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
+            )
+            .bind(&u.topic)
+            .bind(u.partition)
+            .bind(u.offset)
+            // Text, for both databases; an event is JSON (UTF-8), junk is kept as near as it goes.
+            .bind(String::from_utf8_lossy(&u.payload).replace('\0', "\u{fffd}"))
+            .bind(&u.error)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         let mut inserted = 0;
         for e in events {
             let body = serde_json::to_string(e).unwrap_or_default();
@@ -144,6 +173,14 @@ impl Ledger {
         }
         tx.commit().await?;
         Ok(inserted)
+    }
+
+    /// How many messages are kept in `quota_audit_unreadable`.
+    pub async fn unreadable_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM quota_audit_unreadable")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")
     }
 
     /// Totals per subject and quota for `day` (the subjects' local day).
@@ -185,7 +222,8 @@ impl LedgerWriter for Ledger {
     fn write_batch(
         &self,
         events: &[AuditEvent],
+        unreadable: &[Unreadable],
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send {
-        Ledger::write_batch(self, events)
+        Ledger::write_batch(self, events, unreadable)
     }
 }

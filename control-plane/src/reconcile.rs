@@ -36,6 +36,9 @@ pub struct Report {
     pub drift: i64,
     /// Rows that could not be compared (see their notes).
     pub unchecked: usize,
+    /// Messages the accounting consumer kept in `quota_audit_unreadable` (of any day): until
+    /// they are accounted for, the ledger may be short by what they did.
+    pub unreadable: i64,
 }
 
 /// What the gateway's daily counter of `subject`/`quota` holds, from a probe that costs nothing;
@@ -113,6 +116,7 @@ pub async fn reconcile(
         rows,
         drift,
         unchecked,
+        unreadable: ledger.unreadable_count().await?,
     })
 }
 
@@ -143,6 +147,13 @@ impl Report {
             self.unchecked,
             self.drift
         );
+        if self.unreadable > 0 {
+            let _ = writeln!(
+                out,
+                "{} messages the accounting consumer could not read are kept in quota_audit_unreadable",
+                self.unreadable
+            );
+        }
         out
     }
 
@@ -168,6 +179,12 @@ impl Report {
             "# HELP quota_reconciliation_drift_total Sum of absolute drifts\n\
              # TYPE quota_reconciliation_drift_total gauge\nquota_reconciliation_drift_total {}",
             self.drift
+        );
+        let _ = writeln!(
+            out,
+            "# HELP quota_audit_unreadable_messages Messages kept in quota_audit_unreadable\n\
+             # TYPE quota_audit_unreadable_messages gauge\nquota_audit_unreadable_messages {}",
+            self.unreadable
         );
         out
     }

@@ -889,3 +889,40 @@ async fn blank_idempotency_keys_and_the_reserved_guest_id_are_refused() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
     assert!(b.to_string().contains("reserved"), "{b}");
 }
+
+async fn unreadable_messages_are_kept(pg: bool) {
+    let api = api(pg).await;
+    let ledger = control_plane::ledger::Ledger::new(api.state.store.pool().clone())
+        .await
+        .expect("ledger");
+    // An event type this consumer does not know yet (a newer gateway), redelivered once.
+    let newer = audit_kafka::Unreadable {
+        topic: "tollgate-audit".into(),
+        partition: 2,
+        offset: 41,
+        payload: br#"{"type":"QuotaTransferred","schema_version":2}"#.to_vec(),
+        error: "unknown variant `QuotaTransferred`".into(),
+    };
+    for _ in 0..2 {
+        ledger
+            .write_batch(&[], std::slice::from_ref(&newer))
+            .await
+            .expect("write");
+    }
+    assert_eq!(ledger.unreadable_count().await.expect("count"), 1);
+    let payload: String = sqlx::query_scalar("SELECT payload FROM quota_audit_unreadable")
+        .fetch_one(api.state.store.pool())
+        .await
+        .expect("row");
+    assert!(payload.contains("QuotaTransferred"), "{payload}");
+}
+
+#[tokio::test]
+async fn unreadable_messages_are_kept_once_sqlite() {
+    unreadable_messages_are_kept(false).await;
+}
+
+#[tokio::test]
+async fn unreadable_messages_are_kept_once_postgres() {
+    unreadable_messages_are_kept(true).await;
+}
