@@ -85,6 +85,7 @@ impl Bill {
             reserved: std::mem::take(&mut self.reserved),
             actual: self.actual(usage, answered),
             usage,
+            deferred: false,
         }
     }
 
@@ -111,6 +112,8 @@ struct Settling {
     reserved: Vec<(Arc<str>, u64)>,
     actual: Vec<(Arc<str>, u64)>,
     usage: Usage,
+    /// An earlier try failed in transit: the store may have applied it without our hearing.
+    deferred: bool,
 }
 
 impl Settling {
@@ -132,12 +135,17 @@ impl Settling {
         let m = &self.state.metrics;
         match result {
             Ok(Settled::Charged) => self.record(),
+            // The try that failed in transit was applied after all: this attempt was charged, and
+            // its event not yet recorded (the ledger would miss it otherwise).
+            Ok(Settled::AlreadySettled) if self.deferred => self.record(),
             Ok(Settled::AlreadySettled) => {
                 m.llm_settlements.with_label_values(&["duplicate"]).inc()
             }
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, attempt = %self.attempt_id, "settlement deferred: store unreachable");
-                return Err(self);
+                let mut again = self;
+                again.deferred = true;
+                return Err(again);
             }
             Err(e) => {
                 m.llm_settlements.with_label_values(&["error"]).inc();
