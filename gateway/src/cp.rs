@@ -31,6 +31,9 @@ pub struct Link {
     applied: AtomicU64,
     /// The newest revision the control plane has announced.
     latest: AtomicU64,
+    /// Set while the control plane announces an older revision than the one enforced (its
+    /// database was restored?): keys it issued since then are unknown here.
+    behind: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,7 @@ impl Link {
             connected: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             latest: AtomicU64::new(0),
+            behind: AtomicBool::new(false),
         }
     }
 
@@ -179,7 +183,7 @@ async fn stream_once(
             }
             // Current only once the announced revision is enforced (a snapshot still in flight,
             // or one this gateway refused, leaves it behind).
-            let current = link.latest() <= link.applied();
+            let current = link.latest() <= link.applied() && !link.behind.load(Ordering::Relaxed);
             link.connected.store(current, Ordering::Relaxed);
         }
         scanned = buf.len();
@@ -213,12 +217,16 @@ async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) -> Optio
                 every_ms: Option<u64>,
             }
             if let Ok(b) = serde_json::from_slice::<Beat>(&data) {
-                if b.revision < link.applied() {
+                let behind = b.revision < link.applied();
+                if behind && !link.behind.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         theirs = b.revision,
                         ours = link.applied(),
                         "the control plane is at an older revision than this gateway enforces (was its database restored?); keeping ours"
                     );
+                }
+                if !behind {
+                    link.behind.store(false, Ordering::Relaxed);
                 }
                 link.latest.fetch_max(b.revision, Ordering::Relaxed);
                 every = b.every_ms.map(Duration::from_millis);

@@ -328,3 +328,60 @@ guest_tier: free
         false
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknown_keys() {
+    let mock = MockUpstream::start();
+    let db = Db::sqlite();
+    let mut cp = ControlPlane::start(&db);
+    let (key, token) = seeded(&cp, mock.addr).await;
+    let snaps = TempDir::new("snapshots");
+    let gw = Gateway::following(&cp, &token, &snaps.0.join("gw.json"));
+    assert!(until_status(&gw, "/lookup", &key, 200, Duration::from_secs(10)).await);
+
+    // A backup of the database, then a change made after it.
+    cp.kill();
+    let Db::Sqlite(dir) = &db else { unreachable!() };
+    let backup = TempDir::new("backup");
+    let files = ["cp.db", "cp.db-wal", "cp.db-shm"];
+    for f in files {
+        let _ = std::fs::copy(dir.0.join(f), backup.0.join(f));
+    }
+    cp.restart();
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/v1/entitlements",
+            Some(json!({ "subject": "acme", "tier": "pro" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(until_status(&gw, "/exports/x", &key, 200, Duration::from_secs(10)).await);
+
+    // The database is restored from the backup: the control plane is behind the gateway.
+    cp.kill();
+    for f in files {
+        let _ = std::fs::remove_file(dir.0.join(f));
+        let _ = std::fs::copy(backup.0.join(f), dir.0.join(f));
+    }
+    cp.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let st = get_json(gw.api_url("/status")).await;
+            st["control_plane"]["connected"] == false
+                && metric(&metrics(&gw).await, "control_plane_connected") == Some(1)
+        })
+        .await,
+        "streaming again, but not current"
+    );
+    assert_eq!(
+        status_of(&gw, "/exports/x", &key).await.0,
+        200,
+        "the newer entitlement stays in force"
+    );
+    assert_eq!(
+        status_of(&gw, "/lookup", "tg_issued_after_the_backup").await,
+        (503, Some("3".into())),
+        "a key this gateway does not know cannot be checked against a restored control plane"
+    );
+}
