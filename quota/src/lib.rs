@@ -5,8 +5,10 @@
 pub mod audit;
 pub mod calendar;
 pub mod engine;
+pub mod http_path;
 pub mod limiter;
 pub mod llm;
+pub mod names;
 pub mod policy;
 pub mod storage;
 
