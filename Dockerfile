@@ -1,7 +1,10 @@
 # Tollgate: gateway and mock-upstream in a slim runtime image, running as a non-root user.
 #   docker build -t tollgate .
-#   docker run --rm -p 8080:8080 -p 9090:9090 -v "$PWD/policies:/etc/tollgate:ro" tollgate \
+#   docker run --rm -p 8080:8080 -p 9090:9090 -e TOLLGATE_API_TOKEN="$(openssl rand -hex 24)" \
+#       -v "$PWD/policies:/etc/tollgate:ro" tollgate \
 #       run --config /etc/tollgate/example.yaml --listen 0.0.0.0:8080 --api-listen 0.0.0.0:9090
+# The API listener (/check, /status) needs that token: without one the gateway refuses to start
+# on a non-loopback address.
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
     && rm -rf /var/lib/apt/lists/*

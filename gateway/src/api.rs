@@ -1,6 +1,7 @@
 //! The API listener (a separate address from the proxy): `POST /check` (CheckAndConsume on the same
 //! engine), `GET /metrics` (Prometheus), `GET /status` (enforced policy and last load error),
-//! `GET /healthz`.
+//! `GET /healthz`. With a token configured, everything but `/metrics` and `/healthz` needs
+//! `Authorization: Bearer <token>`: `/check` charges any subject, `/status` describes the fleet.
 
 use crate::headers::{ceil_s, rfc3339};
 use crate::state::AppState;
@@ -11,21 +12,85 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use quota::engine::Reason;
+use quota::names::NameKind;
 use quota::storage::AnyStore;
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The router of the API listener. `token`: the bearer token the private endpoints need (`None`:
+/// open, which the server allows only on a loopback address or with `--api-insecure`).
+pub fn app(state: Arc<AppState>, token: Option<ApiToken>) -> Router {
+    let private = Router::new()
         .route("/check", post(check))
+        .route("/status", get(status));
+    #[cfg(feature = "test-clock")]
+    let private = private.route("/test/clock", post(set_clock));
+    let private = match token {
+        Some(t) => private.layer(axum::middleware::from_fn_with_state(Arc::new(t), authorize)),
+        None => private,
+    };
+    Router::new()
         .route("/metrics", get(metrics))
-        .route("/status", get(status))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/test/clock", post(set_clock))
+        .merge(private)
         .with_state(state)
 }
+
+/// The API listener's bearer token, kept as its SHA-256 so comparing takes the same time whatever
+/// the candidate is.
+pub struct ApiToken([u8; 32]);
+
+impl ApiToken {
+    /// `None` for an empty token: an empty secret would admit anyone who sends `Bearer `.
+    pub fn new(token: &str) -> Option<Self> {
+        let token = token.trim();
+        (!token.is_empty()).then(|| Self(Sha256::digest(token.as_bytes()).into()))
+    }
+
+    fn admits(&self, candidate: &str) -> bool {
+        let got: [u8; 32] = Sha256::digest(candidate.as_bytes()).into();
+        got.iter()
+            .zip(&self.0)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+async fn authorize(
+    State(token): State<Arc<ApiToken>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    match presented {
+        Some(t) if token.admits(t) => next.run(req).await,
+        _ => {
+            let body = json!({
+                "error": "unauthorized",
+                "detail": "this endpoint needs `Authorization: Bearer <API token>`",
+            });
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(body),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The largest `cost` one check may charge. Far above any real request, far enough below `u64`
+/// (and the ledger's signed 64-bit sums) that no sum of checks can overflow.
+pub const MAX_COST: u64 = 1_000_000_000_000;
 
 /// Errors of the API, each with a status and a JSON body `{error, detail}`.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +99,11 @@ enum ApiError {
     Invalid(String),
     #[error("unknown subject `{0}`")]
     UnknownSubject(String),
+    #[error("the policy defines no quota type `{0}`")]
+    UnknownQuota(String),
     #[error("subject `{0}` is disabled")]
     Disabled(String),
+    #[cfg(feature = "test-clock")]
     #[error("not found")]
     NotFound,
     #[error("quota service unavailable")]
@@ -47,7 +115,9 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::UnknownSubject(_) => (StatusCode::NOT_FOUND, "unknown_subject"),
+            ApiError::UnknownQuota(_) => (StatusCode::BAD_REQUEST, "unknown_quota"),
             ApiError::Disabled(_) => (StatusCode::FORBIDDEN, "subject_disabled"),
+            #[cfg(feature = "test-clock")]
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(e) => {
                 tracing::error!(error = %e, "check failed");
@@ -76,7 +146,26 @@ fn one() -> u64 {
 async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: CheckRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    // Names go into Redis keys, metric labels and the ledger: checked before anything else.
+    check_name(NameKind::Subject, &req.subject)?;
+    check_name(NameKind::QuotaType, &req.quota)?;
+    if let Some(id) = &req.request_id
+        && (id.is_empty() || id.len() > 200 || id.bytes().any(|b| !b.is_ascii_graphic()))
+    {
+        return Err(ApiError::Invalid(
+            "`request_id`: 1 to 200 printable ASCII characters".into(),
+        ));
+    }
+    if req.cost > MAX_COST {
+        return Err(ApiError::Invalid(format!(
+            "`cost`: at most {MAX_COST} per check"
+        )));
+    }
     let policy = state.policy.load_full();
+    // Only quota types the policy defines become counters, events and metric series.
+    if !policy.defines_quota(&req.quota) {
+        return Err(ApiError::UnknownQuota(req.quota));
+    }
     let subject = policy
         .subject_by_id(&req.subject)
         .ok_or_else(|| ApiError::UnknownSubject(req.subject.clone()))?;
@@ -211,6 +300,7 @@ async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     }))
 }
 
+#[cfg(feature = "test-clock")]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetClock {
@@ -218,7 +308,13 @@ struct SetClock {
     now: String,
 }
 
-/// Only with `gateway run --test-clock`: set the gateway's clock, for tests of calendar resets.
+fn check_name(kind: NameKind, name: &str) -> Result<(), ApiError> {
+    quota::names::check(kind, name).map_err(|e| ApiError::Invalid(e.to_string()))
+}
+
+/// Only in builds with the `test-clock` feature, run with `--test-clock`: set the gateway's clock,
+/// for tests of calendar resets.
+#[cfg(feature = "test-clock")]
 async fn set_clock(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: SetClock =
         serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(e.to_string()))?;

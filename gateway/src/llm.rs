@@ -15,8 +15,13 @@ use futures_util::StreamExt;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use quota::audit::{EventBody, Settlement};
+use quota::engine::{Decision, Reason};
+use quota::http_path::under;
+use quota::llm::ceiling::{CutReason, OutputCeiling};
 use quota::llm::price::Price;
-use quota::llm::request::{LlmRequest, parse, with_usage_requested};
+use quota::llm::request::{
+    Endpoint, LlmRequest, RequestError, Rewrite, parse, parse_uncounted, rewrite,
+};
 use quota::llm::sse::{StreamMeter, json_usage};
 use quota::llm::{Provider, Usage};
 use quota::policy::{FailureMode, LlmRoute, Policy, Route, Subject};
@@ -243,7 +248,71 @@ async fn read_body(session: &mut Session, limit: u64) -> pingora::Result<Option<
     Ok(Some(body))
 }
 
-/// Serve an LLM request entirely: the caller returns `Ok(true)` afterwards.
+/// The largest `max_tokens` a client may ask for on a route without `max_output_tokens`: keeps
+/// every reservation and sum far from overflow.
+const MAX_OUTPUT_TOKENS: u64 = 100_000_000;
+
+/// A refusal from a probe: the limits that cannot cover `needs` (quota type, units) are marked as
+/// refusing, with the time to their reset as the wait.
+fn refused_by_probe(mut d: Decision, needs: &[(&str, u64)]) -> Option<Decision> {
+    if !d.allowed {
+        return Some(d);
+    }
+    let mut refused = false;
+    for l in &mut d.limits {
+        let need = needs
+            .iter()
+            .find(|(q, _)| *q == &*l.quota_type)
+            .map_or(0, |(_, n)| *n);
+        if l.remaining < need {
+            refused = true;
+            l.allowed = false;
+            l.retry_after_ns = l.retry_after_ns.max(l.reset_after_ns).max(1);
+        }
+    }
+    refused.then_some(Decision {
+        allowed: false,
+        reason: Reason::QuotaExceeded,
+        ..d
+    })
+}
+
+/// The prompt's tokens, counted on the blocking pool (bounded by `tokenizer_slots`); a tokenizer
+/// panic falls back to an estimate from the body's size.
+async fn parse_off_thread(
+    state: &Arc<AppState>,
+    provider: Provider,
+    endpoint: Endpoint,
+    body: Arc<Vec<u8>>,
+    image_tokens: Option<u64>,
+) -> Result<LlmRequest, RequestError> {
+    let _slot = state.tokenizer_slots.acquire().await;
+    let b = body.clone();
+    let counted = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(|| parse(provider, endpoint, &b, image_tokens))
+    })
+    .await;
+    match counted {
+        Ok(Ok(result)) => result,
+        // The tokenizer failed on this input: read the request without it and size the prompt
+        // by bytes (3 per token: above the usual 4 for prose, the safe side for a reservation).
+        _ => {
+            tracing::warn!(
+                bytes = body.len(),
+                "tokenizer failed; prompt estimated from its size"
+            );
+            state.metrics.tokenizer_fallbacks.inc();
+            let mut r = parse_uncounted(provider, endpoint, &body)?;
+            r.prompt_tokens = (body.len() as u64).div_ceil(3);
+            Ok(r)
+        }
+    }
+}
+
+/// Serve a request on an LLM route. `Ok(true)`: answered here. `Ok(false)`: the path is one the
+/// route forwards unmetered (token counting, `unmetered_paths`); the caller proxies it as a plain
+/// request.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     state: &Arc<AppState>,
     session: &mut Session,
@@ -252,31 +321,76 @@ pub async fn serve(
     route: &Route,
     llm: &Arc<LlmRoute>,
     subject: Arc<Subject>,
-) -> pingora::Result<()> {
+) -> pingora::Result<bool> {
     let rid = ctx.request_id.clone();
+    let path = ctx.path(session.req_header()).to_string();
+    let endpoint = Endpoint::of(llm.provider, &path);
+    if !endpoint.generates() {
+        if endpoint == Endpoint::CountTokens || llm.unmetered_paths.iter().any(|p| under(&path, p))
+        {
+            return Ok(false);
+        }
+        let msg = format!(
+            "`{path}` is not an endpoint this route meters (chat completions, completions, messages); the route must list it in `unmetered_paths` to forward it"
+        );
+        respond_json(
+            session,
+            404,
+            error_body("unmetered_endpoint", msg, &rid),
+            &[],
+            &rid,
+        )
+        .await?;
+        return Ok(true);
+    }
+    // Cheap refusals first: no request or no token left is answered before the body is read.
+    let needs = [(&*route.quota, route.cost), (&*llm.tokens_quota, 1)];
+    let probe = state
+        .engine
+        .probe(
+            &subject,
+            &[&route.quota, &llm.tokens_quota],
+            state.clock.now_ns(),
+            policy.failure,
+        )
+        .await;
+    if let Some(refused) = probe.ok().and_then(|d| refused_by_probe(d, &needs)) {
+        refuse(state, session, ctx, &subject, &needs, &refused).await?;
+        return Ok(true);
+    }
     let Some(body) = read_body(session, llm.max_body_bytes).await? else {
         let msg = format!("request body larger than {} bytes", llm.max_body_bytes);
-        return respond_json(
+        respond_json(
             session,
             413,
             error_body("body_too_large", msg, &rid),
             &[],
             &rid,
         )
-        .await;
+        .await?;
+        return Ok(true);
     };
-    let path = session.req_header().uri.path().to_string();
-    let req = match parse(llm.provider, &path, &body) {
+    let body = Arc::new(body);
+    let req = match parse_off_thread(
+        state,
+        llm.provider,
+        endpoint,
+        body.clone(),
+        llm.image_tokens,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
-            return respond_json(
+            respond_json(
                 session,
                 400,
                 error_body("invalid_request", e.to_string(), &rid),
                 &[],
                 &rid,
             )
-            .await;
+            .await?;
+            return Ok(true);
         }
     };
     let price = policy.price(&req.model);
@@ -285,16 +399,38 @@ pub async fn serve(
             "no price for model `{}`; add it (or `default`) under `models`",
             req.model
         );
-        return respond_json(
+        respond_json(
             session,
             400,
             error_body("unknown_model", msg, &rid),
             &[],
             &rid,
         )
-        .await;
+        .await?;
+        return Ok(true);
     }
-    let max_out = req.max_tokens.unwrap_or(llm.default_max_tokens);
+    // The output ceiling: what the client asked for, within the route's cap; the route's default
+    // when it asked for nothing. The upstream is asked for exactly what is reserved.
+    let cap = llm.max_output_tokens.unwrap_or(MAX_OUTPUT_TOKENS);
+    let max_out = match req.max_tokens {
+        Some(asked) if asked > cap && !llm.clamp_max_output => {
+            let msg = format!(
+                "`{}` is {asked}; this route allows at most {cap} output tokens",
+                req.max_tokens_field
+            );
+            respond_json(
+                session,
+                400,
+                error_body("max_tokens_too_large", msg, &rid),
+                &[],
+                &rid,
+            )
+            .await?;
+            return Ok(true);
+        }
+        Some(asked) => asked.min(cap),
+        None => llm.default_max_tokens.min(cap),
+    };
     let mut reserve: Vec<(&str, u64)> = vec![
         (&route.quota, route.cost),
         (&llm.tokens_quota, req.prompt_tokens.saturating_add(max_out)),
@@ -322,11 +458,13 @@ pub async fn serve(
         Err(e) => {
             tracing::error!(error = %e, "reservation failed");
             let body = error_body("quota_unavailable", "quota service unavailable", &rid);
-            return respond_json(session, 503, body, &[("retry-after", "1".into())], &rid).await;
+            respond_json(session, 503, body, &[("retry-after", "1".into())], &rid).await?;
+            return Ok(true);
         }
     };
     if !decision.allowed {
-        return refuse(state, session, ctx, &subject, &reserve, &decision).await;
+        refuse(state, session, ctx, &subject, &reserve, &decision).await?;
+        return Ok(true);
     }
     let bill = Bill {
         state: state.clone(),
@@ -350,7 +488,12 @@ pub async fn serve(
         settled: false,
     };
     ctx.decision = Some(decision);
-    forward(state, session, ctx, route, llm, req, body, bill).await
+    let body = Arc::try_unwrap(body).unwrap_or_else(|b| (*b).clone());
+    forward(
+        state, session, ctx, route, llm, policy, req, max_out, body, bill,
+    )
+    .await?;
+    Ok(true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -360,14 +503,28 @@ async fn forward(
     ctx: &mut Ctx,
     route: &Route,
     llm: &Arc<LlmRoute>,
+    policy: &Policy,
     req: LlmRequest,
+    max_out: u64,
     body: Vec<u8>,
     bill: Bill,
 ) -> pingora::Result<()> {
     let rid = ctx.request_id.clone();
     let inject = llm.provider == Provider::OpenAi && req.stream && !req.include_usage;
-    let body = if inject {
-        with_usage_requested(&body).unwrap_or(body)
+    let changes = Rewrite {
+        max_tokens: (req.max_tokens != Some(max_out)).then_some((req.max_tokens_field, max_out)),
+        include_usage: inject,
+    };
+    let body = if changes.max_tokens.is_some() || changes.include_usage {
+        match rewrite(&body, changes) {
+            Ok(b) => b,
+            Err(e) => {
+                // Parsed once already: only a body that is not an object gets here.
+                bill.settle(Usage::default(), false).await;
+                let body = error_body("invalid_request", e.to_string(), &rid);
+                return respond_json(session, 400, body, &[], &rid).await;
+            }
+        }
     } else {
         body
     };
@@ -379,11 +536,12 @@ async fn forward(
     let up = &up;
     let scheme = if up.tls { "https" } else { "http" };
     let head = session.req_header();
-    let url = format!(
-        "{scheme}://{}{}",
-        up.address,
-        head.uri.path_and_query().map_or("/", |p| p.as_str())
-    );
+    let path = ctx
+        .path_and_query
+        .as_deref()
+        .or_else(|| head.uri.path_and_query().map(|p| p.as_str()))
+        .unwrap_or("/");
+    let url = format!("{scheme}://{}{path}", up.address);
     let mut rb = state.http.request(head.method.clone(), url).body(body);
     for (name, value) in head.headers.iter() {
         let skip = HOP.contains(&name.as_str())
@@ -488,7 +646,12 @@ async fn forward(
     }
 
     let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
+    // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
+    let ceiling = if llm.cut_overrun { max_out } else { u64::MAX };
+    let mut guard = OutputCeiling::new(llm.provider, &req.model, ceiling);
+    let mut overrun_check_at = max_out;
     let mut stream = resp.bytes_stream();
+    let mut metered: Vec<Bytes> = Vec::new();
     let mut pending: Vec<Bytes> = Vec::new();
     if let Err(e) = session.write_response_header(Box::new(out), false).await {
         return drain_then_settle(state, stream, meter, bill, llm, req.prompt_tokens, e).await;
@@ -497,7 +660,18 @@ async fn forward(
         let next = tokio::time::timeout(up.read_timeout, stream.next()).await;
         match next {
             Ok(Some(Ok(chunk))) => {
-                meter.feed(chunk, &mut pending);
+                meter.feed(chunk, &mut metered);
+                for piece in metered.drain(..) {
+                    guard.pass(piece, &mut pending);
+                }
+                // Past the reservation (`bill`): go on only while the subject's quota covers it.
+                if guard.delivered_bound() > overrun_check_at && guard.cut().is_none() {
+                    let over = guard.delivered().saturating_sub(max_out);
+                    overrun_check_at = guard.delivered_bound().saturating_add(OVERRUN_CHECK_EVERY);
+                    if over > 0 && !quota_covers(state, &bill.subject, llm, policy, over).await {
+                        guard.cut_now(CutReason::QuotaExhausted, &mut pending);
+                    }
+                }
                 for piece in pending.drain(..) {
                     if let Err(e) = session.write_response_body(Some(piece), false).await {
                         return drain_then_settle(
@@ -526,13 +700,63 @@ async fn forward(
             }
         }
     }
-    meter.flush(&mut pending);
-    let usage = meter.usage(req.prompt_tokens);
+    let usage = if let Some(reason) = guard.cut() {
+        // Ended by the gateway: the prompt and what the client received.
+        state
+            .metrics
+            .llm_stream_cuts
+            .with_label_values(&[match reason {
+                CutReason::Reservation => "reservation",
+                CutReason::QuotaExhausted => "quota",
+                CutReason::OversizedEvent => "oversized_event",
+            }])
+            .inc();
+        tracing::info!(request_id = %rid, reserved = max_out, delivered = guard.delivered(), ?reason, "stream cut by the gateway");
+        Usage {
+            prompt: meter.usage(req.prompt_tokens).prompt,
+            completion: guard.delivered(),
+        }
+    } else {
+        meter.flush(&mut metered);
+        for piece in metered.drain(..) {
+            guard.pass(piece, &mut pending);
+        }
+        guard.finish(&mut pending);
+        meter.usage(req.prompt_tokens)
+    };
     bill.settle(usage, true).await;
     for piece in pending {
         session.write_response_body(Some(piece), false).await?;
     }
     session.write_response_body(None, true).await
+}
+
+/// Tokens of upper-bound output between two checks of the quota while a `bill` stream is past
+/// its reservation.
+const OVERRUN_CHECK_EVERY: u64 = 256;
+
+/// Whether the subject's token quota still has `over` tokens for a stream past its reservation.
+async fn quota_covers(
+    state: &Arc<AppState>,
+    subject: &Subject,
+    llm: &LlmRoute,
+    policy: &Policy,
+    over: u64,
+) -> bool {
+    let probe = state
+        .engine
+        .probe(
+            subject,
+            &[&llm.tokens_quota],
+            state.clock.now_ns(),
+            policy.failure,
+        )
+        .await;
+    match probe {
+        Ok(d) => d.limits.iter().all(|l| l.remaining >= over),
+        // The store cannot say: the route chose to bill, so let the stream finish.
+        Err(_) => true,
+    }
 }
 
 /// The client went away: keep reading the upstream (bounded) for its real usage, then settle.

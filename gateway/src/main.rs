@@ -39,6 +39,16 @@ struct RunArgs {
     /// Address of the API: /check, /metrics, /status, /healthz.
     #[arg(long, default_value = "127.0.0.1:9090")]
     api_listen: SocketAddr,
+    /// File holding the bearer token that /check and /status need (/metrics and /healthz stay
+    /// open). Required when the API listens on a non-loopback address.
+    #[arg(long, value_name = "PATH", conflicts_with = "api_token")]
+    api_token_file: Option<PathBuf>,
+    /// The API's bearer token, from the environment (prefer --api-token-file on shared hosts).
+    #[arg(long, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Serve the API without a token on a non-loopback address.
+    #[arg(long)]
+    api_insecure: bool,
     /// Proxy worker threads (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
@@ -85,7 +95,9 @@ struct RunArgs {
     /// This gateway's name in audit events (default: gateway-<pid>).
     #[arg(long)]
     gateway_id: Option<String>,
-    /// Testing only: allow POST /test/clock on the API listener to set the gateway's clock.
+    /// Testing only (builds with the `test-clock` feature): allow POST /test/clock on the API
+    /// listener to set the gateway's clock.
+    #[cfg(feature = "test-clock")]
     #[arg(long, hide = true)]
     test_clock: bool,
 }
@@ -133,8 +145,12 @@ fn main() -> ExitCode {
                 control_plane_snapshot,
                 listen,
                 api_listen,
+                api_token_file,
+                api_token,
+                api_insecure,
                 threads,
                 grace_period,
+                #[cfg(feature = "test-clock")]
                 test_clock,
                 redis,
                 redis_cluster,
@@ -150,6 +166,18 @@ fn main() -> ExitCode {
                 audit_kafka_options,
                 gateway_id,
             } = *args;
+            let api_token = match api_token_file {
+                Some(path) => match std::fs::read_to_string(&path) {
+                    Ok(t) => Some(t.trim().to_string()),
+                    Err(e) => {
+                        eprintln!("gateway: --api-token-file {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => api_token,
+            };
+            #[cfg(not(feature = "test-clock"))]
+            let test_clock = false;
             let mut kafka_extra = Vec::new();
             for o in audit_kafka_options {
                 match o.split_once('=') {
@@ -204,6 +232,8 @@ fn main() -> ExitCode {
                 control_plane,
                 listen,
                 api_listen,
+                api_token,
+                api_insecure,
                 threads,
                 grace_period_s: grace_period,
                 test_clock,
@@ -219,5 +249,33 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Release builds (no `test-clock` feature) do not even accept the flag, so no deployment can
+    /// turn the clock API on by mistake.
+    #[test]
+    fn the_test_clock_exists_only_in_test_builds() {
+        let parsed = Cli::try_parse_from(["gateway", "run", "--config", "p.yaml", "--test-clock"]);
+        assert_eq!(parsed.is_ok(), cfg!(feature = "test-clock"));
+    }
+
+    #[test]
+    fn the_api_token_comes_from_a_file_or_the_environment_not_both() {
+        let both = Cli::try_parse_from([
+            "gateway",
+            "run",
+            "--config",
+            "p.yaml",
+            "--api-token-file",
+            "t",
+            "--api-token",
+            "x",
+        ]);
+        assert!(both.is_err());
     }
 }

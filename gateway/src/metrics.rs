@@ -23,6 +23,10 @@ pub struct Metrics {
     pub llm_tokens: IntCounterVec,
     pub llm_settlements: IntCounterVec,
     pub llm_disconnects: IntCounter,
+    /// Streams ended by the gateway, by reason (reservation, quota, oversized_event).
+    pub llm_stream_cuts: IntCounterVec,
+    /// Prompts counted by bytes because the tokenizer failed on them.
+    pub tokenizer_fallbacks: IntCounter,
     pub guardrail_actions: IntCounterVec,
     audit_events: IntCounter,
     audit_dropped: IntCounter,
@@ -130,6 +134,19 @@ impl Metrics {
         registry.register(Box::new(llm_tokens.clone()))?;
         registry.register(Box::new(llm_settlements.clone()))?;
         registry.register(Box::new(llm_disconnects.clone()))?;
+        let llm_stream_cuts = IntCounterVec::new(
+            Opts::new(
+                "llm_stream_cuts_total",
+                "Streams the gateway ended at their output ceiling, by reason",
+            ),
+            &["reason"],
+        )?;
+        let tokenizer_fallbacks = IntCounter::new(
+            "llm_tokenizer_fallbacks_total",
+            "Prompts estimated from their size because tokenizing them failed",
+        )?;
+        registry.register(Box::new(llm_stream_cuts.clone()))?;
+        registry.register(Box::new(tokenizer_fallbacks.clone()))?;
         let guardrail_actions = IntCounterVec::new(
             Opts::new(
                 "cost_guardrail_total",
@@ -221,6 +238,8 @@ impl Metrics {
             llm_tokens,
             llm_settlements,
             llm_disconnects,
+            llm_stream_cuts,
+            tokenizer_fallbacks,
             guardrail_actions,
             audit_events,
             audit_dropped,

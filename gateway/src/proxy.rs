@@ -32,8 +32,20 @@ pub struct Ctx {
     started: Instant,
     pub(crate) request_id: String,
     route: Option<Arc<str>>,
+    /// The normalized path and the query: what routes matched and what the upstream receives.
+    pub(crate) path_and_query: Option<String>,
     pub(crate) upstream: Option<Arc<Upstream>>,
     pub(crate) decision: Option<Decision>,
+}
+
+impl Ctx {
+    /// The normalized path of the request (what routes matched).
+    pub(crate) fn path<'a>(&'a self, req: &'a RequestHeader) -> &'a str {
+        match &self.path_and_query {
+            Some(pq) => pq.split_once('?').map_or(pq.as_str(), |(p, _)| p),
+            None => req.uri.path(),
+        }
+    }
 }
 
 /// Answer a refused decision: 429 with the quota's state, or 403 when the tier lacks the quota.
@@ -158,6 +170,7 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             request_id: String::new(),
             route: None,
+            path_and_query: None,
             upstream: None,
             decision: None,
         }
@@ -186,14 +199,9 @@ impl ProxyHttp for Gateway {
                     .as_ref()
                     .is_some_and(|l| l.unreachable()) =>
             {
-                match &policy.guest_tier {
+                match &policy.guest {
                     // One subject for every such key: made-up keys share one guest quota.
-                    Some(tier) => Arc::new(Subject {
-                        id: quota::policy::GUEST_SUBJECT.into(),
-                        tier: tier.clone(),
-                        time_zone: chrono_tz::UTC,
-                        enabled: true,
-                    }),
+                    Some(guest) => guest.clone(),
                     None => {
                         let msg = "this key's entitlement cannot be checked while the control plane is unreachable; retry shortly";
                         respond_json(
@@ -233,9 +241,31 @@ impl ProxyHttp for Gateway {
             .await?;
             return Ok(true);
         }
-        let route = policy.route(req.method.as_str(), host(req), req.uri.path());
+        let path = match quota::http_path::normalize(req.uri.path()) {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("invalid request path: {e}");
+                respond_json(
+                    session,
+                    400,
+                    error_body("invalid_path", msg, &ctx.request_id),
+                    &[],
+                    &ctx.request_id,
+                )
+                .await?;
+                return Ok(true);
+            }
+        };
+        let route = policy.route(req.method.as_str(), host(req), &path);
+        // The upstream gets the path that was matched and billed; only rebuilt when it differs.
+        if path != req.uri.path() {
+            ctx.path_and_query = Some(match req.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            });
+        }
         let Some(route) = route else {
-            let msg = format!("no route for {} {}", req.method, req.uri.path());
+            let msg = format!("no route for {} {path}", req.method);
             respond_json(
                 session,
                 404,
@@ -280,8 +310,18 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
-        if let Some(llm) = &route.llm {
-            crate::llm::serve(&self.state, session, ctx, &policy, route, llm, subject).await?;
+        if let Some(llm) = &route.llm
+            && crate::llm::serve(
+                &self.state,
+                session,
+                ctx,
+                &policy,
+                route,
+                llm,
+                subject.clone(),
+            )
+            .await?
+        {
             return Ok(true);
         }
         let (quota, cost) = (route.quota.clone(), route.cost);
@@ -374,6 +414,13 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(pq) = &ctx.path_and_query {
+            let uri = http::Uri::builder()
+                .path_and_query(pq.as_str())
+                .build()
+                .map_err(|e| Error::because(ErrorType::InternalError, "normalized path", e))?;
+            upstream_request.set_uri(uri);
+        }
         upstream_request.insert_header("x-request-id", &ctx.request_id)?;
         // The client's Tollgate key is for the gateway, never for the upstream.
         for h in CLIENT_CREDENTIALS {

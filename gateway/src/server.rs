@@ -25,6 +25,10 @@ pub struct RunConfig {
     pub control_plane: Option<ControlPlaneConfig>,
     pub listen: SocketAddr,
     pub api_listen: SocketAddr,
+    /// The bearer token of the API listener's private endpoints (`/check`, `/status`).
+    pub api_token: Option<String>,
+    /// Serve the API without a token on a non-loopback address (refused otherwise).
+    pub api_insecure: bool,
     pub threads: usize,
     pub grace_period_s: u64,
     /// Let `POST /test/clock` move the gateway's clock (tests only).
@@ -146,11 +150,30 @@ pub fn build_state(
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .context("building the upstream HTTP client")?,
+        tokenizer_slots: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ),
     }))
 }
 
 /// Run the gateway until SIGINT/SIGTERM. Only returns on a startup error.
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let api_token = cfg
+        .api_token
+        .as_deref()
+        .map(|t| crate::api::ApiToken::new(t).context("the API token is empty"))
+        .transpose()?;
+    if api_token.is_none() && !cfg.api_listen.ip().is_loopback() {
+        if !cfg.api_insecure {
+            anyhow::bail!(
+                "the API listener on {} is not a loopback address and has no token: anyone who \
+                 reaches it could charge any subject through /check. Set TOLLGATE_API_TOKEN or \
+                 --api-token-file (or --api-insecure to accept the risk)",
+                cfg.api_listen
+            );
+        }
+        tracing::warn!(api = %cfg.api_listen, "--api-insecure: /check and /status are open to the network");
+    }
     let clock = if cfg.test_clock {
         tracing::warn!(
             "--test-clock: the clock can be moved through the API; never use this in production"
@@ -185,7 +208,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let control = state.clone();
     std::thread::Builder::new()
         .name("tollgate-control".into())
-        .spawn(move || control_plane_tasks(rt, control, api))
+        .spawn(move || control_plane_tasks(rt, control, api, api_token))
         .context("starting the control thread")?;
     println!("api listening on {api_addr}");
     println!("proxy listening on {}", cfg.listen);
@@ -217,6 +240,7 @@ fn control_plane_tasks(
     rt: tokio::runtime::Runtime,
     state: Arc<AppState>,
     api: std::net::TcpListener,
+    api_token: Option<crate::api::ApiToken>,
 ) {
     rt.block_on(async move {
         if state.policy.load().routes.iter().any(|r| r.llm.is_some()) {
@@ -263,7 +287,7 @@ fn control_plane_tasks(
                 std::process::exit(1);
             }
         };
-        if let Err(e) = axum::serve(listener, crate::api::app(state)).await {
+        if let Err(e) = axum::serve(listener, crate::api::app(state, api_token)).await {
             tracing::error!(error = %e, "API listener failed");
             std::process::exit(1);
         }

@@ -33,6 +33,9 @@ pub struct AppState {
     pub gateway_id: String,
     /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
     pub http: reqwest::Client,
+    /// Bounds the LLM request bodies tokenized at once (on the blocking pool, never on a proxy
+    /// worker): a burst of large prompts queues here instead of taking every thread.
+    pub tokenizer_slots: tokio::sync::Semaphore,
 }
 
 /// The inputs of the enforced policy: the policy file's texts and the control plane's latest

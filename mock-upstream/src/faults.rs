@@ -12,6 +12,7 @@ pub const CUT_AFTER: (&str, &str) = ("x-mock-cut-after", "cut_after");
 pub const STATUS: (&str, &str) = ("x-mock-status", "status");
 pub const OMIT_USAGE: (&str, &str) = ("x-mock-omit-usage", "omit_usage");
 pub const TOKENS: (&str, &str) = ("x-mock-tokens", "tokens");
+pub const IGNORE_MAX_TOKENS: (&str, &str) = ("x-mock-ignore-max-tokens", "ignore_max_tokens");
 
 /// Output tokens when neither the fault nor `max_tokens` says otherwise.
 pub const DEFAULT_TOKENS: u64 = 20;
@@ -30,6 +31,8 @@ pub struct Faults {
     pub omit_usage: bool,
     /// Output tokens to produce (before `max_tokens` truncation).
     pub tokens: Option<u64>,
+    /// Behave like an upstream that does not honour `max_tokens`.
+    pub ignore_max_tokens: bool,
 }
 
 impl Faults {
@@ -68,6 +71,10 @@ impl Faults {
             .map(|(name, v)| parse_bool(&name, &v))
             .transpose()?
             .unwrap_or(false);
+        let ignore_max_tokens = lookup(IGNORE_MAX_TOKENS)?
+            .map(|(name, v)| parse_bool(&name, &v))
+            .transpose()?
+            .unwrap_or(false);
         let tokens = lookup(TOKENS)?
             .map(|(name, v)| parse_u64(&name, &v))
             .transpose()?;
@@ -82,6 +89,7 @@ impl Faults {
             status,
             omit_usage,
             tokens,
+            ignore_max_tokens,
         })
     }
 
@@ -90,7 +98,7 @@ impl Faults {
     pub fn output_tokens(&self, max_tokens: Option<u64>) -> (u64, bool) {
         let wanted = self.tokens.unwrap_or(DEFAULT_TOKENS);
         match max_tokens {
-            Some(max) if max < wanted => (max, true),
+            Some(max) if max < wanted && !self.ignore_max_tokens => (max, true),
             _ => (wanted, false),
         }
     }

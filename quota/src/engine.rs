@@ -215,6 +215,29 @@ impl<S: Storage> Engine<S> {
         self.run(&plan, req, failure).await
     }
 
+    /// Where `subject` stands on `quotas` without consuming anything (every cost 0): for refusing
+    /// a request before any work is spent on it. The limits carry what remains.
+    pub async fn probe(
+        &self,
+        subject: &Subject,
+        quotas: &[&str],
+        now_ns: i64,
+        failure: FailurePolicy,
+    ) -> Result<Decision, EngineError> {
+        let costs: Vec<(&str, u64)> = quotas.iter().map(|q| (*q, 0)).collect();
+        let plan = match Plan::new(subject, &costs, now_ns, Phase::Consume) {
+            Ok(p) => p,
+            Err(d) => return Ok(d),
+        };
+        let req = ConsumeRequest {
+            counters: &plan.counters,
+            now_ns,
+            idempotency_key: None,
+            reservation: None,
+        };
+        self.run(&plan, req, failure).await
+    }
+
     /// Reserve several quotas at once (e.g. tokens and money) for one upstream attempt: all or
     /// nothing. The reservation holds until `settle` with the same `attempt_id`, or until
     /// `expires_ns` (then it stops counting, so a gateway that dies before settling leaks nothing).

@@ -69,6 +69,14 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 if c.is_ascii_control() {
                     return Err(PathError::Control);
                 }
+                let canonical = !unreserved(c)
+                    && !bytes[i + 1].is_ascii_lowercase()
+                    && !bytes[i + 2].is_ascii_lowercase();
+                if canonical && decoded.is_none() {
+                    // Kept as written: stays borrowed.
+                    i += 3;
+                    continue;
+                }
                 let out = decoded.get_or_insert_with(|| path[..i].to_string());
                 if unreserved(c) {
                     out.push(c as char);
@@ -126,10 +134,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 
 /// Whether `p` holds `//`, or a `.` or `..` segment.
 fn needs_segment_work(p: &str) -> bool {
-    p.contains("//")
-        || p[1..]
-            .split('/')
-            .any(|s| s == "." || s == "..")
+    p.contains("//") || p[1..].split('/').any(|s| s == "." || s == "..")
 }
 
 /// Whether `path` (normalized) is under `prefix`: equal to it, or continuing it at a segment
@@ -149,7 +154,10 @@ mod tests {
     #[test]
     fn normal_paths_are_borrowed_untouched() {
         for p in ["/", "/lookup/42", "/v1/chat/completions", "/a/b/", "/a%20b"] {
-            assert!(matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p), "{p}");
+            assert!(
+                matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p),
+                "{p}"
+            );
         }
     }
 
@@ -157,7 +165,10 @@ mod tests {
     fn dots_escapes_and_slashes_are_resolved() {
         for (raw, want) in [
             ("/lookup/../exports/1", "/exports/1"),
-            ("/v1/chat/completions/%2e%2e/%2e%2e/completions", "/v1/completions"),
+            (
+                "/v1/chat/completions/%2e%2e/%2e%2e/completions",
+                "/v1/completions",
+            ),
             ("/v1/chat/completions/%2E./x", "/v1/chat/x"),
             ("/a/./b", "/a/b"),
             ("//a///b", "/a/b"),

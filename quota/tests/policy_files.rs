@@ -35,6 +35,10 @@ const EXPECTED: &[(&str, &str)] = &[
         "2:15: failure_mode: unknown variant `fail_sometimes`, expected one of fail_open, fail_closed, local",
     ),
     (
+        "bad_name",
+        "10:36: subjects[0].id: invalid subject id: character `}` at byte 4 is not allowed; use letters, digits, `_ - . : @ +`",
+    ),
+    (
         "bad_path_prefix",
         "6:27: routes[0].match.path_prefix: expected a path starting with `/`, got `lookup`",
     ),
@@ -75,6 +79,10 @@ const EXPECTED: &[(&str, &str)] = &[
     (
         "unknown_upstream",
         "7:15: routes[0].upstream: unknown upstream `dmeo`; defined upstreams: demo",
+    ),
+    (
+        "unnormalized_prefix",
+        "5:43: routes[0].match.path_prefix: `/api//lookup/./v1` is not in normal form (requests are matched after normalization); write `/api/lookup/v1`",
     ),
     ("wrong_type", "11:22: tiers.free.lookup.daily: invalid u64"),
     (

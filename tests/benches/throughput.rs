@@ -358,7 +358,110 @@ fn sse(mock: &MockUpstream) {
     );
 }
 
+/// Another subject's latency while an exhausted key sends large LLM bodies: refusals must cost
+/// the gateway nothing (answered before the body is read, no tokenizing).
+fn refused_bodies(rt: &tokio::runtime::Runtime, mock: &MockUpstream) {
+    const SENDERS: usize = 16;
+    const BODY: usize = 4 << 20;
+    let yaml = format!(
+        "upstreams:\n  up: {{ address: '{}', read_timeout_ms: 10000 }}\n\
+         routes:\n\
+         \x20 - {{ name: chat, match: {{ path_prefix: /v1/chat/completions }}, upstream: up, quota: llm_requests,\n\
+         \x20     llm: {{ provider: openai, tokens: llm_tokens }} }}\n\
+         \x20 - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: lookup }}\n\
+         tiers:\n  t:\n    llm_requests: {{ unlimited: true }}\n    llm_tokens: {{ daily: 1000 }}\n    lookup: {{ unlimited: true }}\n\
+         subjects:\n  - {{ key: key-exhausted, id: exhausted, tier: t }}\n  - {{ key: key-other, id: other, tier: t }}\n",
+        mock.addr
+    );
+    let gw = Gateway::start(&yaml);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    rt.block_on(async {
+        client
+            .post(gw.api_url("/check"))
+            .body(r#"{"subject":"exhausted","quota":"llm_tokens","cost":1000}"#)
+            .send()
+            .await
+            .unwrap();
+    });
+    let quiet = rt.block_on(load(gw.url("/lookup/1"), Some("key-other")));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let body = bytes_body(BODY);
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let (stop, sent, body, url) = (
+                stop.clone(),
+                sent.clone(),
+                body.clone(),
+                gw.url("/v1/chat/completions"),
+            );
+            let client = client.clone();
+            rt.spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Refused before the body is read: the gateway may close while it is sent.
+                    let _ = client
+                        .post(&url)
+                        .bearer_auth("key-exhausted")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let loaded = rt.block_on(load(gw.url("/lookup/1"), Some("key-other")));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async {
+        for s in senders {
+            let _ = s.await;
+        }
+    });
+    println!(
+        "\n## Refusals under load ({SENDERS} clients sending 4 MiB LLM bodies from an exhausted key; another subject's GET /lookup)\n"
+    );
+    println!("| other subject | req/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    for (name, l) in [("quiet", &quiet), ("with refused 4 MiB bodies", &loaded)] {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} |",
+            l.rps,
+            ms(l.p50),
+            ms(l.p99)
+        );
+    }
+    println!(
+        "| **loaded / quiet** | {:.2}x | {:.2}x | {:.2}x |",
+        loaded.rps / quiet.rps,
+        ms(loaded.p50) / ms(quiet.p50),
+        ms(loaded.p99) / ms(quiet.p99)
+    );
+    println!(
+        "\n({} refused bodies sent meanwhile)",
+        sent.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+/// A JSON chat body of about `n` bytes.
+fn bytes_body(n: usize) -> bytes::Bytes {
+    let filler = "lorem ipsum ".repeat(n / 12);
+    bytes::Bytes::from(format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{filler}"}}]}}"#
+    ))
+}
+
 fn main() {
+    // `scripts/bench refusals` runs the refusal section alone.
+    if std::env::args().any(|a| a == "refusals") {
+        let mock = MockUpstream::start();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        refused_bodies(&rt, &mock);
+        return;
+    }
     // `scripts/bench audit` runs the audit sink section alone (cargo passes --bench too).
     if std::env::args().any(|a| a == "audit") {
         let mock = MockUpstream::start();
@@ -433,6 +536,7 @@ fn main() {
         );
     }
     drop(gw);
+    refused_bodies(&rt, &mock);
     audit_sinks(&rt, &policy(mock.addr, &routes, tiers, &["pro"]));
 }
 

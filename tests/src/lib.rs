@@ -217,6 +217,27 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// POST `body` as JSON to the gateway's `path` with API key `key`, request id `rid` and extra
+/// headers (mock-upstream's faults).
+pub async fn post_as(
+    gw: &Gateway,
+    key: &str,
+    rid: &str,
+    path: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = client()
+        .post(gw.url(path))
+        .bearer_auth(key)
+        .header("x-request-id", rid)
+        .json(body);
+    for (h, v) in headers {
+        r = r.header(*h, *v);
+    }
+    r.send().await.expect("request")
+}
+
 /// GET `url` and parse the JSON answer.
 pub async fn get_json(url: impl reqwest::IntoUrl) -> serde_json::Value {
     let r = client().get(url).send().await.expect("GET");

@@ -57,6 +57,19 @@ async fn seeded(cp: &ControlPlane, upstream: SocketAddr) -> (String, String) {
     )
 }
 
+/// Move `acme` to `tier` through the webhook endpoint; returns the answer.
+async fn set_tier(cp: &ControlPlane, tier: &str) -> Value {
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/v1/entitlements",
+            Some(json!({ "subject": "acme", "tier": tier })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 async fn status_of(gw: &Gateway, path: &str, key: &str) -> (u16, Option<String>) {
     let r = client()
         .get(gw.url(path))
@@ -201,14 +214,7 @@ async fn outage(db: Db) {
 
     // Back: a change made now reaches the gateway.
     cp.restart();
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/entitlements",
-            Some(json!({ "subject": "acme", "tier": "pro" })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_tier(&cp, "pro").await;
     let latest = body["revision"].as_u64().expect("revision");
     assert!(
         until_status(&gw, "/exports/x", &key, 200, Duration::from_secs(15)).await,
@@ -348,14 +354,7 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
         let _ = std::fs::copy(dir.0.join(f), backup.0.join(f));
     }
     cp.restart();
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/entitlements",
-            Some(json!({ "subject": "acme", "tier": "pro" })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    set_tier(&cp, "pro").await;
     assert!(until_status(&gw, "/exports/x", &key, 200, Duration::from_secs(10)).await);
 
     // The database is restored from the backup: the control plane is behind the gateway.

@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
+use tollgate_e2e::post_as as post;
 use tollgate_e2e::{
     Backend, Gateway, MockUpstream, client, eventually, figure, get_json, post_json,
 };
@@ -86,25 +87,6 @@ fn chat(stream: bool, usage: bool) -> Value {
         b["stream_options"] = json!({ "include_usage": true });
     }
     b
-}
-
-async fn post(
-    gw: &Gateway,
-    key: &str,
-    rid: &str,
-    path: &str,
-    body: &Value,
-    faults: &[(&str, &str)],
-) -> reqwest::Response {
-    let mut r = client()
-        .post(gw.url(path))
-        .bearer_auth(key)
-        .header("x-request-id", rid)
-        .json(body);
-    for (h, v) in faults {
-        r = r.header(*h, *v);
-    }
-    r.send().await.unwrap()
 }
 
 /// What subject `u{i}` has been charged so far: (requests, tokens today, tokens this month, money).

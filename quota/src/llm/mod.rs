@@ -3,6 +3,7 @@
 //! response really used (usage in JSON bodies and in OpenAI/Anthropic SSE streams, parsed
 //! incrementally). No I/O: the gateway feeds bytes in.
 
+pub mod ceiling;
 pub mod price;
 pub mod request;
 pub mod sse;

@@ -5,12 +5,51 @@ use super::Provider;
 use super::tokens;
 use serde_json::Value;
 
+/// What an LLM route's path is, by its last segments: only generation endpoints reserve and
+/// meter tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// OpenAI `…/chat/completions`.
+    Chat,
+    /// OpenAI legacy `…/completions`.
+    Completions,
+    /// Anthropic `…/messages`.
+    Messages,
+    /// `…/count_tokens`: free at the provider, generates nothing.
+    CountTokens,
+    /// Anything else (batches, files, models…): cannot be metered as one call.
+    Other,
+}
+
+impl Endpoint {
+    /// The endpoint of normalized `path` on a route speaking `provider`.
+    pub fn of(provider: Provider, path: &str) -> Endpoint {
+        let path = path.trim_end_matches('/');
+        match provider {
+            _ if path.ends_with("/count_tokens") => Endpoint::CountTokens,
+            Provider::OpenAi if path.ends_with("/chat/completions") => Endpoint::Chat,
+            Provider::OpenAi if path.ends_with("/completions") => Endpoint::Completions,
+            Provider::Anthropic if path.ends_with("/messages") => Endpoint::Messages,
+            _ => Endpoint::Other,
+        }
+    }
+
+    pub fn generates(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Messages
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlmRequest {
     pub model: String,
     pub stream: bool,
     /// `max_completion_tokens` or `max_tokens` (OpenAI), `max_tokens` (Anthropic).
     pub max_tokens: Option<u64>,
+    /// The field the client's output limit was in (the one a ceiling rewrites).
+    pub max_tokens_field: &'static str,
     /// OpenAI: the client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
     /// Counted with the tokenizer: an estimate until the upstream reports usage.
@@ -25,8 +64,34 @@ pub enum RequestError {
     Invalid(String),
 }
 
-/// Read an LLM request. `path` tells OpenAI's chat from its legacy completions.
-pub fn parse(provider: Provider, path: &str, body: &[u8]) -> Result<LlmRequest, RequestError> {
+/// Read an LLM request for `endpoint` (a generation endpoint). `image_tokens`: prompt tokens
+/// counted per image (`None`: the provider's documented maximum).
+pub fn parse(
+    provider: Provider,
+    endpoint: Endpoint,
+    body: &[u8],
+    image_tokens: Option<u64>,
+) -> Result<LlmRequest, RequestError> {
+    parse_with(provider, endpoint, body, image_tokens, true)
+}
+
+/// `parse` without counting the prompt (`prompt_tokens` is 0): for when the tokenizer failed on
+/// this body and the prompt is sized another way.
+pub fn parse_uncounted(
+    provider: Provider,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<LlmRequest, RequestError> {
+    parse_with(provider, endpoint, body, None, false)
+}
+
+fn parse_with(
+    provider: Provider,
+    endpoint: Endpoint,
+    body: &[u8],
+    image_tokens: Option<u64>,
+    count: bool,
+) -> Result<LlmRequest, RequestError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| RequestError::Json(e.to_string()))?;
     let obj = v
         .as_object()
@@ -40,6 +105,9 @@ pub fn parse(provider: Provider, path: &str, body: &[u8]) -> Result<LlmRequest, 
         }
         None => return Err(RequestError::Invalid("`model` is required".into())),
     };
+    // The model name reaches prices, events and the ledger.
+    crate::names::check(crate::names::NameKind::Model, &model)
+        .map_err(|e| RequestError::Invalid(format!("`model`: {e}")))?;
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -53,7 +121,14 @@ pub fn parse(provider: Provider, path: &str, body: &[u8]) -> Result<LlmRequest, 
             }),
         }
     };
-    let max_tokens = uint("max_completion_tokens")?.or(uint("max_tokens")?);
+    let (max_tokens, max_tokens_field) = match (provider, endpoint) {
+        (Provider::OpenAi, Endpoint::Chat) => match uint("max_completion_tokens")? {
+            Some(n) => (Some(n), "max_completion_tokens"),
+            // OpenAI's current name for chat; older OpenAI-compatible servers accept it too.
+            None => (uint("max_tokens")?, "max_tokens"),
+        },
+        _ => (uint("max_tokens")?, "max_tokens"),
+    };
     let include_usage = obj
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -64,55 +139,101 @@ pub fn parse(provider: Provider, path: &str, body: &[u8]) -> Result<LlmRequest, 
             .and_then(Value::as_array)
             .ok_or_else(|| RequestError::Invalid(format!("`{field}` must be an array of messages")))
     };
-    let prompt_tokens = match provider {
-        Provider::Anthropic => {
-            tokens::anthropic_prompt(&model, obj.get("system"), array("messages")?)
+    let prompt_tokens = match (provider, endpoint) {
+        _ if !count => {
+            // Still check the shape, as the counting path does.
+            if endpoint != Endpoint::Completions {
+                array("messages")?;
+            }
+            0
         }
-        Provider::OpenAi if path.starts_with("/v1/completions") => match obj.get("prompt") {
+        (Provider::Anthropic, _) => tokens::anthropic_prompt(
+            &model,
+            obj.get("system"),
+            array("messages")?,
+            obj.get("tools"),
+            image_tokens.unwrap_or(tokens::ANTHROPIC_IMAGE_TOKENS),
+        ),
+        (Provider::OpenAi, Endpoint::Completions) => match obj.get("prompt") {
             Some(Value::String(p)) => tokens::count(&model, p),
             Some(Value::Array(ps)) => ps
                 .iter()
                 .map(|p| p.as_str().map_or(0, |s| tokens::count(&model, s)))
-                .sum(),
+                .fold(0u64, u64::saturating_add),
             _ => {
                 return Err(RequestError::Invalid(
                     "`prompt` must be a string or an array".into(),
                 ));
             }
         },
-        Provider::OpenAi => tokens::openai_chat_prompt(&model, array("messages")?),
+        (Provider::OpenAi, _) => {
+            let tools = obj.get("tools").or_else(|| obj.get("functions"));
+            tokens::openai_chat_prompt(
+                &model,
+                array("messages")?,
+                tools,
+                image_tokens.unwrap_or(tokens::OPENAI_IMAGE_TOKENS),
+            )
+        }
     };
     Ok(LlmRequest {
         model,
         stream,
         max_tokens,
+        max_tokens_field,
         include_usage,
         prompt_tokens,
     })
 }
 
-/// The body with `stream_options.include_usage: true` added (OpenAI), so the upstream reports the
-/// stream's usage even when the client did not ask for it.
-pub fn with_usage_requested(body: &[u8]) -> Result<Vec<u8>, RequestError> {
+/// How the forwarded body differs from the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Set this output limit field to this value: the upstream is never asked for more output
+    /// than was reserved.
+    pub max_tokens: Option<(&'static str, u64)>,
+    /// Add `stream_options.include_usage: true` (OpenAI), so the upstream reports the stream's
+    /// usage even when the client did not ask for it.
+    pub include_usage: bool,
+}
+
+/// The body with `rewrite` applied (other fields kept as they are).
+pub fn rewrite(body: &[u8], rewrite: Rewrite) -> Result<Vec<u8>, RequestError> {
     let mut v: Value =
         serde_json::from_slice(body).map_err(|e| RequestError::Json(e.to_string()))?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| RequestError::Invalid("the body must be a JSON object".into()))?;
-    let opts = obj
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
-    match opts.as_object_mut() {
-        Some(o) => {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-        None => {
-            return Err(RequestError::Invalid(
-                "`stream_options` must be an object".into(),
-            ));
+    if let Some((field, n)) = rewrite.max_tokens {
+        obj.insert(field.into(), Value::from(n));
+    }
+    if rewrite.include_usage {
+        let opts = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        match opts.as_object_mut() {
+            Some(o) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            None => {
+                return Err(RequestError::Invalid(
+                    "`stream_options` must be an object".into(),
+                ));
+            }
         }
     }
     serde_json::to_vec(&v).map_err(|e| RequestError::Json(e.to_string()))
+}
+
+/// The body with `stream_options.include_usage: true` added (OpenAI).
+pub fn with_usage_requested(body: &[u8]) -> Result<Vec<u8>, RequestError> {
+    rewrite(
+        body,
+        Rewrite {
+            max_tokens: None,
+            include_usage: true,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -122,7 +243,7 @@ mod tests {
     #[test]
     fn reads_openai_chat() {
         let body = br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse(Provider::OpenAi, "/v1/chat/completions", body).unwrap();
+        let r = parse(Provider::OpenAi, Endpoint::Chat, body, None).unwrap();
         assert_eq!(
             (r.model.as_str(), r.stream, r.max_tokens, r.include_usage),
             ("gpt-4o-mini", true, Some(50), false)
@@ -138,15 +259,16 @@ mod tests {
             br#"{"model":1}"#,
             br#"{"model":"m","messages":3}"#,
             br#"{"model":"m","messages":[],"max_tokens":-1}"#,
+            br#"{"model":"m\u0000x","messages":[]}"#,
         ] {
             assert!(
-                parse(Provider::OpenAi, "/v1/chat/completions", body).is_err(),
+                parse(Provider::OpenAi, Endpoint::Chat, body, None).is_err(),
                 "{}",
                 String::from_utf8_lossy(body)
             );
         }
         assert!(matches!(
-            parse(Provider::Anthropic, "/v1/messages", b"not json"),
+            parse(Provider::Anthropic, Endpoint::Messages, b"not json", None),
             Err(RequestError::Json(_))
         ));
     }
@@ -159,5 +281,47 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);
         assert_eq!(v["model"], "m");
+    }
+
+    #[test]
+    fn a_ceiling_is_written_in_the_field_the_client_used() {
+        let body = br#"{"model":"m","max_completion_tokens":90000,"messages":[]}"#;
+        let r = parse(Provider::OpenAi, Endpoint::Chat, body, None).unwrap();
+        assert_eq!(
+            (r.max_tokens, r.max_tokens_field),
+            (Some(90000), "max_completion_tokens")
+        );
+        let out = rewrite(
+            body,
+            Rewrite {
+                max_tokens: Some((r.max_tokens_field, 500)),
+                include_usage: false,
+            },
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["max_completion_tokens"], 500);
+        assert!(v.get("max_tokens").is_none());
+    }
+
+    #[test]
+    fn endpoints_are_told_apart_by_their_last_segments() {
+        use Endpoint::*;
+        for (p, path, want) in [
+            (Provider::OpenAi, "/v1/chat/completions", Chat),
+            (Provider::OpenAi, "/api/v1/chat/completions", Chat),
+            (Provider::OpenAi, "/v1/completions", Completions),
+            (Provider::OpenAi, "/v1/batches", Other),
+            (Provider::Anthropic, "/v1/messages", Messages),
+            (
+                Provider::Anthropic,
+                "/v1/messages/count_tokens",
+                CountTokens,
+            ),
+            (Provider::Anthropic, "/v1/messages/batches", Other),
+            (Provider::Anthropic, "/v1/chat/completions", Other),
+        ] {
+            assert_eq!(Endpoint::of(p, path), want, "{path}");
+        }
     }
 }

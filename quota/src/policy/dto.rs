@@ -82,6 +82,36 @@ pub struct LlmRouteDto {
     /// A reservation not settled within this time is released (its gateway died).
     #[serde(default = "default_reservation_ms")]
     pub reservation_ttl_ms: u64,
+    /// The most output tokens a client may ask for; above it `over_max_output` decides.
+    pub max_output_tokens: Option<u64>,
+    #[serde(default)]
+    pub over_max_output: OverMaxDto,
+    /// Output past the reservation: `cut` ends the stream, `bill` lets it finish and charges it.
+    #[serde(default)]
+    pub on_overrun: OverrunDto,
+    /// Prompt tokens counted per image (default: the provider's documented maximum per image).
+    pub image_tokens: Option<u64>,
+    /// Paths under this route forwarded without metering tokens (charged as one request),
+    /// besides the provider's token-counting endpoint. Other paths that are not a generation
+    /// endpoint (chat, completions, messages) are refused: they cannot be metered.
+    #[serde(default)]
+    pub unmetered_paths: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OverMaxDto {
+    #[default]
+    Reject,
+    Clamp,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OverrunDto {
+    #[default]
+    Cut,
+    Bill,
 }
 
 fn default_max_tokens() -> u64 {

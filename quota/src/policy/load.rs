@@ -3,8 +3,8 @@
 //! column and field path and says what was expected; all errors found are reported, not just the first.
 
 use super::dto::{
-    FailureModeDto, LlmRouteDto, PeriodDto, PolicyFile, ProviderDto, QuotaDto, RouteDto,
-    SubjectDto, UpstreamDto,
+    FailureModeDto, LlmRouteDto, OverMaxDto, OverrunDto, PeriodDto, PolicyFile, ProviderDto,
+    QuotaDto, RouteDto, SubjectDto, UpstreamDto,
 };
 use super::{
     FailureMode, LimitSpec, LlmRoute, Policy, QuotaLimits, RatePeriod, Route, Subject, Tier,
@@ -13,6 +13,7 @@ use super::{
 use crate::calendar::CalendarPeriod;
 use crate::llm::Provider;
 use crate::llm::price::Price;
+use crate::names::NameKind;
 use chrono_tz::Tz;
 use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
@@ -225,6 +226,24 @@ impl<'a> Builder<'a> {
         });
     }
 
+    /// Check a name against the shared rule; false (and an error) when it breaks it.
+    fn name(
+        &mut self,
+        file: &str,
+        loc: Location,
+        path: impl Into<String>,
+        kind: NameKind,
+        name: &str,
+    ) -> bool {
+        match crate::names::check(kind, name) {
+            Ok(()) => true,
+            Err(e) => {
+                self.err(file, loc, path, e.to_string());
+                false
+            }
+        }
+    }
+
     fn build(
         mut self,
         files: Vec<(&'a str, PolicyFile)>,
@@ -412,6 +431,14 @@ impl<'a> Builder<'a> {
             subjects,
             subjects_by_hash,
             subjects_by_id,
+            guest: guest_tier.clone().map(|tier| {
+                Arc::new(Subject {
+                    id: super::GUEST_SUBJECT.into(),
+                    tier,
+                    time_zone: chrono_tz::UTC,
+                    enabled: true,
+                })
+            }),
             guest_tier,
             models: self.models,
             guardrail,
@@ -468,6 +495,15 @@ impl<'a> Builder<'a> {
         }
         for (name, m) in &doc.models {
             let valid = |v: f64| v.is_finite() && v >= 0.0;
+            if !self.name(
+                file,
+                m.referenced,
+                format!("models.{name}"),
+                NameKind::Model,
+                name,
+            ) {
+                continue;
+            }
             if !valid(m.value.input_per_million) || !valid(m.value.output_per_million) {
                 self.err(
                     file,
@@ -610,10 +646,20 @@ impl<'a> Builder<'a> {
             );
             return;
         }
+        self.name(
+            file,
+            quotas.referenced,
+            format!("tiers.{name}"),
+            NameKind::Tier,
+            name,
+        );
         let mut out = HashMap::new();
         for (quota, dto) in &quotas.value {
-            self.declared_quotas.insert(quota.clone());
             let path = format!("tiers.{name}.{quota}");
+            if !self.name(file, dto.referenced, &path, NameKind::QuotaType, quota) {
+                continue;
+            }
+            self.declared_quotas.insert(quota.clone());
             if let Some(limits) = self.quota(file, &path, dto) {
                 out.insert(Arc::<str>::from(quota.as_str()), limits);
             }
@@ -763,14 +809,43 @@ impl<'a> Builder<'a> {
             );
             self.err(file, r.quota.referenced, format!("{path}.quota"), msg);
         }
+        self.name(
+            file,
+            route.referenced,
+            format!("{path}.name"),
+            NameKind::Route,
+            &r.name,
+        );
         let prefix = &r.matcher.path_prefix;
-        if !prefix.value.starts_with('/') {
-            self.err(
-                file,
-                prefix.referenced,
-                format!("{path}.match.path_prefix"),
-                format!("expected a path starting with `/`, got `{}`", prefix.value),
-            );
+        // Requests are matched by their normalized path: a prefix in another form never matches.
+        match crate::http_path::normalize(&prefix.value) {
+            Ok(n) if n == prefix.value.as_str() => {}
+            Ok(n) => {
+                let msg = format!(
+                    "`{}` is not in normal form (requests are matched after normalization); write `{n}`",
+                    prefix.value
+                );
+                self.err(
+                    file,
+                    prefix.referenced,
+                    format!("{path}.match.path_prefix"),
+                    msg,
+                );
+            }
+            Err(e) => {
+                let msg = match e {
+                    crate::http_path::PathError::NotAbsolute => {
+                        format!("expected a path starting with `/`, got `{}`", prefix.value)
+                    }
+                    e => format!("`{}` is not a valid path: {e}", prefix.value),
+                };
+                self.err(
+                    file,
+                    prefix.referenced,
+                    format!("{path}.match.path_prefix"),
+                    msg,
+                );
+            }
         }
         let llm = r.llm.as_ref().map(|l| {
             self.llm_route_distinct(file, &path, &r.quota, &l.value);
@@ -881,6 +956,28 @@ impl<'a> Builder<'a> {
                 );
             }
         }
+        if l.max_output_tokens == Some(0) {
+            self.err(
+                file,
+                l.tokens.referenced,
+                format!("{path}.llm.max_output_tokens"),
+                "expected a value of at least 1",
+            );
+        }
+        for (i, p) in l.unmetered_paths.iter().enumerate() {
+            if !matches!(crate::http_path::normalize(&p.value), Ok(n) if n == p.value.as_str()) {
+                let msg = format!(
+                    "expected a normalized path starting with `/`, got `{}`",
+                    p.value
+                );
+                self.err(
+                    file,
+                    p.referenced,
+                    format!("{path}.llm.unmetered_paths[{i}]"),
+                    msg,
+                );
+            }
+        }
         (self.errors.len() == before).then(|| LlmRoute {
             provider: match l.provider {
                 ProviderDto::Openai => Provider::OpenAi,
@@ -893,6 +990,11 @@ impl<'a> Builder<'a> {
             drain: Duration::from_millis(l.drain_ms),
             drain_bytes: l.drain_bytes,
             reservation_ttl: Duration::from_millis(l.reservation_ttl_ms),
+            max_output_tokens: l.max_output_tokens,
+            clamp_max_output: l.over_max_output == OverMaxDto::Clamp,
+            cut_overrun: l.on_overrun == OverrunDto::Cut,
+            image_tokens: l.image_tokens,
+            unmetered_paths: l.unmetered_paths.iter().map(|p| p.value.clone()).collect(),
         })
     }
 
@@ -914,6 +1016,13 @@ impl<'a> Builder<'a> {
             }
             _ => {}
         }
+        self.name(
+            file,
+            s.tier.referenced,
+            format!("{path}.id"),
+            NameKind::Subject,
+            &s.id,
+        );
         if s.id == super::GUEST_SUBJECT {
             let msg = format!(
                 "the subject id `{}` is reserved for keys admitted under `guest_tier`",

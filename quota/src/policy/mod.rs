@@ -63,8 +63,10 @@ pub struct Policy {
     /// By the SHA-256 of the API key (keys issued by the control plane are only stored hashed).
     subjects_by_hash: HashMap<[u8; 32], Arc<Subject>>,
     subjects_by_id: HashMap<Arc<str>, Arc<Subject>>,
-    /// For keys that cannot be looked up while the control plane is unreachable.
+    /// For keys that cannot be looked up while the control plane is unreachable: its tier.
     pub guest_tier: Option<Arc<Tier>>,
+    /// The one subject all such keys are counted as (built here, not per request).
+    pub guest: Option<Arc<Subject>>,
     /// Model prices, longest name first (a price applies to names it prefixes).
     models: Vec<(String, Price)>,
     pub guardrail: Option<Guardrail>,
@@ -92,6 +94,7 @@ impl Policy {
             subjects_by_hash: HashMap::new(),
             subjects_by_id: HashMap::new(),
             guest_tier: None,
+            guest: None,
             models: Vec::new(),
             guardrail: None,
         }
@@ -106,6 +109,11 @@ impl Policy {
     /// Every distinct subject (one subject may hold several API keys).
     pub fn subjects(&self) -> impl Iterator<Item = &Arc<Subject>> {
         self.subjects_by_id.values()
+    }
+
+    /// Whether any tier names quota type `quota` (only those become counters and metric series).
+    pub fn defines_quota(&self, quota: &str) -> bool {
+        self.tiers.values().any(|t| t.quotas.contains_key(quota))
     }
 
     pub fn subject_by_id(&self, id: &str) -> Option<&Arc<Subject>> {
@@ -331,6 +339,16 @@ pub struct LlmRoute {
     pub drain: Duration,
     pub drain_bytes: u64,
     pub reservation_ttl: Duration,
+    /// The most output tokens a client may ask for.
+    pub max_output_tokens: Option<u64>,
+    /// Above `max_output_tokens`: refuse (400) or clamp to it.
+    pub clamp_max_output: bool,
+    /// Cut streams at their reservation (`true`) or bill what they produced past it.
+    pub cut_overrun: bool,
+    /// Prompt tokens per image; `None`: the provider's documented maximum.
+    pub image_tokens: Option<u64>,
+    /// Paths forwarded unmetered (normalized, matched at segment boundaries).
+    pub unmetered_paths: Vec<String>,
 }
 
 impl Route {
@@ -342,7 +360,7 @@ impl Route {
                 .host
                 .as_deref()
                 .is_none_or(|h| host.is_some_and(|got| got.eq_ignore_ascii_case(h)))
-            && path.starts_with(&self.path_prefix)
+            && crate::http_path::under(path, &self.path_prefix)
     }
 }
 

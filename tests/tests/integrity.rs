@@ -1,0 +1,479 @@
+//! Enforcement integrity, tried as a careless client and as an attacker would: output ceilings
+//! and streams cut at their reservation, paths that try to escape their route, the API
+//! listener's token, names and numbers from the network, pathological prompts.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tollgate_e2e::post_as as post;
+use tollgate_e2e::{Gateway, MockUpstream, client, eventually, figure, get_json, post_json};
+
+const QUOTA: u64 = 100_000;
+
+fn policy(upstream: std::net::SocketAddr, llm_extra: &str) -> String {
+    format!(
+        "upstreams:\n  up: {{ address: '{upstream}', read_timeout_ms: 20000 }}\n\
+         routes:\n\
+         \x20 - {{ name: chat, match: {{ path_prefix: /v1/chat/completions }}, upstream: up, quota: requests,\n\
+         \x20     llm: {{ provider: openai, tokens: tokens, default_max_tokens: 60000{llm_extra} }} }}\n\
+         \x20 - {{ name: messages, match: {{ path_prefix: /v1/messages }}, upstream: up, quota: requests,\n\
+         \x20     llm: {{ provider: anthropic, tokens: tokens, default_max_tokens: 60000{llm_extra} }} }}\n\
+         \x20 - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: lookup }}\n\
+         \x20 - {{ name: exports, match: {{ path_prefix: /exports }}, upstream: up, quota: export }}\n\
+         tiers:\n  free:\n    requests: {{ daily: 100000 }}\n    tokens: {{ daily: {QUOTA} }}\n    lookup: {{ daily: 1000 }}\n\
+         \x20 pro:\n    requests: {{ daily: 100000 }}\n    tokens: {{ daily: {QUOTA} }}\n    lookup: {{ daily: 1000 }}\n    export: {{ daily: 1000 }}\n\
+         subjects:\n  - {{ key: k1, id: u1, tier: free }}\n  - {{ key: k2, id: u2, tier: free }}\n  - {{ key: k3, id: u3, tier: free }}\n\
+         \x20 - {{ key: kp, id: pro1, tier: pro }}\n"
+    )
+}
+
+/// Tokens `subject` has used today.
+async fn tokens_used(gw: &Gateway, subject: &str) -> u64 {
+    let r = post_json(
+        gw.api_url("/check"),
+        &json!({ "subject": subject, "quota": "tokens", "cost": 0 }),
+    )
+    .await;
+    QUOTA - r["remaining"].as_u64().expect("remaining")
+}
+
+async fn wait_settled(gw: &Gateway, n: u64) {
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let m = tollgate_e2e::metrics(gw).await;
+            tollgate_e2e::metric(&m, "llm_settlements_total{result=\"charged\"}").unwrap_or(0) >= n
+        })
+        .await,
+        "{n} settlements"
+    );
+}
+
+fn chat(stream: bool) -> Value {
+    json!({ "model": "gpt-4o-mini", "stream": stream,
+        "messages": [{ "role": "user", "content": "write as much as you can" }] })
+}
+
+/// The overrun figure: the most any subject went over its token quota here.
+fn overrun(used: u64) -> u64 {
+    used.saturating_sub(QUOTA)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_max_tokens_cannot_bill_past_the_quota() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    let mut answered = 0;
+    for rid in ["n1", "n2"] {
+        let r = post(
+            &gw,
+            "k1",
+            rid,
+            "/v1/chat/completions",
+            &chat(false),
+            &[("x-mock-tokens", "90000")],
+        )
+        .await;
+        if r.status() == StatusCode::OK {
+            answered += 1;
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(
+                v["choices"][0]["finish_reason"], "length",
+                "the upstream was held to the reservation"
+            );
+        } else {
+            assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    assert_eq!(answered, 1, "the second request cannot reserve 60000 more");
+    wait_settled(&gw, 1).await;
+    let used = tokens_used(&gw, "u1").await;
+    let produced = get_json(mock.url("/stats/n1")).await;
+    assert_eq!(
+        produced["tokens_sent"], 60000,
+        "asked for exactly the reservation"
+    );
+    assert!(used <= QUOTA, "billed {used} of {QUOTA}");
+    figure("overrun_tokens_max", overrun(used));
+}
+
+/// The SSE events of a body, without the blank lines.
+fn events(body: &str) -> Vec<&str> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_past_its_reservation_is_cut_with_an_error_event() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(
+        mock.addr,
+        ", max_output_tokens: 500, over_max_output: clamp",
+    ));
+    // An upstream that ignores max_tokens: the gateway must stop it at the reservation itself.
+    let mut body = chat(true);
+    body["max_tokens"] = json!(90000);
+    let r = post(
+        &gw,
+        "k2",
+        "cut1",
+        "/v1/chat/completions",
+        &body,
+        &[
+            ("x-mock-tokens", "90000"),
+            ("x-mock-ignore-max-tokens", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("body");
+    let evs = events(&text);
+    let last: Value = serde_json::from_str(
+        evs.last()
+            .and_then(|e| e.strip_prefix("data: "))
+            .expect("a data event"),
+    )
+    .expect("the last event is JSON");
+    assert_eq!(last["error"]["code"], "output_limit_reached", "{last}");
+    let mut delivered = 0;
+    for e in &evs[..evs.len() - 1] {
+        let v: Value = serde_json::from_str(e.strip_prefix("data: ").expect("data"))
+            .expect("every event is whole JSON");
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            delivered += 1;
+        }
+    }
+    assert_eq!(delivered, 500, "one token per event, cut at the ceiling");
+    wait_settled(&gw, 1).await;
+    let used = tokens_used(&gw, "u2").await;
+    let prompt = used - delivered;
+    assert!(
+        (5..50).contains(&prompt),
+        "billed the prompt estimate ({prompt}) and the delivered tokens"
+    );
+
+    // Anthropic: the prompt is reported at the start, so the bill is exact.
+    let body = json!({ "model": "claude-3-5-haiku", "stream": true, "max_tokens": 300,
+        "messages": [{ "role": "user", "content": "write as much as you can" }] });
+    let before = tokens_used(&gw, "u2").await;
+    let r = post(
+        &gw,
+        "k2",
+        "cut2",
+        "/v1/messages",
+        &body,
+        &[("x-mock-tokens", "5000"), ("x-mock-ignore-max-tokens", "1")],
+    )
+    .await;
+    let text = r.text().await.expect("body");
+    let evs = events(&text);
+    assert!(
+        evs.last()
+            .expect("events")
+            .starts_with("event: error\ndata: {"),
+        "{:?}",
+        evs.last()
+    );
+    let delivered = evs.iter().filter(|e| e.contains("\"text_delta\"")).count() as u64;
+    assert_eq!(delivered, 300);
+    wait_settled(&gw, 2).await;
+    let prompt = get_json(mock.url("/stats/cut2")).await["prompt_tokens"]
+        .as_u64()
+        .expect("prompt");
+    assert_eq!(
+        tokens_used(&gw, "u2").await - before,
+        prompt + delivered,
+        "prompt + delivered"
+    );
+    let m = tollgate_e2e::metrics(&gw).await;
+    assert_eq!(
+        tollgate_e2e::metric(&m, "llm_stream_cuts_total{reason=\"reservation\"}"),
+        Some(2)
+    );
+    figure("overrun_tokens_max", overrun(tokens_used(&gw, "u2").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_for_more_than_the_route_allows_is_refused_or_clamped() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ", max_output_tokens: 1000"));
+    let mut body = chat(false);
+    body["max_completion_tokens"] = json!(5000);
+    let r = post(&gw, "k3", "big", "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "max_tokens_too_large");
+    assert_eq!(tokens_used(&gw, "u3").await, 0, "nothing reserved");
+
+    let gw = Gateway::start(&policy(
+        mock.addr,
+        ", max_output_tokens: 1000, over_max_output: clamp",
+    ));
+    let r = post(
+        &gw,
+        "k3",
+        "clamped",
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-tokens", "5000")],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let produced = get_json(mock.url("/stats/clamped")).await;
+    assert_eq!(
+        produced["tokens_sent"], 1000,
+        "the upstream was asked for 1000"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_generation_endpoints_reserve_tokens() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    let body = json!({ "model": "claude-3-5-haiku",
+        "messages": [{ "role": "user", "content": "count me" }] });
+    let r = post(&gw, "k3", "ct", "/v1/messages/count_tokens", &body, &[]).await;
+    assert_ne!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "forwarded, not parsed as a message"
+    );
+    assert_eq!(tokens_used(&gw, "u3").await, 0, "no tokens billed");
+    let r = post(&gw, "k3", "b", "/v1/messages/batches", &body, &[]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "batches cannot be metered"
+    );
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "unmetered_endpoint");
+}
+
+/// Send `path` raw (no client-side normalization) and return the status.
+async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, key: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let head = String::from_utf8_lossy(&out);
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_cannot_escape_the_route_they_are_billed_to() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    // (method, raw path, expected status, the path the upstream must see)
+    let cases: &[(&str, &str, u16, Option<&str>)] = &[
+        ("GET", "/lookup/../exports/1", 403, None),
+        ("GET", "/lookup/%2e%2e/exports/1", 403, None),
+        ("GET", "/lookup/%2E./exports/1", 403, None),
+        ("GET", "/lookup/.%2e/exports/1", 403, None),
+        ("GET", "/lookup/a%2f..%2f..%2fexports/1", 400, None),
+        ("GET", "/lookup/a%5c..%5cexports", 400, None),
+        ("GET", "/lookup/a\\..\\exports", 400, None),
+        ("GET", "/lookup/%00", 400, None),
+        ("GET", "//lookup//42", 200, Some("/lookup/42")),
+        ("GET", "/lookup/./42", 200, Some("/lookup/42")),
+        ("GET", "/lookup/x/../43", 200, Some("/lookup/43")),
+        ("GET", "/lookupx", 404, None),
+        (
+            "POST",
+            "/v1/chat/completions/%2e%2e/%2e%2e/completions",
+            404,
+            None,
+        ),
+        ("POST", "/v1/chat/completions/../../completions", 404, None),
+        (
+            "POST",
+            "/v1/chat/%63ompletions",
+            200,
+            Some("/v1/chat/completions"),
+        ),
+        (
+            "POST",
+            "/v1//chat/./completions",
+            200,
+            Some("/v1/chat/completions"),
+        ),
+        ("POST", "/v1/chat/completions%2f..%2fx", 400, None),
+    ];
+    for (i, (method, path, want, upstream_path)) in cases.iter().enumerate() {
+        let before = get_json(mock.url("/_mock/requests")).await;
+        let got = raw_request(gw.proxy, method, path, "k1").await;
+        assert_eq!(got, *want, "{method} {path}");
+        let after = get_json(mock.url("/_mock/requests")).await;
+        let grew: Vec<String> = after["by_path"]
+            .as_object()
+            .expect("by_path")
+            .iter()
+            .filter(|(p, n)| {
+                before["by_path"][p.as_str()].as_u64().unwrap_or(0) < n.as_u64().unwrap_or(0)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        match upstream_path {
+            Some(p) => assert_eq!(grew, vec![p.to_string()], "case {i}: {path}"),
+            None => assert!(grew.is_empty(), "case {i}: {path} reached {grew:?}"),
+        }
+    }
+    figure("path_escape_cases", cases.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_its_token_when_one_is_set() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start_with_env(
+        &policy(mock.addr, ""),
+        &[("TOLLGATE_API_TOKEN", "s3cret-api")],
+    );
+    let check = json!({ "subject": "u1", "quota": "lookup", "cost": 1 });
+    for (auth, want) in [
+        (None, 401),
+        (Some("Bearer wrong"), 401),
+        (Some("Bearer s3cret-api"), 200),
+    ] {
+        let mut r = client().post(gw.api_url("/check")).json(&check);
+        let mut s = client().get(gw.api_url("/status"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+            s = s.header("authorization", a);
+        }
+        assert_eq!(r.send().await.expect("check").status().as_u16(), want);
+        assert_eq!(s.send().await.expect("status").status().as_u16(), want);
+    }
+    for open in ["/metrics", "/healthz"] {
+        let r = client().get(gw.api_url(open)).send().await.expect("get");
+        assert_eq!(r.status(), StatusCode::OK, "{open} stays open");
+    }
+}
+
+#[test]
+fn a_public_api_without_a_token_refuses_to_start() {
+    let dir = std::env::temp_dir().join(format!("tg-noauth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, policy("127.0.0.1:9".parse().expect("addr"), "")).expect("write");
+    let out = std::process::Command::new(tollgate_e2e::bin("gateway"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "0.0.0.0:0"])
+        .env_remove("TOLLGATE_API_TOKEN")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address and has no token"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_from_the_network_are_checked_before_they_become_series() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    for (body, code) in [
+        (
+            json!({ "subject": "u1", "quota": "a\u{0}b", "cost": 1 }),
+            "invalid_request",
+        ),
+        (
+            json!({ "subject": "u1", "quota": "nope", "cost": 1 }),
+            "unknown_quota",
+        ),
+        (
+            json!({ "subject": "u{1}", "quota": "lookup", "cost": 1 }),
+            "invalid_request",
+        ),
+        (
+            json!({ "subject": "u1", "quota": "lookup", "cost": u64::MAX }),
+            "invalid_request",
+        ),
+    ] {
+        let r = client()
+            .post(gw.api_url("/check"))
+            .json(&body)
+            .send()
+            .await
+            .expect("check");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{body}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"], code, "{body}");
+    }
+    let m = tollgate_e2e::metrics(&gw).await;
+    assert!(!m.contains("type=\"a"), "no series for the NUL name");
+    assert!(
+        !m.contains("type=\"nope\""),
+        "no series for an unknown quota"
+    );
+    // A model name is a name too.
+    let body = json!({ "model": "gpt\u{0}x", "messages": [] });
+    let r = post(&gw, "k1", "m", "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pathological_prompt_does_not_stop_the_gateway() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    let body = json!({ "model": "gpt-4o-mini", "max_tokens": 10,
+        "messages": [{ "role": "user", "content": " ".repeat(1_100_000) }] });
+    let r = post(&gw, "kp", "spaces", "/v1/chat/completions", &body, &[]).await;
+    assert!(
+        r.status().is_client_error() || r.status().is_success(),
+        "{}",
+        r.status()
+    );
+    // Still serving.
+    let r = client()
+        .get(gw.url("/lookup/1"))
+        .bearer_auth("kp")
+        .send()
+        .await
+        .expect("lookup");
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subject_is_answered_before_its_body_is_read() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    // Use up u1's tokens.
+    let r = post_json(
+        gw.api_url("/check"),
+        &json!({ "subject": "u1", "quota": "tokens", "cost": QUOTA }),
+    )
+    .await;
+    assert_eq!(r["allowed"], true);
+    // Announce a 4 MiB body and send only the headers: the answer must come without it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.proxy)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer k1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        4 << 20
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("answered without the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+}
