@@ -38,6 +38,8 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
@@ -69,13 +71,22 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 if c.is_ascii_control() {
                     return Err(PathError::Control);
                 }
+                let upper = [HEX_UPPER[usize::from(h)], HEX_UPPER[usize::from(l)]];
+                if !unreserved(c) && bytes[i + 1..i + 3] == upper {
+                    // Kept as it is: no reason to copy the path (`/a%20b` stays borrowed).
+                    if let Some(out) = decoded.as_mut() {
+                        out.push_str(&path[i..i + 3]);
+                    }
+                    i += 3;
+                    continue;
+                }
                 let out = decoded.get_or_insert_with(|| path[..i].to_string());
                 if unreserved(c) {
                     out.push(c as char);
                 } else {
                     out.push('%');
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                    out.push(char::from(upper[0]));
+                    out.push(char::from(upper[1]));
                 }
                 i += 3;
                 continue;
@@ -126,10 +137,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 
 /// Whether `p` holds `//`, or a `.` or `..` segment.
 fn needs_segment_work(p: &str) -> bool {
-    p.contains("//")
-        || p[1..]
-            .split('/')
-            .any(|s| s == "." || s == "..")
+    p.contains("//") || p[1..].split('/').any(|s| s == "." || s == "..")
 }
 
 /// Whether `path` (normalized) is under `prefix`: equal to it, or continuing it at a segment
@@ -149,7 +157,10 @@ mod tests {
     #[test]
     fn normal_paths_are_borrowed_untouched() {
         for p in ["/", "/lookup/42", "/v1/chat/completions", "/a/b/", "/a%20b"] {
-            assert!(matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p), "{p}");
+            assert!(
+                matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p),
+                "{p}"
+            );
         }
     }
 
@@ -157,7 +168,10 @@ mod tests {
     fn dots_escapes_and_slashes_are_resolved() {
         for (raw, want) in [
             ("/lookup/../exports/1", "/exports/1"),
-            ("/v1/chat/completions/%2e%2e/%2e%2e/completions", "/v1/completions"),
+            (
+                "/v1/chat/completions/%2e%2e/%2e%2e/completions",
+                "/v1/completions",
+            ),
             ("/v1/chat/completions/%2E./x", "/v1/chat/x"),
             ("/a/./b", "/a/b"),
             ("//a///b", "/a/b"),
