@@ -200,6 +200,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             &cfg.audit,
         )?
     };
+    // The tokenizer's encodings take a moment to load: before the proxy listens, so the first LLM
+    // requests do not wait on them (a policy that gains LLM routes later loads them lazily).
+    if state.policy.load().routes.iter().any(|r| r.llm.is_some()) {
+        quota::llm::tokens::warm_up();
+    }
     // Bind the API here so a taken port is reported at once, before the proxy starts.
     let api = std::net::TcpListener::bind(cfg.api_listen)
         .with_context(|| format!("binding the API listener on {}", cfg.api_listen))?;
@@ -243,9 +248,6 @@ fn control_plane_tasks(
     api_token: Option<crate::api::ApiToken>,
 ) {
     rt.block_on(async move {
-        if state.policy.load().routes.iter().any(|r| r.llm.is_some()) {
-            tokio::task::spawn_blocking(quota::llm::tokens::warm_up);
-        }
         if state.control_plane.is_some() {
             tokio::spawn(crate::cp::follow(state.clone()));
         }

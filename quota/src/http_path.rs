@@ -38,6 +38,8 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
@@ -69,11 +71,12 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 if c.is_ascii_control() {
                     return Err(PathError::Control);
                 }
-                let canonical = !unreserved(c)
-                    && !bytes[i + 1].is_ascii_lowercase()
-                    && !bytes[i + 2].is_ascii_lowercase();
-                if canonical && decoded.is_none() {
-                    // Kept as written: stays borrowed.
+                let upper = [HEX_UPPER[usize::from(h)], HEX_UPPER[usize::from(l)]];
+                if !unreserved(c) && bytes[i + 1..i + 3] == upper {
+                    // Kept as it is: no reason to copy the path (`/a%20b` stays borrowed).
+                    if let Some(out) = decoded.as_mut() {
+                        out.push_str(&path[i..i + 3]);
+                    }
                     i += 3;
                     continue;
                 }
@@ -82,8 +85,8 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                     out.push(c as char);
                 } else {
                     out.push('%');
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                    out.push(char::from(upper[0]));
+                    out.push(char::from(upper[1]));
                 }
                 i += 3;
                 continue;

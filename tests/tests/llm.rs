@@ -305,13 +305,16 @@ async fn client_disconnects_are_billed_from_the_real_usage(backend: Backend) {
     let mock = MockUpstream::start();
     let gw = Gateway::start_on(&backend, &default_policy(mock.addr), &[]);
     let mut tasks = Vec::new();
+    // One client for all: building one loads the TLS roots, too slow to do 50 times at once.
+    let http = client();
     for i in 0..SUBJECTS {
         let url = gw.url("/v1/chat/completions");
+        let http = http.clone();
         // Pseudo-random but reproducible: lengths 40..160, cut after 1..30 chunks.
         let tokens = 40 + (i * 37) % 120;
         let keep = 1 + (i * 13) % 30;
         tasks.push(tokio::spawn(async move {
-            let r = client()
+            let r = http
                 .post(url)
                 .bearer_auth(format!("k{i}"))
                 .header("x-request-id", format!("d{i}"))
@@ -403,11 +406,13 @@ async fn a_retry_after_a_dropped_stream_charges_each_upstream_call_once(backend:
 async fn concurrent_mixed_requests_keep_tokens_and_money_exact(backend: Backend) {
     let mock = MockUpstream::start();
     let gw = Gateway::start_on(&backend, &default_policy(mock.addr), &[]);
+    let http = client();
     let tasks: Vec<_> = (0..100)
         .map(|i| {
             let url = gw.url("/v1/chat/completions");
+            let http = http.clone();
             tokio::spawn(async move {
-                let r = client()
+                let r = http
                     .post(url)
                     .bearer_auth("k1")
                     .header("x-request-id", format!("m{i}"))

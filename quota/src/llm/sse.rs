@@ -8,28 +8,87 @@
 //! (`strip_injected_usage`), whole events are held until complete, the usage-only event is removed
 //! and the `"usage":null` fields OpenAI then adds to every chunk are taken out, so the client gets
 //! exactly the stream it would have got directly.
+//!
+//! The meter is bounded, whatever the upstream sends:
+//! - memory: one line (pass-through) or event (strip mode) is held up to
+//!   [`MeterLimits::max_event`] bytes; the generated text kept for the tokenizer up to
+//!   [`MeterLimits::max_text`] bytes, the rest of it is counted by bytes;
+//! - work: each byte is searched for a line or event end once (the search resumes where it
+//!   stopped), and each complete line or event is read once.
+//!
+//! A line or event longer than the limit *overflows* the meter: it stops metering that stream
+//! (nothing after is read), forwards every byte unchanged from there on (strip mode sends what it
+//! held as it is and turns into pass-through, so the client may then see the injected usage), and
+//! [`StreamMeter::usage`] counts what it could not read by [`BYTES_PER_TOKEN`] unless the upstream
+//! had reported the output tokens before. The outcome does not depend on how the stream was cut
+//! into chunks: the limit applies to the length of a line or event, not to what is buffered.
 
 use super::{Provider, Usage, tokens};
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
+use memchr::{memchr, memmem};
 use serde::Deserialize;
+
+/// Longest line (pass-through) or event (strip mode) the meter reads: 1 MiB. Real SSE events are
+/// a few hundred bytes; only a broken or hostile upstream sends more before a line end.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Generated text (escaped JSON strings) kept for the tokenizer: 2 MiB, some 500k tokens, beyond
+/// any model's output limit. Text past it is counted by [`BYTES_PER_TOKEN`].
+pub const MAX_TEXT_BYTES: usize = 2 << 20;
+
+/// Bytes per output token for what the meter could not count with the tokenizer (text past
+/// [`MAX_TEXT_BYTES`]; the stream after an overflow). Four bytes per token is the usual figure for
+/// English text; applied to raw SSE bytes it errs **high**, since the `data:` framing, JSON keys
+/// and ids are counted as if they were text: an unreadable stream is over-billed, never free.
+pub const BYTES_PER_TOKEN: u64 = 4;
+
+/// The bounds of one [`StreamMeter`]; [`Default`] is [`MAX_EVENT_BYTES`] and [`MAX_TEXT_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterLimits {
+    /// Longest line (pass-through) or event, blank line included (strip mode), in bytes.
+    pub max_event: usize,
+    /// Most bytes of generated text kept for the tokenizer.
+    pub max_text: usize,
+}
+
+impl Default for MeterLimits {
+    fn default() -> Self {
+        Self {
+            max_event: MAX_EVENT_BYTES,
+            max_text: MAX_TEXT_BYTES,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct StreamMeter {
     provider: Provider,
     model: String,
     strip_injected_usage: bool,
-    /// A line not yet ended by `\n` (pass-through mode).
+    limits: MeterLimits,
+    /// A line not yet ended by `\n` (pass-through mode); at most `limits.max_event` bytes.
     line: Vec<u8>,
-    /// An event not yet ended by a blank line (strip mode).
+    /// An event not yet ended by a blank line (strip mode); at most `limits.max_event` bytes
+    /// between two calls.
     event: BytesMut,
+    /// How much of `event` was already searched for an event end: the search resumes there.
+    scanned_to: usize,
+    /// Stream offset of the first byte of the line or event being assembled.
+    start: u64,
+    /// Stream offset of the line or event that overflowed; nothing from there on was read.
+    overflow_at: Option<u64>,
     prompt: Option<u64>,
     completion: Option<u64>,
     /// Generated text as a JSON array of the still-escaped string pieces (`["a","b"`), decoded
     /// only if the upstream never reports usage: most streams never pay for decoding.
     text: Vec<u8>,
+    /// Bytes of text pieces not kept because `text` reached `limits.max_text`.
+    text_dropped: u64,
     finished: bool,
     bytes: u64,
+    /// Bytes searched for line and event ends: lets tests check the work is linear.
+    #[cfg(test)]
+    searched: u64,
 }
 
 #[derive(Deserialize)]
@@ -78,36 +137,65 @@ struct AnUsage {
 
 impl StreamMeter {
     pub fn new(provider: Provider, model: &str, strip_injected_usage: bool) -> Self {
+        Self::with_limits(
+            provider,
+            model,
+            strip_injected_usage,
+            MeterLimits::default(),
+        )
+    }
+
+    /// A meter with other bounds than the defaults (tests, or a route that expects huge events).
+    pub fn with_limits(
+        provider: Provider,
+        model: &str,
+        strip_injected_usage: bool,
+        limits: MeterLimits,
+    ) -> Self {
         Self {
             provider,
             model: model.to_string(),
             strip_injected_usage: strip_injected_usage && provider == Provider::OpenAi,
+            limits,
             line: Vec::new(),
             event: BytesMut::new(),
+            scanned_to: 0,
+            start: 0,
+            overflow_at: None,
             prompt: None,
             completion: None,
             text: Vec::new(),
+            text_dropped: 0,
             finished: false,
             bytes: 0,
+            #[cfg(test)]
+            searched: 0,
         }
     }
 
     /// Read `chunk`; append what the client should receive to `out`.
     pub fn feed(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) {
         self.bytes += chunk.len() as u64;
-        if self.strip_injected_usage {
-            self.event.extend_from_slice(&chunk);
-            while let Some(end) = find_event_end(&self.event) {
-                let event = self.event.split_to(end).freeze();
-                if let Some(kept) = self.filter_event(event) {
-                    out.push(kept);
-                }
-            }
-            return;
+        if self.overflow_at.is_some() {
+            out.push(chunk);
+        } else if self.strip_injected_usage {
+            self.feed_events(&chunk, out);
+        } else {
+            self.feed_lines(&chunk);
+            out.push(chunk);
         }
-        out.push(chunk.clone());
-        let mut rest = &chunk[..];
-        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+    }
+
+    /// Pass-through mode: read the complete lines of `chunk`, keep its unended tail.
+    fn feed_lines(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(nl) = memchr(b'\n', rest) {
+            self.count_searched(nl + 1);
+            let len = self.line.len() + nl;
+            if len > self.limits.max_event {
+                self.overflow(None);
+                return;
+            }
             if self.line.is_empty() {
                 self.on_line(&rest[..nl]);
             } else {
@@ -115,21 +203,102 @@ impl StreamMeter {
                 line.extend_from_slice(&rest[..nl]);
                 self.on_line(&line);
             }
+            self.start += len as u64 + 1;
             rest = &rest[nl + 1..];
+        }
+        self.count_searched(rest.len());
+        // The line is already longer than the limit, wherever it ends.
+        if self.line.len() + rest.len() > self.limits.max_event {
+            self.overflow(None);
+            return;
         }
         self.line.extend_from_slice(rest);
     }
 
+    /// Strip mode: hold `chunk` with the unended event, send on each complete event filtered.
+    fn feed_events(&mut self, chunk: &[u8], out: &mut Vec<Bytes>) {
+        self.event.extend_from_slice(chunk);
+        while let Some(end) = self.next_event_end() {
+            if end > self.limits.max_event {
+                self.overflow(Some(out));
+                return;
+            }
+            let event = self.event.split_to(end).freeze();
+            self.scanned_to = 0;
+            self.start += end as u64;
+            if let Some(kept) = self.filter_event(event) {
+                out.push(kept);
+            }
+        }
+        // The event is already longer than the limit, wherever it ends.
+        if self.event.len() > self.limits.max_event {
+            self.overflow(Some(out));
+        }
+    }
+
+    /// End (exclusive) of the first complete event in `event`: after its blank line (`\n\n` or
+    /// `\r\n\r\n`). Searches only what earlier calls did not; a blank line found at the edge of
+    /// the last search is still seen, as the look-back is within the held event.
+    fn next_event_end(&mut self) -> Option<usize> {
+        let buf = &self.event[..];
+        let mut from = self.scanned_to;
+        let mut found = None;
+        while let Some(i) = memchr(b'\n', &buf[from..]) {
+            let nl = from + i;
+            from = nl + 1;
+            if (nl >= 1 && buf[nl - 1] == b'\n') || (nl >= 3 && &buf[nl - 3..nl] == b"\r\n\r") {
+                found = Some(from);
+                break;
+            }
+        }
+        if found.is_none() {
+            from = buf.len();
+        }
+        self.count_searched(from - self.scanned_to);
+        self.scanned_to = from;
+        found
+    }
+
+    /// Stop metering: the line or event that began at `self.start` is too long. Strip mode sends
+    /// what it held, unchanged, to `out`.
+    fn overflow(&mut self, out: Option<&mut Vec<Bytes>>) {
+        self.overflow_at = Some(self.start);
+        if let Some(out) = out
+            && !self.event.is_empty()
+        {
+            out.push(self.event.split().freeze());
+        }
+        // Give the memory back: this stream is not buffered again.
+        self.event = BytesMut::new();
+        self.line = Vec::new();
+        self.scanned_to = 0;
+    }
+
+    #[cfg(test)]
+    fn count_searched(&mut self, n: usize) {
+        self.searched += n as u64;
+    }
+
+    #[cfg(not(test))]
+    fn count_searched(&mut self, _n: usize) {}
+
     /// Bytes still held back (an incomplete event); sent when the stream ends.
     pub fn flush(&mut self, out: &mut Vec<Bytes>) {
         if !self.event.is_empty() {
+            if self.event.len() > self.limits.max_event {
+                self.overflow(Some(out));
+                return;
+            }
             let rest = self.event.split().freeze();
+            self.scanned_to = 0;
+            self.start += rest.len() as u64;
             if let Some(kept) = self.filter_event(rest) {
                 out.push(kept);
             }
         }
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
+            self.start += line.len() as u64;
             self.on_line(&line);
         }
     }
@@ -157,10 +326,21 @@ impl StreamMeter {
     /// Keep the escaped JSON string that follows `key` (e.g. `"content":`) in `data`.
     fn keep_text(&mut self, data: &[u8], key: &[u8]) {
         if let Some(raw) = json_string_after(data, key) {
-            self.text
-                .push(if self.text.is_empty() { b'[' } else { b',' });
-            self.text.extend_from_slice(raw);
+            self.keep_piece(raw);
         }
+    }
+
+    /// Add one JSON string (quotes included) to `text`, or count it once `text` is full. Pieces
+    /// are at least 2 bytes (the quotes), so `text_dropped > 0` means full: later pieces are
+    /// counted too, even small ones, so the kept text stays a prefix of the generated text.
+    fn keep_piece(&mut self, piece: &[u8]) {
+        if self.text_dropped > 0 || self.text.len() + 1 + piece.len() > self.limits.max_text {
+            self.text_dropped += piece.len() as u64;
+            return;
+        }
+        self.text
+            .push(if self.text.is_empty() { b'[' } else { b',' });
+        self.text.extend_from_slice(piece);
     }
 
     /// Read one `data:` payload; true when it is OpenAI's usage-only chunk. Events are scanned,
@@ -229,14 +409,12 @@ impl StreamMeter {
     }
 
     fn push_text(&mut self, t: &str) {
-        self.text
-            .push(if self.text.is_empty() { b'[' } else { b',' });
         // Re-escaped so the buffer stays one JSON array; serializing a str cannot fail.
-        self.text
-            .extend_from_slice(&serde_json::to_vec(t).unwrap_or_default());
+        let piece = serde_json::to_vec(t).unwrap_or_default();
+        self.keep_piece(&piece);
     }
 
-    /// The generated text received so far.
+    /// The generated text kept (all of it unless past `limits.max_text`).
     fn received_text(&self) -> String {
         if self.text.is_empty() {
             return String::new();
@@ -262,14 +440,29 @@ impl StreamMeter {
         self.bytes
     }
 
-    /// The usage to bill: what the upstream reported, else the prompt estimate and the received
-    /// text counted with the tokenizer.
+    /// A line or event was longer than the limit: the rest of the stream was forwarded unread
+    /// and [`usage`](Self::usage) counts it by bytes unless usage was reported before.
+    pub fn overflowed(&self) -> bool {
+        self.overflow_at.is_some()
+    }
+
+    /// Bytes held back right now (an unended line or event): at most the limit once `feed`
+    /// returns.
+    pub fn buffered(&self) -> usize {
+        self.line.len() + self.event.len()
+    }
+
+    /// The usage to bill: what the upstream reported, else the prompt estimate and the output
+    /// counted: the kept text with the tokenizer, what was not kept or not read (text past the
+    /// text limit, the stream from an overflow on) at [`BYTES_PER_TOKEN`], rounded up.
     pub fn usage(&self, prompt_estimate: u64) -> Usage {
         Usage {
             prompt: self.prompt.unwrap_or(prompt_estimate),
-            completion: self
-                .completion
-                .unwrap_or_else(|| tokens::count(&self.model, &self.received_text())),
+            completion: self.completion.unwrap_or_else(|| {
+                let unread = self.overflow_at.map_or(0, |at| self.bytes - at);
+                tokens::count(&self.model, &self.received_text())
+                    + (self.text_dropped + unread).div_ceil(BYTES_PER_TOKEN)
+            }),
         }
     }
 }
@@ -279,16 +472,6 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let rest = line.strip_prefix(b"data:")?;
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
-}
-
-/// End (exclusive) of the first complete event: after its blank line (`\n\n` or `\r\n\r\n`).
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// The JSON string (quotes included, escapes kept) right after `key` in `data`, if it is a string.
@@ -311,21 +494,33 @@ fn json_string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     None
 }
 
-/// Take out the `"usage":null` OpenAI adds to every chunk when usage was requested.
+/// Take out the `"usage":null` OpenAI adds to every chunk when usage was requested, with the
+/// comma before it (or after it, when it is the first field). One pass over the event.
 fn remove_usage_null(event: Bytes) -> Bytes {
-    const PATTERNS: [&[u8]; 2] = [b",\"usage\":null", b"\"usage\":null,"];
-    let Some((at, len)) = PATTERNS.iter().find_map(|p| {
-        event
-            .windows(p.len())
-            .position(|w| w == *p)
-            .map(|i| (i, p.len()))
-    }) else {
-        return event;
-    };
-    let mut out = BytesMut::with_capacity(event.len() - len);
-    out.extend_from_slice(&event[..at]);
-    out.extend_from_slice(&event[at + len..]);
-    remove_usage_null(out.freeze())
+    const FIELD: &[u8] = b"\"usage\":null";
+    let mut out: Option<BytesMut> = None;
+    // `event[..copied]` is dealt with: copied to `out` or cut.
+    let mut copied = 0;
+    for at in memmem::find_iter(&event, FIELD) {
+        let end = at + FIELD.len();
+        let (cut_from, cut_to) = if at > copied && event[at - 1] == b',' {
+            (at - 1, end)
+        } else if event.get(end) == Some(&b',') {
+            (at, end + 1)
+        } else {
+            continue;
+        };
+        let o = out.get_or_insert_with(|| BytesMut::with_capacity(event.len()));
+        o.extend_from_slice(&event[copied..cut_from]);
+        copied = cut_to;
+    }
+    match out {
+        None => event,
+        Some(mut o) => {
+            o.extend_from_slice(&event[copied..]);
+            o.freeze()
+        }
+    }
 }
 
 /// Usage in a complete (non-streamed) JSON response; text counted when usage is missing.
@@ -517,5 +712,174 @@ mod scan_tests {
             Some(&b"\"x\\\\\""[..])
         );
         assert_eq!(json_string_after(b"{\"a\":null}", b"\"a\":"), None);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    fn feed_all(m: &mut StreamMeter, s: &[u8], step: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in s.chunks(step) {
+            m.feed(Bytes::copy_from_slice(piece), &mut out);
+            assert!(
+                m.buffered() <= m.limits.max_event + step,
+                "held {} bytes",
+                m.buffered()
+            );
+        }
+        m.flush(&mut out);
+        out.concat()
+    }
+
+    fn delta(text: &str) -> String {
+        format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}],\"usage\":null}}\n\n"
+        )
+    }
+
+    #[test]
+    fn a_3_mib_line_without_newline_is_forwarded_unread_in_bounded_memory() {
+        let mut s = delta(" the").into_bytes();
+        let huge_from = s.len();
+        s.extend_from_slice(b"data: {\"choices\":[{\"delta\":{\"content\":\"");
+        s.resize(s.len() + 3 * MIB, b'a');
+        s.extend_from_slice(b"\"}}]}\n\ndata: [DONE]\n\n");
+        for strip in [false, true] {
+            let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o-mini", strip);
+            let out = feed_all(&mut m, &s, 64 * 1024);
+            let want = if strip {
+                // The first event is filtered as usual; from the huge one on, bytes go as they are.
+                let mut w = delta(" the").replace(",\"usage\":null", "").into_bytes();
+                w.extend_from_slice(&s[huge_from..]);
+                w
+            } else {
+                s.clone()
+            };
+            assert!(out == want, "forwarded byte-exact (strip: {strip})");
+            assert!(m.overflowed() && !m.reported() && !m.finished());
+            assert_eq!(m.buffered(), 0);
+            let unread = (s.len() - huge_from) as u64;
+            assert_eq!(
+                m.usage(7),
+                Usage {
+                    prompt: 7,
+                    completion: 1 + unread.div_ceil(BYTES_PER_TOKEN)
+                },
+                "the delta before by the tokenizer, the rest by bytes (strip: {strip})"
+            );
+        }
+    }
+
+    #[test]
+    fn usage_reported_before_an_overflow_wins() {
+        let mut s = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25}}}\n\n\
+                     event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n"
+            .as_bytes()
+            .to_vec();
+        s.resize(s.len() + 2 * MIB, b'x');
+        let mut m = StreamMeter::new(Provider::Anthropic, "claude", false);
+        assert!(feed_all(&mut m, &s, 100_000) == s);
+        assert!(m.overflowed());
+        assert_eq!(
+            m.usage(0),
+            Usage {
+                prompt: 25,
+                completion: 9
+            }
+        );
+    }
+
+    #[test]
+    fn an_event_fed_one_byte_at_a_time_is_searched_once() {
+        let event = delta(&"b".repeat(200 * 1024));
+        for strip in [false, true] {
+            let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o-mini", strip);
+            let out = feed_all(&mut m, event.as_bytes(), 1);
+            assert!(!m.overflowed());
+            // Linear: every byte looked at once for a line or event end, never again.
+            assert!(
+                m.searched <= event.len() as u64,
+                "searched {} of {} bytes (strip: {strip})",
+                m.searched,
+                event.len()
+            );
+            let want = if strip {
+                event.replace(",\"usage\":null", "")
+            } else {
+                event.clone()
+            };
+            assert!(out == want.as_bytes());
+            assert_eq!(m.received_text().len(), 200 * 1024);
+        }
+    }
+
+    #[test]
+    fn an_event_just_under_the_limit_is_read_one_over_overflows() {
+        let limits = MeterLimits {
+            max_event: 64,
+            max_text: MAX_TEXT_BYTES,
+        };
+        let event = delta("hi");
+        let head = event.len() - "hi\"}}],\"usage\":null}\n\n".len();
+        for (strip, len) in [(true, event.len()), (false, event.len() - 2)] {
+            // `len` is what the limit measures: an event with its blank line, a line without `\n`.
+            let pad = "x".repeat(64 - len);
+            let fits = format!("{}{pad}{}", &event[..head], &event[head..]);
+            let over = format!("{}{pad}x{}", &event[..head], &event[head..]);
+            for step in [1, 5, 1000] {
+                let mut m = StreamMeter::with_limits(Provider::OpenAi, "gpt-4o", strip, limits);
+                feed_all(&mut m, fits.as_bytes(), step);
+                assert!(!m.overflowed(), "strip {strip} step {step}");
+                let mut m = StreamMeter::with_limits(Provider::OpenAi, "gpt-4o", strip, limits);
+                assert!(feed_all(&mut m, over.as_bytes(), step) == over.as_bytes());
+                assert!(m.overflowed(), "strip {strip} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn kept_text_is_bounded_and_the_rest_counted_by_bytes() {
+        let limits = MeterLimits {
+            max_event: MAX_EVENT_BYTES,
+            max_text: 64,
+        };
+        let mut m = StreamMeter::with_limits(Provider::OpenAi, "gpt-4o-mini", false, limits);
+        let s: String = (0..100).map(|_| delta(" the")).collect();
+        feed_all(&mut m, s.as_bytes(), 10);
+        assert!(m.text.len() <= 64);
+        let kept = m.received_text();
+        assert!(kept.starts_with(" the the"));
+        let kept_pieces = kept.len() / 4;
+        // Each dropped piece is `" the"`, quotes included: 6 bytes.
+        let dropped = 6 * (100 - kept_pieces) as u64;
+        assert_eq!(
+            m.usage(0).completion,
+            kept_pieces as u64 + dropped.div_ceil(BYTES_PER_TOKEN)
+        );
+    }
+
+    #[test]
+    fn usage_null_is_removed_in_one_pass() {
+        for (event, want) in [
+            (&b"{\"a\":1,\"usage\":null}"[..], &b"{\"a\":1}"[..]),
+            (b"{\"usage\":null,\"a\":1}", b"{\"a\":1}"),
+            (b"{\"usage\":null}", b"{\"usage\":null}"),
+            (b"{\"usage\":null,\"usage\":null}", b"{\"usage\":null}"),
+            (
+                b"[{\"a\":1,\"usage\":null},{\"b\":2,\"usage\":null}]",
+                b"[{\"a\":1},{\"b\":2}]",
+            ),
+        ] {
+            assert_eq!(
+                &remove_usage_null(Bytes::copy_from_slice(event))[..],
+                want,
+                "{}",
+                String::from_utf8_lossy(event)
+            );
+        }
     }
 }
