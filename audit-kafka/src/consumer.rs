@@ -8,6 +8,11 @@
 //!   returned `Ok`. A failed write is retried, same batch, with exponential backoff, until it
 //!   succeeds or the loop is stopped — never skipped. Stopping leaves the batch uncommitted, so
 //!   it is consumed again by whoever owns the partitions next.
+//! - **No stall.** An event the ledger can never store (the database refuses the row) must not
+//!   hold up every event behind it: the writer sets such events aside as dead letters, kept whole
+//!   with their topic, partition and offset (hence [`Delivered`] carries them), and reports them
+//!   in [`Written`]; an `Err` from the writer means "try again later" (database down), never
+//!   "this row is bad".
 //! - **Duplicates are the writer's business.** Redelivery (after a restart, a rebalance, a failed
 //!   commit, or a producer retry) is normal: `write_batch` must insert idempotently (by
 //!   `event_id`) and report how many rows were new.
@@ -43,18 +48,40 @@ pub struct Unreadable {
     pub error: String,
 }
 
+/// An audit event as the topic delivered it: where it was, and its bytes, so an event the ledger
+/// refuses can be kept exactly as it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub event: AuditEvent,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+/// What a successful [`LedgerWriter::write_batch`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Events that were new in the ledger.
+    pub inserted: u64,
+    /// Events the ledger refused and kept as dead letters instead.
+    pub dead_lettered: u64,
+}
+
 /// Where the consumer puts events: the ledger.
 pub trait LedgerWriter: Send + Sync {
     type Error: std::fmt::Display + Send;
 
-    /// Insert the batch in one transaction, idempotently by `event_id` (unreadable messages by
-    /// topic, partition and offset); returns how many events were new. `Ok` means durably
-    /// stored: the offsets are committed right after.
+    /// Store the batch, idempotently by `event_id` (unreadable messages and dead letters by
+    /// topic, partition and offset). Events the database refuses row by row are kept as dead
+    /// letters, not returned as an error: `Err` is for failures worth retrying (the database is
+    /// unreachable), and `Ok` means everything is durably stored, in the ledger or aside: the
+    /// offsets are committed right after.
     fn write_batch(
         &self,
-        events: &[AuditEvent],
+        events: &[Delivered],
         unreadable: &[Unreadable],
-    ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+    ) -> impl Future<Output = Result<Written, Self::Error>> + Send;
 }
 
 /// So a writer can be shared with the rest of the service (and its counters read) while the
@@ -64,9 +91,9 @@ impl<T: LedgerWriter> LedgerWriter for Arc<T> {
 
     fn write_batch(
         &self,
-        events: &[AuditEvent],
+        events: &[Delivered],
         unreadable: &[Unreadable],
-    ) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+    ) -> impl Future<Output = Result<Written, Self::Error>> + Send {
         (**self).write_batch(events, unreadable)
     }
 }
@@ -120,9 +147,11 @@ pub struct ConsumerStats {
     pub consumed: u64,
     /// Rows the writer reported as new.
     pub inserted: u64,
-    /// Decoded events written that were already in the ledger (`written - inserted`).
+    /// Decoded events written that were already in the ledger (`written - inserted - dead`).
     pub duplicates: u64,
     pub undecodable: u64,
+    /// Events the ledger refused and kept as dead letters.
+    pub dead_lettered: u64,
     /// Batches written and committed.
     pub batches: u64,
     pub write_errors: u64,
@@ -136,6 +165,7 @@ struct Counters {
     inserted: AtomicU64,
     duplicates: AtomicU64,
     undecodable: AtomicU64,
+    dead_lettered: AtomicU64,
     batches: AtomicU64,
     write_errors: AtomicU64,
     commit_errors: AtomicU64,
@@ -153,6 +183,7 @@ impl ConsumerStatsHandle {
             inserted: c.inserted.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             undecodable: c.undecodable.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
             commit_errors: c.commit_errors.load(Ordering::Relaxed),
@@ -176,7 +207,7 @@ pub struct AccountingConsumer<W> {
 /// One batch: its decoded events and, per partition, the offset to commit after it.
 #[derive(Default)]
 struct Batch {
-    events: Vec<AuditEvent>,
+    events: Vec<Delivered>,
     unreadable: Vec<Unreadable>,
     next_offsets: HashMap<(String, i32), i64>,
     messages: usize,
@@ -260,7 +291,13 @@ impl<W: LedgerWriter> AccountingConsumer<W> {
                     let next = batch.next_offsets.entry(key).or_insert(0);
                     *next = (*next).max(m.offset() + 1);
                     match m.payload().map(serde_json::from_slice::<AuditEvent>) {
-                        Some(Ok(event)) => batch.events.push(event),
+                        Some(Ok(event)) => batch.events.push(Delivered {
+                            event,
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                        }),
                         Some(Err(e)) => batch.unreadable.push(self.undecodable(&m, &e.to_string())),
                         None => batch.unreadable.push(self.undecodable(&m, "empty payload")),
                     }
@@ -315,13 +352,25 @@ impl<W: LedgerWriter> AccountingConsumer<W> {
         let mut backoff = self.cfg.retry_initial;
         loop {
             match self.writer.write_batch(events, &batch.unreadable).await {
-                Ok(inserted) => {
+                Ok(w) => {
                     let c = &self.counters;
-                    c.inserted.fetch_add(inserted, Ordering::Relaxed);
+                    c.inserted.fetch_add(w.inserted, Ordering::Relaxed);
                     c.duplicates.fetch_add(
-                        (events.len() as u64).saturating_sub(inserted),
+                        (events.len() as u64).saturating_sub(w.inserted + w.dead_lettered),
                         Ordering::Relaxed,
                     );
+                    if w.dead_lettered > 0 {
+                        let total = c
+                            .dead_lettered
+                            .fetch_add(w.dead_lettered, Ordering::Relaxed)
+                            + w.dead_lettered;
+                        tracing::warn!(
+                            dead_lettered = w.dead_lettered,
+                            dead_lettered_total = total,
+                            events = events.len(),
+                            "the ledger refused events; kept as dead letters, consuming on"
+                        );
+                    }
                     return true;
                 }
                 Err(e) => {
@@ -393,11 +442,13 @@ mod tests {
     const TOPIC: &str = "audit-test";
     const GROUP: &str = "ledger";
 
-    /// A ledger in memory: idempotent by event_id, failing while `failing` is set.
+    /// A ledger in memory: idempotent by event_id, failing while `failing` is set, refusing
+    /// (as dead letters) events of the subject `refused`.
     #[derive(Default)]
     struct MemLedger {
         rows: Mutex<Vec<AuditEvent>>,
         unreadable: Mutex<Vec<Unreadable>>,
+        dead: Mutex<Vec<Delivered>>,
         failing: AtomicBool,
     }
 
@@ -406,9 +457,9 @@ mod tests {
 
         async fn write_batch(
             &self,
-            events: &[AuditEvent],
+            events: &[Delivered],
             unreadable: &[Unreadable],
-        ) -> Result<u64, String> {
+        ) -> Result<Written, String> {
             if self.failing.load(Ordering::Relaxed) {
                 return Err("database unavailable".into());
             }
@@ -419,14 +470,20 @@ mod tests {
                 }
             }
             let mut rows = self.rows.lock().unwrap();
-            let mut inserted = 0;
-            for e in events {
-                if !rows.iter().any(|r| r.event_id == e.event_id) {
-                    rows.push(e.clone());
-                    inserted += 1;
+            let mut dead = self.dead.lock().unwrap();
+            let mut w = Written::default();
+            for d in events {
+                if d.event.subject.as_deref() == Some("refused") {
+                    if !dead.contains(d) {
+                        dead.push(d.clone());
+                    }
+                    w.dead_lettered += 1;
+                } else if !rows.iter().any(|r| r.event_id == d.event.event_id) {
+                    rows.push(d.event.clone());
+                    w.inserted += 1;
                 }
             }
-            Ok(inserted)
+            Ok(w)
         }
     }
 
@@ -443,13 +500,19 @@ mod tests {
 
     /// Produce `n` events plus one message that is not an event; returns the event ids.
     async fn seed(brokers: &str, n: u64) -> HashSet<String> {
+        seed_subjects(brokers, n, &["a", "b", "c"]).await
+    }
+
+    /// Produce `n` events of `subjects` in turn, plus one message that is not an event; returns
+    /// the event ids.
+    async fn seed_subjects(brokers: &str, n: u64, subjects: &[&str]) -> HashSet<String> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .create()
             .unwrap();
         let mut ids = HashSet::new();
         for i in 0..n {
-            let e = event(Some(["a", "b", "c"][(i % 3) as usize]), i);
+            let e = event(Some(subjects[i as usize % subjects.len()]), i);
             ids.insert(e.event_id.clone());
             let json = serde_json::to_vec(&e).unwrap();
             producer
@@ -622,5 +685,43 @@ mod tests {
         res.unwrap();
         assert!(done, "{:?}", stats.get());
         assert_eq!(ledger.ids(), ids);
+    }
+
+    #[tokio::test]
+    async fn events_the_ledger_refuses_are_counted_as_dead_letters_and_committed_past() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic(TOPIC, 3, 1).unwrap();
+        let brokers = mock.bootstrap_servers();
+        let ids = seed_subjects(&brokers, 24, &["a", "refused", "b", "c"]).await;
+        let ledger = Arc::new(MemLedger::default());
+        let consumer = AccountingConsumer::new(cfg(&brokers), ledger.clone()).unwrap();
+        let stats = consumer.stats_handle();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = consumer.run(async {
+            let _ = stop_rx.await;
+        });
+        let check = async {
+            let done = wait_until(Duration::from_secs(30), || {
+                let s = stats.get();
+                s.consumed == 25 && s.inserted == 18 && s.dead_lettered == 6
+            })
+            .await;
+            let committed =
+                wait_until(Duration::from_secs(10), || committed_total(&brokers) == 25).await;
+            let _ = stop_tx.send(());
+            done && committed
+        };
+        let (res, done) = tokio::join!(run, check);
+        res.unwrap();
+        assert!(done, "{:?}", stats.get());
+        let s = stats.get();
+        assert_eq!((s.duplicates, s.write_errors), (0, 0), "{s:?}");
+        let dead = ledger.dead.lock().unwrap().clone();
+        assert_eq!(dead.len(), 6);
+        for d in &dead {
+            assert!(ids.contains(&d.event.event_id));
+            let raw: AuditEvent = serde_json::from_slice(&d.payload).unwrap();
+            assert_eq!(raw, d.event, "the payload is the message as delivered");
+        }
     }
 }

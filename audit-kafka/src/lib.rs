@@ -9,7 +9,7 @@ pub mod spool;
 
 pub use consumer::{
     AccountingConsumer, ConsumerConfig, ConsumerError, ConsumerStats, ConsumerStatsHandle,
-    LedgerWriter, Unreadable,
+    Delivered, LedgerWriter, Unreadable, Written,
 };
 pub use sink::{KafkaSink, KafkaSinkConfig, SinkError, SinkStats};
 pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats};

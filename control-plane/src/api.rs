@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use quota::audit::EventBody;
+use quota::names::{self, NameKind};
 use quota::policy::{PolicyDoc, SubjectEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -385,7 +386,7 @@ async fn put_subject(
 ) -> Result<Response, ApiError> {
     actor.require(Role::Editor)?;
     let req: PutSubject = json_body(&body)?;
-    check_id(&id)?;
+    check_subject_names(&id, &req.tier, req.overrides.iter().flat_map(|o| o.keys()))?;
     let _write = state.write_lock.lock().await;
     let mut snap = state.store.snapshot().await?;
     require_policy(&snap)?;
@@ -424,11 +425,22 @@ async fn put_subject(
     Ok(axum::Json(s).into_response())
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(
-            "a subject id is 1 to 200 printable characters".into(),
-        ));
+/// A name from a request checked by the one rule of `quota::names` (subject ids, tiers and quota
+/// types end up in Redis keys, metric labels and the ledger): 400 with the reason otherwise.
+fn check_name(kind: NameKind, name: &str) -> Result<(), ApiError> {
+    names::check(kind, name).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+/// The names a subject write brings: its id, tier and the quota types it overrides.
+fn check_subject_names<'a>(
+    id: &str,
+    tier: &str,
+    overrides: impl IntoIterator<Item = &'a String>,
+) -> Result<(), ApiError> {
+    check_name(NameKind::Subject, id)?;
+    check_name(NameKind::Tier, tier)?;
+    for quota in overrides {
+        check_name(NameKind::QuotaType, quota)?;
     }
     Ok(())
 }
@@ -616,7 +628,7 @@ async fn change_entitlement(
 ) -> Result<Response, ApiError> {
     actor.require(Role::Editor)?;
     let req: EntitlementChange = json_body(&body)?;
-    check_id(&req.subject)?;
+    check_subject_names(&req.subject, &req.tier, [])?;
     let key = req.idempotency_key.clone().or_else(|| {
         headers
             .get("idempotency-key")

@@ -890,6 +890,80 @@ async fn blank_idempotency_keys_and_the_reserved_guest_id_are_refused() {
     assert!(b.to_string().contains("reserved"), "{b}");
 }
 
+#[tokio::test]
+async fn names_that_would_break_keys_labels_or_the_ledger_are_refused_with_400() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    // `{` splits a Redis Cluster hash tag, a space a label, NUL is refused by PostgreSQL.
+    for id in ["%7Bacme%7D", "acme%20corp", "ac%00me"] {
+        let (s, b) = api
+            .json(
+                "PUT",
+                &format!("/v1/subjects/{id}"),
+                ADMIN,
+                json!({ "tier": "free" }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{id}: {b}");
+        assert!(
+            b["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("invalid subject id")),
+            "{id}: {b}"
+        );
+        assert!(
+            !b.to_string().contains("\\u0000"),
+            "the raw name is not echoed: {b}"
+        );
+    }
+    for subject in ["{acme}", "acme corp", "ac\0me"] {
+        let (s, b) = api
+            .json(
+                "POST",
+                "/v1/entitlements",
+                ADMIN,
+                json!({ "subject": subject, "tier": "pro" }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{subject:?}: {b}");
+    }
+    let (s, b) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            json!({ "subject": "acme", "tier": "pro/x" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.to_string().contains("invalid tier name"), "{b}");
+    let (s, b) = api
+        .json(
+            "PUT",
+            "/v1/subjects/acme",
+            ADMIN,
+            json!({ "tier": "free", "overrides": { "look up": { "daily": 5 } } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.to_string().contains("invalid quota type"), "{b}");
+    // Nothing was written; a valid name still is.
+    let (_, list) = api
+        .call("GET", "/v1/subjects", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(list, json!([]));
+    let (s, b) = api
+        .json(
+            "PUT",
+            "/v1/subjects/alice@example.com",
+            ADMIN,
+            json!({ "tier": "free" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
 async fn unreadable_messages_are_kept(pg: bool) {
     let api = api(pg).await;
     let ledger = control_plane::ledger::Ledger::new(api.state.store.pool().clone())

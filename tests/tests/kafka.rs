@@ -140,6 +140,10 @@ async fn consumed_ids(ledger: &LedgerDb) -> HashSet<String> {
 }
 
 fn reconcile(db: &Db, gw: &Gateway) -> (i32, Value) {
+    reconcile_with(db, gw, &[])
+}
+
+fn reconcile_with(db: &Db, gw: &Gateway, extra: &[&str]) -> (i32, Value) {
     let out = std::process::Command::new(bin("control-plane"))
         .args([
             "reconcile",
@@ -149,6 +153,7 @@ fn reconcile(db: &Db, gw: &Gateway) -> (i32, Value) {
             &gw.api_url(""),
         ])
         .args(["--day", DAY, "--json"])
+        .args(extra)
         .output()
         .expect("reconcile");
     // A failed run prints no JSON: keep its message, so an assertion on the report shows why.
@@ -276,6 +281,123 @@ async fn ten_thousand(db: Db) {
         prom.contains("quota_reconciliation_drift_total 5"),
         "{prom}"
     );
+}
+
+/// Put `event` (JSON) on partition `partition` of the audit topic, as any producer could.
+async fn produce_raw(broker: &Broker, partition: i32, event: &Value) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .create()
+        .expect("producer");
+    let payload = serde_json::to_vec(event).expect("json");
+    producer
+        .send(
+            FutureRecord::<(), _>::to("tollgate-audit")
+                .partition(partition)
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produced");
+}
+
+fn raw_event(id: &str, subject: &str, amount: u64) -> Value {
+    json!({
+        "event_id": id, "schema_version": 1, "occurred_at": format!("{DAY}T12:00:00.000Z"),
+        "source": "raw-producer", "subject": subject, "tenant": subject, "request_id": id,
+        "day": DAY, "type": "QuotaConsumed", "quota": "lookup", "amount": amount,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_postgres_refuses_are_dead_lettered_and_the_ledger_moves_on() {
+    let Setup {
+        _mock,
+        broker,
+        db,
+        _spool,
+        gw,
+    } = Setup::start_on(Db::postgres()).await;
+    let consumer = Accounting::start(&broker, &db, 50);
+    let ledger = LedgerDb::open(&db).await;
+    assert_eq!(lookups(&gw, "before", 10, 2).await, 10);
+    assert!(ledger_has(&ledger, DECISIONS, 10, Duration::from_secs(30)).await);
+
+    // A NUL in a subject (PostgreSQL refuses NUL in text) on every partition, so whatever
+    // partition the gateway's next events go to, they queue behind one; and an amount past the
+    // BIGINT range.
+    for p in 0..3 {
+        produce_raw(
+            &broker,
+            p,
+            &raw_event(&format!("nul-{p}"), "bad\0subject", 1),
+        )
+        .await;
+    }
+    produce_raw(&broker, 1, &raw_event("huge", "sub-a", u64::MAX)).await;
+    assert_eq!(lookups(&gw, "after", 10, 2).await, 10);
+
+    assert!(
+        ledger_has(&ledger, DECISIONS, 20, Duration::from_secs(60)).await,
+        "the events behind the refused ones reach the ledger ({} of 20)",
+        ledger.scalar(DECISIONS).await
+    );
+    let dead = "SELECT COUNT(*) FROM quota_audit_dead_letter";
+    assert!(ledger_has(&ledger, dead, 4, Duration::from_secs(10)).await);
+    let errors = ledger
+        .strings("SELECT event_id || ': ' || error FROM quota_audit_dead_letter ORDER BY event_id")
+        .await;
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(
+        errors[0].starts_with("huge: `amount` 18446744073709551615"),
+        "{errors:?}"
+    );
+    for e in &errors[1..] {
+        assert!(e.starts_with("nul-") && e.contains("0x00"), "{errors:?}");
+    }
+    assert_eq!(
+        ledger
+            .strings("SELECT payload FROM quota_audit_dead_letter WHERE event_id = 'nul-0'")
+            .await,
+        [raw_event("nul-0", "bad\0subject", 1).to_string()],
+        "kept as delivered"
+    );
+    assert_eq!(
+        consumer
+            .counter("accounting_events_dead_lettered_total")
+            .await,
+        4
+    );
+
+    // Reconciliation agrees with the counters but fails, naming the dead letters…
+    let (code, report) = reconcile(&db, &gw);
+    assert_eq!(code, 3, "{report}");
+    assert_eq!(
+        (&report["drift"], &report["dead_letters"]),
+        (&json!(0), &json!(4)),
+        "{report}"
+    );
+    let named: HashSet<&str> = report["dead_letter_samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter_map(|d| d["event_id"].as_str())
+        .collect();
+    assert_eq!(
+        named,
+        HashSet::from(["nul-0", "nul-1", "nul-2", "huge"]),
+        "{report}"
+    );
+    // …until an operator acknowledges them.
+    let (code, report) = reconcile_with(&db, &gw, &["--ack-dead-letters"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        report["acknowledged"].as_array().map(Vec::len),
+        Some(4),
+        "{report}"
+    );
+    assert_eq!(reconcile(&db, &gw).0, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
