@@ -61,6 +61,9 @@ struct ReconcileArgs {
     /// A gateway's API address (`http://127.0.0.1:9090`), whose counters are compared.
     #[arg(long)]
     gateway: String,
+    /// The gateway API's bearer token, when it has one (its `TOLLGATE_API_TOKEN`).
+    #[arg(long, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
+    gateway_token: Option<String>,
     /// The subjects' local day, `YYYY-MM-DD` (default: today in UTC).
     #[arg(long)]
     day: Option<String>,
@@ -189,9 +192,14 @@ async fn reconcile(args: ReconcileArgs) -> anyhow::Result<bool> {
     let day = args
         .day
         .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m-%d").to_string());
-    let report =
-        control_plane::reconcile::reconcile(&ledger, &args.gateway, &day, args.ack_dead_letters)
-            .await?;
+    let report = control_plane::reconcile::reconcile(
+        &ledger,
+        &args.gateway,
+        args.gateway_token.as_deref(),
+        &day,
+        args.ack_dead_letters,
+    )
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -108,14 +108,27 @@ async fn live_daily(
 
 /// Compare the ledger's totals of `day` with the gateway's counters. With `ack_dead_letters`,
 /// first acknowledge the dead letters an operator has dealt with (all not acknowledged yet).
+/// `gateway_token`: the gateway API's bearer token, when it has one.
 pub async fn reconcile(
     ledger: &Ledger,
     gateway: &str,
+    gateway_token: Option<&str>,
     day: &str,
     ack_dead_letters: bool,
 ) -> Result<Report, ReconcileError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = gateway_token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
+            .map_err(|_| ReconcileError::Gateway {
+                url: gateway.to_string(),
+                message: "the gateway token is not a valid header value".into(),
+            })?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
         .no_proxy()
+        .default_headers(headers)
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .map_err(|e| ReconcileError::Gateway {

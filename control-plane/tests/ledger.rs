@@ -321,7 +321,7 @@ async fn sums_past_i64(pg: bool) {
     assert_eq!(got, [("minnow", 5, 1), ("whale", whale, 3)]);
 
     let gateway = stub_gateway(u64::MAX).await;
-    let report = control_plane::reconcile::reconcile(&ledger, &gateway, DAY, false)
+    let report = control_plane::reconcile::reconcile(&ledger, &gateway, None, DAY, false)
         .await
         .expect("report");
     let row = report

@@ -477,3 +477,36 @@ async fn a_refused_subject_is_answered_before_its_body_is_read() {
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 429"), "{text}");
 }
+
+/// The official SDKs, as users run them: a stream the gateway cuts ends in an API error they raise,
+/// after exactly the reserved tokens. Needs `TOLLGATE_PYTHON` (a Python with the `openai` and
+/// `anthropic` packages; `scripts/test` sets it up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdks_see_a_cut_stream_as_an_api_error() {
+    let python = std::env::var("TOLLGATE_PYTHON").expect(
+        "TOLLGATE_PYTHON: a Python with the openai and anthropic packages (scripts/test sets it)",
+    );
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    let script = tollgate_e2e::workspace_root().join("tests/sdk/cut_stream.py");
+    let base = format!("http://{}", gw.proxy);
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args([&base, "kp"])
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    for sdk in ["openai", "anthropic"] {
+        assert_eq!(v[sdk]["api_error"], true, "{sdk}: {}", v[sdk]);
+        assert_eq!(
+            v[sdk]["chunks"], 200,
+            "{sdk}: the reserved tokens, then the error"
+        );
+    }
+}
