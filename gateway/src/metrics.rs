@@ -23,6 +23,8 @@ pub struct Metrics {
     pub llm_tokens: IntCounterVec,
     pub llm_settlements: IntCounterVec,
     pub llm_disconnects: IntCounter,
+    /// Units given back because the admitted request never reached its upstream, by quota type.
+    pub quota_released: IntCounterVec,
     /// Streams ended by the gateway, by reason (reservation, quota, oversized_event).
     pub llm_stream_cuts: IntCounterVec,
     /// Prompts counted by bytes because the tokenizer failed on them.
@@ -146,6 +148,14 @@ impl Metrics {
             "Prompts estimated from their size because tokenizing them failed",
         )?;
         registry.register(Box::new(llm_stream_cuts.clone()))?;
+        let quota_released = IntCounterVec::new(
+            Opts::new(
+                "quota_released_total",
+                "Units given back because the admitted request never reached its upstream",
+            ),
+            &["type"],
+        )?;
+        registry.register(Box::new(quota_released.clone()))?;
         registry.register(Box::new(tokenizer_fallbacks.clone()))?;
         let guardrail_actions = IntCounterVec::new(
             Opts::new(
@@ -240,6 +250,7 @@ impl Metrics {
             llm_disconnects,
             llm_stream_cuts,
             tokenizer_fallbacks,
+            quota_released,
             guardrail_actions,
             audit_events,
             audit_dropped,

@@ -36,6 +36,19 @@ pub struct Ctx {
     pub(crate) path_and_query: Option<String>,
     pub(crate) upstream: Option<Arc<Upstream>>,
     pub(crate) decision: Option<Decision>,
+    /// A plain route's charge, given back if the request never reaches the upstream.
+    charged: Option<Charge>,
+    /// No connection to the upstream could be made for this request (so far).
+    never_sent: bool,
+}
+
+/// What a plain request consumed, to give back when it was never sent.
+struct Charge {
+    subject: Arc<Subject>,
+    quota: Arc<str>,
+    cost: u64,
+    at_ns: i64,
+    local: bool,
 }
 
 impl Ctx {
@@ -173,6 +186,8 @@ impl ProxyHttp for Gateway {
             path_and_query: None,
             upstream: None,
             decision: None,
+            charged: None,
+            never_sent: false,
         }
     }
 
@@ -325,17 +340,11 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         let (quota, cost) = (route.quota.clone(), route.cost);
+        let decided_at = self.state.clock.now_ns();
         let decision = self
             .state
             .engine
-            .decide(
-                &subject,
-                &quota,
-                cost,
-                None,
-                self.state.clock.now_ns(),
-                policy.failure,
-            )
+            .decide(&subject, &quota, cost, None, decided_at, policy.failure)
             .await;
         let decision = match decision {
             Ok(d) => d,
@@ -377,12 +386,30 @@ impl ProxyHttp for Gateway {
         }
         self.state
             .record_decision(&subject, Some(&ctx.request_id), &quota, cost, None);
+        ctx.charged = Some(Charge {
+            local: decision.degraded.is_some(),
+            subject,
+            quota,
+            cost,
+            at_ns: decided_at,
+        });
         ctx.decision = Some(decision);
         Ok(false)
     }
 
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.never_sent = true;
+        e
+    }
+
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(up) = ctx.upstream.as_ref() else {
+        let Some(up) = ctx.upstream.clone() else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "no upstream chosen",
@@ -395,6 +422,8 @@ impl ProxyHttp for Gateway {
                 .ok()
                 .and_then(|mut addrs| addrs.next())
                 .ok_or_else(|| {
+                    // Never sent: the charge is given back in `logging`.
+                    ctx.never_sent = true;
                     Error::explain(
                         ErrorType::ConnectNoRoute,
                         format!("cannot resolve upstream {}", up.address),
@@ -464,6 +493,30 @@ impl ProxyHttp for Gateway {
             .inc();
         m.request_duration
             .observe(ctx.started.elapsed().as_secs_f64());
+        // Admitted but never sent (the upstream could not be reached): the units go back.
+        if e.is_some()
+            && ctx.never_sent
+            && let Some(c) = ctx.charged.take()
+        {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let now = state.clock.now_ns();
+                let given = state
+                    .engine
+                    .release(&c.subject, &c.quota, c.cost, c.at_ns, now, c.local)
+                    .await;
+                match given {
+                    Ok(()) => state
+                        .metrics
+                        .quota_released
+                        .with_label_values(&[&*c.quota])
+                        .inc_by(c.cost),
+                    Err(e) => {
+                        tracing::warn!(error = %e, subject = %c.subject.id, "units of an unsent request not given back")
+                    }
+                }
+            });
+        }
         if let (Some(e), Some(up)) = (e, &ctx.upstream)
             && e.esource() == &ErrorSource::Upstream
         {

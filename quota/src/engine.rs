@@ -215,6 +215,31 @@ impl<S: Storage> Engine<S> {
         self.run(&plan, req, failure).await
     }
 
+    /// Give back `cost` units of `quota` consumed by a decision at `decided_at_ns` whose request
+    /// never reached its upstream (connect failure). `local`: the decision was taken on this
+    /// gateway's own counters (the shared store was down), so they are given back there.
+    pub async fn release(
+        &self,
+        subject: &Subject,
+        quota: &str,
+        cost: u64,
+        decided_at_ns: i64,
+        now_ns: i64,
+        local: bool,
+    ) -> Result<(), EngineError> {
+        let Ok(plan) = Plan::new(subject, &[(quota, cost)], decided_at_ns, Phase::Consume) else {
+            return Ok(());
+        };
+        let req = crate::storage::ReleaseRequest {
+            counters: &plan.counters,
+            now_ns,
+        };
+        if local {
+            return Ok(self.fallback.release(&req).await?);
+        }
+        Ok(self.store.release(&req).await?)
+    }
+
     /// Where `subject` stands on `quotas` without consuming anything (every cost 0): for refusing
     /// a request before any work is spent on it. The limits carry what remains.
     pub async fn probe(

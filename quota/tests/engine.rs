@@ -589,6 +589,13 @@ impl Storage for Down {
     ) -> Result<Settled, quota::storage::StorageError> {
         Err(quota::storage::StorageError::Unavailable("down".into()))
     }
+
+    async fn release(
+        &self,
+        _: &quota::storage::ReleaseRequest<'_>,
+    ) -> Result<(), quota::storage::StorageError> {
+        Err(quota::storage::StorageError::Unavailable("down".into()))
+    }
 }
 
 #[tokio::test]

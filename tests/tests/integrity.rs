@@ -510,3 +510,68 @@ async fn the_official_sdks_see_a_cut_stream_as_an_api_error() {
         );
     }
 }
+
+/// A plain request admitted but never sent (its upstream refuses connections) gives its units
+/// back, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsent_request_gives_its_units_back() {
+    let dead = tollgate_e2e::free_port();
+    let yaml = format!(
+        "upstreams:\n  down: {{ address: '127.0.0.1:{dead}', connect_timeout_ms: 500 }}\n\
+         routes:\n  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: down, quota: lookup }}\n\
+         tiers:\n  t:\n    lookup: {{ daily: 5, rates: [ {{ limit: 10, per: minute }} ] }}\n\
+         subjects:\n  - {{ key: k1, id: u1, tier: t }}\n"
+    );
+    let backends = [
+        ("memory", tollgate_e2e::Backend::Memory, vec![]),
+        (
+            "redis-leases",
+            tollgate_e2e::Backend::shared_redis(),
+            vec![],
+        ),
+        (
+            "redis",
+            tollgate_e2e::Backend::shared_redis(),
+            vec!["--no-leases"],
+        ),
+    ];
+    for (name, backend, args) in backends {
+        let gw = Gateway::start_on(&backend, &yaml, &args);
+        for _ in 0..3 {
+            let r = client()
+                .get(gw.url("/lookup/1"))
+                .bearer_auth("k1")
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{name}");
+        }
+        let remaining = || async {
+            let v = post_json(
+                gw.api_url("/check"),
+                &json!({ "subject": "u1", "quota": "lookup", "cost": 0 }),
+            )
+            .await;
+            v["limits"]
+                .as_array()
+                .expect("limits")
+                .iter()
+                .map(|l| l["remaining"].as_u64().expect("remaining"))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                remaining().await == vec![10, 5]
+            })
+            .await,
+            "{name}: every unit back, got {:?}",
+            remaining().await
+        );
+        let m = tollgate_e2e::metrics(&gw).await;
+        assert_eq!(
+            tollgate_e2e::metric(&m, "quota_released_total{type=\"lookup\"}"),
+            Some(3),
+            "{name}"
+        );
+    }
+}

@@ -255,6 +255,27 @@ impl Storage for LeasedStore {
         self.redis.settle(req).await
     }
 
+    /// Units go back into this gateway's live lease of the counter (returned to Redis with it
+    /// later), or straight to Redis when there is none.
+    async fn release(&self, req: &super::ReleaseRequest<'_>) -> Result<(), StorageError> {
+        let mut to_redis = Vec::new();
+        for c in req.counters {
+            let mut leases = lock(self.shard(&c.key.subject));
+            match leases.get_mut(&lease_key(c)) {
+                Some(l) if l.expires_ns > req.now_ns => l.units = l.units.saturating_add(c.cost),
+                _ => to_redis.push(c.clone()),
+            }
+        }
+        if to_redis.is_empty() {
+            return Ok(());
+        }
+        let rest = super::ReleaseRequest {
+            counters: &to_redis,
+            now_ns: req.now_ns,
+        };
+        self.redis.release(&rest).await
+    }
+
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
         // Reservations and idempotent requests need their records in Redis; free probes (cost 0)
         // want the shared truth.

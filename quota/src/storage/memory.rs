@@ -5,8 +5,8 @@
 //! multi-counter decisions are atomic without deadlock.
 
 use super::{
-    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, SettleRequest, Settled, Storage,
-    StorageError,
+    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, ReleaseRequest, SettleRequest,
+    Settled, Storage, StorageError,
 };
 use crate::limiter::{Limit, State};
 use std::collections::HashMap;
@@ -237,6 +237,33 @@ impl Storage for MemoryStore {
             (outcome.clone(), req.now_ns + IDEMPOTENCY_TTL_NS),
         );
         Ok(outcome)
+    }
+
+    async fn release(&self, req: &ReleaseRequest<'_>) -> Result<(), StorageError> {
+        let now = req.now_ns;
+        let (mut guards, slots) = self.lock_all(req.counters);
+        for (c, &g) in req.counters.iter().zip(&slots) {
+            let Some(entry) = guards[g].get_mut(&c.key) else {
+                continue;
+            };
+            entry.state = match (c.limit, entry.state) {
+                (Limit::Window { window, .. }, State::Window { window: w, used })
+                    if w == window =>
+                {
+                    State::Window {
+                        window,
+                        used: used.saturating_sub(c.cost),
+                    }
+                }
+                (Limit::Bucket { emission_ns, .. }, State::Bucket { tat_ns }) => {
+                    let back = (c.cost as i128).saturating_mul(emission_ns as i128);
+                    let tat = (tat_ns as i128 - back).clamp(now as i128, i64::MAX as i128);
+                    State::Bucket { tat_ns: tat as i64 }
+                }
+                (_, s) => s,
+            };
+        }
+        Ok(())
     }
 
     async fn settle(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {

@@ -61,6 +61,14 @@ pub struct SettleRequest<'a> {
     pub now_ns: i64,
 }
 
+/// Units given back: a request admitted (its `cost` consumed) that never reached its upstream.
+/// The counters are built at the decision's time, so they name the windows consumed in.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseRequest<'a> {
+    pub counters: &'a [Counter],
+    pub now_ns: i64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// The reservation (if still held) was replaced by the actual amounts.
@@ -118,6 +126,13 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         req: &SettleRequest<'_>,
     ) -> impl Future<Output = Result<Settled, StorageError>> + Send;
+
+    /// Give back each counter's `cost` (never below empty: a window that has moved on or a bucket
+    /// already full keeps its state).
+    fn release(
+        &self,
+        req: &ReleaseRequest<'_>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 }
 
 /// The backend chosen by configuration.
@@ -154,6 +169,14 @@ impl Storage for AnyStore {
             AnyStore::Memory(s) => s.settle(req).await,
             AnyStore::Redis(s) => s.settle(req).await,
             AnyStore::Leased(s) => s.redis().settle(req).await,
+        }
+    }
+
+    async fn release(&self, req: &ReleaseRequest<'_>) -> Result<(), StorageError> {
+        match self {
+            AnyStore::Memory(s) => s.release(req).await,
+            AnyStore::Redis(s) => s.release(req).await,
+            AnyStore::Leased(s) => s.release(req).await,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! hash tag keeps every key of a subject on one Cluster slot, so one script can touch them all.
 
 use super::{
-    ConsumeRequest, Counter, CounterReport, Outcome, SettleRequest, Settled, Storage, StorageError,
+    ConsumeRequest, Counter, CounterReport, Outcome, ReleaseRequest, SettleRequest, Settled,
+    Storage, StorageError,
 };
 use crate::limiter::Limit;
 use crate::policy::Slot;
@@ -296,6 +297,24 @@ impl Storage for RedisStore {
 
     async fn settle(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {
         self.settle_attempt(req).await
+    }
+
+    /// The same adjustment as giving back an unused lease (`lua/lease_return.lua`).
+    async fn release(&self, req: &ReleaseRequest<'_>) -> Result<(), StorageError> {
+        let items: Vec<LeaseReturn> = req
+            .counters
+            .iter()
+            .filter(|c| c.cost > 0)
+            .map(|c| LeaseReturn {
+                key: self.key(c),
+                units: c.cost,
+                emission_ns: match c.limit {
+                    Limit::Bucket { emission_ns, .. } => Some(emission_ns),
+                    Limit::Window { .. } => None,
+                },
+            })
+            .collect();
+        self.return_leases(req.now_ns, &items).await
     }
 }
 
