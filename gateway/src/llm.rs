@@ -15,7 +15,6 @@ use futures_util::StreamExt;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use quota::audit::{EventBody, Settlement};
-use quota::engine::{Decision, Reason};
 use quota::http_path::under;
 use quota::llm::ceiling::{CutReason, OutputCeiling};
 use quota::llm::price::Price;
@@ -252,31 +251,6 @@ async fn read_body(session: &mut Session, limit: u64) -> pingora::Result<Option<
 /// every reservation and sum far from overflow.
 const MAX_OUTPUT_TOKENS: u64 = 100_000_000;
 
-/// A refusal from a probe: the limits that cannot cover `needs` (quota type, units) are marked as
-/// refusing, with the time to their reset as the wait.
-fn refused_by_probe(mut d: Decision, needs: &[(&str, u64)]) -> Option<Decision> {
-    if !d.allowed {
-        return Some(d);
-    }
-    let mut refused = false;
-    for l in &mut d.limits {
-        let need = needs
-            .iter()
-            .find(|(q, _)| *q == &*l.quota_type)
-            .map_or(0, |(_, n)| *n);
-        if l.remaining < need {
-            refused = true;
-            l.allowed = false;
-            l.retry_after_ns = l.retry_after_ns.max(l.reset_after_ns).max(1);
-        }
-    }
-    refused.then_some(Decision {
-        allowed: false,
-        reason: Reason::QuotaExceeded,
-        ..d
-    })
-}
-
 /// The prompt's tokens, counted on the blocking pool (bounded by `tokenizer_slots`); a tokenizer
 /// panic falls back to an estimate from the body's size.
 async fn parse_off_thread(
@@ -288,12 +262,11 @@ async fn parse_off_thread(
 ) -> Result<LlmRequest, RequestError> {
     let _slot = state.tokenizer_slots.acquire().await;
     let b = body.clone();
-    let counted = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(|| parse(provider, endpoint, &b, image_tokens))
-    })
-    .await;
+    // A panic in the tokenizer comes back as a JoinError, not down this thread.
+    let counted =
+        tokio::task::spawn_blocking(move || parse(provider, endpoint, &b, image_tokens)).await;
     match counted {
-        Ok(Ok(result)) => result,
+        Ok(result) => result,
         // The tokenizer failed on this input: read the request without it and size the prompt
         // by bytes (3 per token: above the usual 4 for prose, the safe side for a reservation).
         _ => {
@@ -347,15 +320,13 @@ pub async fn serve(
     let needs = [(&*route.quota, route.cost), (&*llm.tokens_quota, 1)];
     let probe = state
         .engine
-        .probe(
-            &subject,
-            &[&route.quota, &llm.tokens_quota],
-            state.clock.now_ns(),
-            policy.failure,
-        )
+        .probe(&subject, &needs, state.clock.now_ns(), policy.failure)
         .await;
-    if let Some(refused) = probe.ok().and_then(|d| refused_by_probe(d, &needs)) {
-        refuse(state, session, ctx, &subject, &needs, &refused).await?;
+    // A store that cannot answer: the reservation below decides, under the failure policy.
+    if let Ok(d) = probe
+        && !d.allowed
+    {
+        refuse(state, session, ctx, &subject, &needs, &d).await?;
         return Ok(true);
     }
     let Some(body) = read_body(session, llm.max_body_bytes).await? else {
@@ -747,13 +718,13 @@ async fn quota_covers(
         .engine
         .probe(
             subject,
-            &[&llm.tokens_quota],
+            &[(&llm.tokens_quota, over)],
             state.clock.now_ns(),
             policy.failure,
         )
         .await;
     match probe {
-        Ok(d) => d.limits.iter().all(|l| l.remaining >= over),
+        Ok(d) => d.allowed,
         // The store cannot say: the route chose to bill, so let the stream finish.
         Err(_) => true,
     }

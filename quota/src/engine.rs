@@ -202,14 +202,32 @@ impl<S: Storage> Engine<S> {
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
         let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
-        let plan = match Plan::new(subject, &[(quota, cost)], now_ns, Phase::Consume) {
+        self.consume(
+            subject,
+            &[(quota, cost)],
+            idempotency_key.as_deref(),
+            now_ns,
+            failure,
+        )
+        .await
+    }
+
+    async fn consume(
+        &self,
+        subject: &Subject,
+        costs: &[(&str, u64)],
+        idempotency_key: Option<&str>,
+        now_ns: i64,
+        failure: FailurePolicy,
+    ) -> Result<Decision, EngineError> {
+        let plan = match Plan::new(subject, costs, now_ns, Phase::Consume) {
             Ok(p) => p,
             Err(d) => return Ok(d),
         };
         let req = ConsumeRequest {
             counters: &plan.counters,
             now_ns,
-            idempotency_key: idempotency_key.as_deref(),
+            idempotency_key,
             reservation: None,
         };
         self.run(&plan, req, failure).await
@@ -240,27 +258,34 @@ impl<S: Storage> Engine<S> {
         Ok(self.store.release(&req).await?)
     }
 
-    /// Where `subject` stands on `quotas` without consuming anything (every cost 0): for refusing
-    /// a request before any work is spent on it. The limits carry what remains.
+    /// Whether `needs` (quota type, units) would fit now, consuming nothing: for refusing a
+    /// request before any work is spent on it. Refused: the limits that cannot cover their need
+    /// are marked refusing, with the time to their reset as the wait.
     pub async fn probe(
         &self,
         subject: &Subject,
-        quotas: &[&str],
+        needs: &[(&str, u64)],
         now_ns: i64,
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
-        let costs: Vec<(&str, u64)> = quotas.iter().map(|q| (*q, 0)).collect();
-        let plan = match Plan::new(subject, &costs, now_ns, Phase::Consume) {
-            Ok(p) => p,
-            Err(d) => return Ok(d),
-        };
-        let req = ConsumeRequest {
-            counters: &plan.counters,
-            now_ns,
-            idempotency_key: None,
-            reservation: None,
-        };
-        self.run(&plan, req, failure).await
+        let free: Vec<(&str, u64)> = needs.iter().map(|(q, _)| (*q, 0)).collect();
+        let mut d = self.consume(subject, &free, None, now_ns, failure).await?;
+        if !d.allowed {
+            return Ok(d);
+        }
+        for l in &mut d.limits {
+            let need = needs
+                .iter()
+                .find(|(q, _)| *q == &*l.quota_type)
+                .map_or(0, |(_, n)| *n);
+            if l.remaining < need {
+                d.allowed = false;
+                d.reason = Reason::QuotaExceeded;
+                l.allowed = false;
+                l.retry_after_ns = l.retry_after_ns.max(l.reset_after_ns).max(1);
+            }
+        }
+        Ok(d)
     }
 
     /// Reserve several quotas at once (e.g. tokens and money) for one upstream attempt: all or

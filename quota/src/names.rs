@@ -84,10 +84,9 @@ pub fn check(kind: NameKind, name: &str) -> Result<(), NameError> {
             kind.max_len()
         ));
     }
-    if let Some((i, c)) = name.char_indices().find(|&(_, c)| {
-        let mut buf = [0u8; 4];
-        c.len_utf8() > 1 || !kind.allows(c.encode_utf8(&mut buf).as_bytes()[0])
-    }) {
+    // Every allowed character is ASCII, so the first refused byte starts the refused character.
+    if let Some(i) = name.bytes().position(|b| !kind.allows(b)) {
+        let c = name[i..].chars().next().unwrap_or('?');
         let shown = if c.is_control() || !c.is_ascii() {
             format!("U+{:04X}", c as u32)
         } else {

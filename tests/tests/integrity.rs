@@ -242,6 +242,17 @@ async fn only_generation_endpoints_reserve_tokens() {
         "forwarded, not parsed as a message"
     );
     assert_eq!(tokens_used(&gw, "u3").await, 0, "no tokens billed");
+    let counts = get_json(mock.url("/_mock/requests")).await;
+    assert_eq!(
+        counts["by_path"]["/v1/messages/count_tokens"], 1,
+        "it reached the upstream"
+    );
+    let m = tollgate_e2e::metrics(&gw).await;
+    assert_eq!(
+        tollgate_e2e::metric(&m, "llm_settlements_total{result=\"charged\"}").unwrap_or(0),
+        0,
+        "no reservation was made or settled for it"
+    );
     let r = post(&gw, "k3", "b", "/v1/messages/batches", &body, &[]).await;
     assert_eq!(
         r.status(),

@@ -9,6 +9,7 @@
 //! and every later event is counted as it passes (per event, which overcounts by at most the
 //! merges across event boundaries: streams send about one token per event).
 
+use super::sse::{data_payload, decode_pieces, json_string_at};
 use super::{Provider, tokens};
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
@@ -117,23 +118,10 @@ impl OutputCeiling {
 
     /// Count one complete event; false when it would pass the ceiling, so it must not be sent.
     fn admit(&mut self, event: &[u8]) -> bool {
-        let mut raw_len = 0u64;
-        let mut pieces: Vec<&[u8]> = Vec::new();
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let Some(data) = line.strip_prefix(b"data:") else {
-                continue;
-            };
-            for key in text_keys(self.provider) {
-                let mut rest = data;
-                while let Some((raw, after)) = json_string_after(rest, key) {
-                    // Without the quotes.
-                    raw_len += raw.len().saturating_sub(2) as u64;
-                    pieces.push(raw);
-                    rest = after;
-                }
-            }
-        }
+        // Escaped length (quotes excluded) bounds the text's bytes, hence its tokens.
+        let raw_len: u64 = text_pieces(self.provider, event)
+            .map(|p| p.len().saturating_sub(2) as u64)
+            .sum();
         if raw_len == 0 {
             return true;
         }
@@ -141,23 +129,16 @@ impl OutputCeiling {
             let bound = self.bound.saturating_add(raw_len);
             if bound <= self.max_output {
                 self.bound = bound;
-                for p in pieces {
-                    self.kept
-                        .push(if self.kept.is_empty() { b'[' } else { b',' });
-                    self.kept.extend_from_slice(p);
-                }
+                append_pieces(&mut self.kept, text_pieces(self.provider, event));
                 return true;
             }
-            self.delivered = tokens::count(&self.model, &decode(&self.kept));
+            self.delivered = tokens::count(&self.model, &decode_pieces(&self.kept));
             self.kept = Vec::new();
             self.precise = true;
         }
         let mut array = Vec::with_capacity(raw_len as usize + 8);
-        for p in pieces {
-            array.push(if array.is_empty() { b'[' } else { b',' });
-            array.extend_from_slice(p);
-        }
-        let n = tokens::count(&self.model, &decode(&array));
+        append_pieces(&mut array, text_pieces(self.provider, event));
+        let n = tokens::count(&self.model, &decode_pieces(&array));
         if self.delivered.saturating_add(n) > self.max_output {
             return false;
         }
@@ -190,7 +171,7 @@ impl OutputCeiling {
         if self.precise {
             self.delivered
         } else {
-            tokens::count(&self.model, &decode(&self.kept))
+            tokens::count(&self.model, &decode_pieces(&self.kept))
         }
     }
 
@@ -218,16 +199,26 @@ fn text_keys(provider: Provider) -> &'static [&'static [u8]] {
     }
 }
 
-/// A JSON array of escaped strings (`["a","b"`, unterminated) as one text.
-fn decode(array: &[u8]) -> String {
-    if array.is_empty() {
-        return String::new();
+/// The escaped text strings (quotes included) of one event's `data:` lines, every occurrence of
+/// every text field (several choices, several content blocks).
+fn text_pieces<'a>(provider: Provider, event: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    event
+        .split(|&b| b == b'\n')
+        .filter_map(data_payload)
+        .flat_map(move |data| {
+            text_keys(provider).iter().flat_map(move |key| {
+                memmem::find_iter(data, key)
+                    .filter_map(move |at| json_string_at(&data[at + key.len()..]))
+            })
+        })
+}
+
+/// Append escaped string pieces to an unterminated JSON array (`["a","b"`).
+fn append_pieces<'a>(array: &mut Vec<u8>, pieces: impl Iterator<Item = &'a [u8]>) {
+    for p in pieces {
+        array.push(if array.is_empty() { b'[' } else { b',' });
+        array.extend_from_slice(p);
     }
-    let mut a = array.to_vec();
-    a.push(b']');
-    serde_json::from_slice::<Vec<String>>(&a)
-        .map(|p| p.concat())
-        .unwrap_or_default()
 }
 
 /// End (exclusive) of the first event in `buf`: after its blank line.
@@ -238,27 +229,6 @@ fn event_end(buf: &[u8]) -> Option<usize> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-/// The JSON string (quotes and escapes kept) right after `key`, and what follows it.
-fn json_string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
-    let start = memmem::find(data, key)? + key.len();
-    let rest = &data[start..];
-    let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
-    let rest = &rest[skip..];
-    if rest.first() != Some(&b'"') {
-        // Not a string (null, an object): the key may come again further on.
-        return json_string_after(rest, key);
-    }
-    let mut escaped = false;
-    for (i, &b) in rest.iter().enumerate().skip(1) {
-        match b {
-            b'\\' if !escaped => escaped = true,
-            b'"' if !escaped => return Some((&rest[..=i], &rest[i + 1..])),
-            _ => escaped = false,
-        }
-    }
-    None
 }
 
 /// The final event that ends a cut stream, in the provider's error format.

@@ -225,17 +225,6 @@ pub fn rewrite(body: &[u8], rewrite: Rewrite) -> Result<Vec<u8>, RequestError> {
     serde_json::to_vec(&v).map_err(|e| RequestError::Json(e.to_string()))
 }
 
-/// The body with `stream_options.include_usage: true` added (OpenAI).
-pub fn with_usage_requested(body: &[u8]) -> Result<Vec<u8>, RequestError> {
-    rewrite(
-        body,
-        Rewrite {
-            max_tokens: None,
-            include_usage: true,
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,8 +264,14 @@ mod tests {
 
     #[test]
     fn usage_is_requested_without_losing_fields() {
-        let out = with_usage_requested(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#)
-            .unwrap();
+        let out = rewrite(
+            br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#,
+            Rewrite {
+                max_tokens: None,
+                include_usage: true,
+            },
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);

@@ -416,14 +416,7 @@ impl StreamMeter {
 
     /// The generated text kept (all of it unless past `limits.max_text`).
     fn received_text(&self) -> String {
-        if self.text.is_empty() {
-            return String::new();
-        }
-        let mut array = self.text.clone();
-        array.push(b']');
-        serde_json::from_slice::<Vec<String>>(&array)
-            .map(|pieces| pieces.concat())
-            .unwrap_or_default()
+        decode_pieces(&self.text)
     }
 
     /// The stream ended normally (`[DONE]`, `message_stop`).
@@ -467,8 +460,21 @@ impl StreamMeter {
     }
 }
 
+/// Escaped JSON string pieces kept as an unterminated array (`["a","b"`), as one text.
+pub(crate) fn decode_pieces(array: &[u8]) -> String {
+    if array.is_empty() {
+        return String::new();
+    }
+    let mut a = Vec::with_capacity(array.len() + 1);
+    a.extend_from_slice(array);
+    a.push(b']');
+    serde_json::from_slice::<Vec<String>>(&a)
+        .map(|pieces| pieces.concat())
+        .unwrap_or_default()
+}
+
 /// The payload of a `data:` line (without the optional space and a trailing `\r`).
-fn data_payload(line: &[u8]) -> Option<&[u8]> {
+pub(crate) fn data_payload(line: &[u8]) -> Option<&[u8]> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let rest = line.strip_prefix(b"data:")?;
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
@@ -477,7 +483,11 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
 /// The JSON string (quotes included, escapes kept) right after `key` in `data`, if it is a string.
 fn json_string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let start = memmem::find(data, key)? + key.len();
-    let rest = &data[start..];
+    json_string_at(&data[start..])
+}
+
+/// The JSON string (quotes included, escapes kept) at the start of `rest`, after whitespace.
+pub(crate) fn json_string_at(rest: &[u8]) -> Option<&[u8]> {
     let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
     let rest = &rest[skip..];
     if rest.first() != Some(&b'"') {

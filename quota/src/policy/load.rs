@@ -440,6 +440,7 @@ impl<'a> Builder<'a> {
                 })
             }),
             guest_tier,
+            quota_types: std::mem::take(&mut self.declared_quotas),
             models: self.models,
             guardrail,
         })

@@ -14,7 +14,7 @@ use crate::llm::Provider;
 use crate::llm::price::Price;
 use chrono_tz::Tz;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +67,8 @@ pub struct Policy {
     pub guest_tier: Option<Arc<Tier>>,
     /// The one subject all such keys are counted as (built here, not per request).
     pub guest: Option<Arc<Subject>>,
+    /// Every quota type some tier defines.
+    quota_types: HashSet<String>,
     /// Model prices, longest name first (a price applies to names it prefixes).
     models: Vec<(String, Price)>,
     pub guardrail: Option<Guardrail>,
@@ -95,6 +97,7 @@ impl Policy {
             subjects_by_id: HashMap::new(),
             guest_tier: None,
             guest: None,
+            quota_types: HashSet::new(),
             models: Vec::new(),
             guardrail: None,
         }
@@ -113,7 +116,7 @@ impl Policy {
 
     /// Whether any tier names quota type `quota` (only those become counters and metric series).
     pub fn defines_quota(&self, quota: &str) -> bool {
-        self.tiers.values().any(|t| t.quotas.contains_key(quota))
+        self.quota_types.contains(quota)
     }
 
     pub fn subject_by_id(&self, id: &str) -> Option<&Arc<Subject>> {
