@@ -34,6 +34,8 @@ pub struct Link {
     /// Set while the control plane announces an older revision than the one enforced (its
     /// database was restored?): keys it issued since then are unknown here.
     behind: AtomicBool,
+    /// The client of the control plane's API (never used for proxied traffic).
+    http: reqwest::Client,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,11 @@ impl Link {
             applied: AtomicU64::new(0),
             latest: AtomicU64::new(0),
             behind: AtomicBool::new(false),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -143,7 +150,7 @@ async fn stream_once(
     connected: &mut bool,
 ) -> Result<(), StreamError> {
     let url = format!("{}/v1/watch?since={}", link.url, link.applied());
-    let resp = state
+    let resp = link
         .http
         .get(&url)
         .bearer_auth(&link.token)

@@ -12,3 +12,4 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod upstream;

@@ -1,18 +1,21 @@
 //! LLM routes: one billing path for streamed and plain responses — reserve, forward, meter,
 //! settle.
 //!
-//! The gateway makes the upstream call itself (instead of pingora's proxy loop) because billing
-//! needs what pingora would drop: when a client disconnects mid-stream, pingora closes the
-//! upstream too, but Tollgate keeps reading it in the background (bounded by the route's
-//! `drain_ms`/`drain_bytes`) to learn the real usage. Every exit path settles: completed, cut,
+//! The gateway drives the upstream exchange itself, on a pingora connector with the same peers,
+//! pool options and request shaping as plain routes (`upstream`), instead of pingora's proxy
+//! loop, because billing needs what that loop would drop: when a client disconnects
+//! mid-stream, the loop closes the upstream too, but Tollgate keeps reading it in the background
+//! (bounded by the route's `drain_ms`/`drain_bytes`) to learn the real usage. Every exit path settles: completed, cut,
 //! upstream error, client gone — and a `Bill` dropped unsettled settles what it knows.
 
 use crate::headers::{ratelimit, ratelimit_policy};
-use crate::proxy::{CLIENT_CREDENTIALS, Ctx, error_body, refuse, respond_json};
+use crate::proxy::{Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
+use crate::upstream::shape;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use quota::audit::{EventBody, Settlement};
 use quota::http_path::under;
@@ -23,22 +26,10 @@ use quota::llm::request::{
 };
 use quota::llm::sse::{StreamMeter, json_usage};
 use quota::llm::{Provider, Usage};
-use quota::policy::{FailureMode, LlmRoute, Policy, Route, Subject};
+use quota::policy::{FailureMode, LlmRoute, Policy, Route, Subject, Upstream};
 use quota::storage::Settled;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Headers that belong to one hop and are not forwarded.
-const HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-];
 
 /// What one upstream attempt reserved and how to settle it, exactly once.
 struct Bill {
@@ -467,6 +458,109 @@ pub async fn serve(
     Ok(true)
 }
 
+/// How many times a request is sent again when a pooled connection turns out to be closed
+/// before the upstream answered (the request cannot have been processed).
+const STALE_CONNECTION_RETRIES: usize = 2;
+
+/// The most of a non-streamed response body kept to read its usage; a larger body is passed on
+/// and billed at its reservation.
+const MAX_JSON_BODY: usize = 32 << 20;
+
+/// A request in flight on a pooled upstream connection.
+struct Exchange {
+    state: Arc<AppState>,
+    session: HttpSession,
+    peer: HttpPeer,
+}
+
+impl Exchange {
+    /// Send `head` and `body` to `up`, on a pooled connection when one is free, and read the
+    /// response header.
+    async fn send(
+        state: &Arc<AppState>,
+        up: &Upstream,
+        head: &RequestHeader,
+        body: Bytes,
+    ) -> Result<Exchange, Box<pingora::Error>> {
+        let peer = state.upstreams.peer(up).await.map_err(|e| {
+            pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, e.to_string())
+        })?;
+        let mut tries = 0;
+        loop {
+            let (mut session, reused) = state.connector.get_http_session(&peer).await?;
+            session.set_read_timeout(Some(up.read_timeout));
+            session.set_write_timeout(Some(up.write_timeout));
+            let sent = async {
+                session.write_request_header(Box::new(head.clone())).await?;
+                session.write_request_body(body.clone(), true).await?;
+                session.finish_request_body().await?;
+                session.read_response_header().await
+            }
+            .await;
+            match sent {
+                Ok(()) => {
+                    return Ok(Exchange {
+                        state: state.clone(),
+                        session,
+                        peer,
+                    });
+                }
+                // A kept-alive connection the upstream had closed: nothing was processed.
+                Err(_) if reused && tries < STALE_CONNECTION_RETRIES => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn header(&self) -> Option<&ResponseHeader> {
+        self.session.response_header()
+    }
+
+    async fn next(&mut self) -> pingora::Result<Option<Bytes>> {
+        self.session.read_response_body().await
+    }
+
+    /// The response was read to its end: the connection goes back to the pool.
+    async fn done(mut self) {
+        if self.session.response_done() {
+            let idle = self.peer.options.idle_timeout;
+            self.state
+                .connector
+                .release_http_session(self.session, &self.peer, idle)
+                .await;
+        } else {
+            self.session.shutdown().await;
+        }
+    }
+}
+
+/// Frame a response whose length is not known in advance: chunked on HTTP/1.1, by closing on
+/// HTTP/1.0; HTTP/2 frames itself. Never "close" while announcing keep-alive.
+fn frame_unsized(session: &mut Session, out: &mut ResponseHeader) -> pingora::Result<()> {
+    out.remove_header("content-length");
+    out.remove_header("transfer-encoding");
+    if session.is_http2() {
+        return Ok(());
+    }
+    if session.req_header().version == http::Version::HTTP_10 {
+        session.set_keepalive(None);
+        out.insert_header("connection", "close")?;
+    } else {
+        out.insert_header("transfer-encoding", "chunked")?;
+    }
+    Ok(())
+}
+
+/// Headers of the upstream's response that are not relayed: this hop's framing and connection.
+const RESPONSE_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "trailer",
+    "upgrade",
+];
+
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &Arc<AppState>,
@@ -504,49 +598,31 @@ async fn forward(
         .upstream
         .clone()
         .unwrap_or_else(|| route.upstream.clone());
-    let up = &up;
-    let scheme = if up.tls { "https" } else { "http" };
-    let head = session.req_header();
-    let path = ctx
-        .path_and_query
-        .as_deref()
-        .or_else(|| head.uri.path_and_query().map(|p| p.as_str()))
-        .unwrap_or("/");
-    let url = format!("{scheme}://{}{path}", up.address);
-    let mut rb = state.http.request(head.method.clone(), url).body(body);
-    for (name, value) in head.headers.iter() {
-        let skip = HOP.contains(&name.as_str())
-            || CLIENT_CREDENTIALS.contains(&name.as_str())
-            || up.headers.iter().any(|(n, _)| n == name)
-            || name == "host"
-            || name == "accept-encoding";
-        if !skip {
-            rb = rb.header(name, value);
-        }
+    let mut head = session.req_header().clone();
+    let target = ctx
+        .upstream_pq
+        .clone()
+        .or_else(|| head.uri.path_and_query().map(|p| p.as_str().to_string()))
+        .unwrap_or_else(|| "/".into());
+    let shaped = shape(&mut head, &up, &target, &rid);
+    if let Err(e) = shaped {
+        bill.settle(Usage::default(), false).await;
+        let body = error_body("invalid_request", e.to_string(), &rid);
+        return respond_json(session, 400, body, &[], &rid).await;
     }
-    for (name, value) in &up.headers {
-        rb = rb.header(name, value);
-    }
-    // The gateway reads the stream: it must not arrive compressed.
-    rb = rb
-        .header("accept-encoding", "identity")
-        .header("x-request-id", &rid);
-    if up.tls {
-        rb = rb.header("host", &up.sni);
-    }
-    let resp = match tokio::time::timeout(up.connect_timeout + up.read_timeout, rb.send()).await {
-        Ok(Ok(r)) => r,
-        failed => {
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
+    head.remove_header("transfer-encoding");
+    head.insert_header("content-length", body.len().to_string())?;
+    // The gateway reads the response: it must not arrive compressed.
+    head.insert_header("accept-encoding", "identity")?;
+    let mut ex = match Exchange::send(state, &up, &head, Bytes::from(body)).await {
+        Ok(ex) => ex,
+        Err(e) => {
             state
                 .metrics
                 .upstream_errors
                 .with_label_values(&[&*up.name])
                 .inc();
-            tracing::warn!(upstream = %up.name, error = %why, request_id = %rid, "LLM upstream unreachable");
+            tracing::warn!(upstream = %up.name, error = %e, request_id = %rid, "LLM upstream unreachable");
             bill.settle(Usage::default(), false).await;
             let body = error_body(
                 "upstream_unavailable",
@@ -556,12 +632,15 @@ async fn forward(
             return respond_json(session, 502, body, &[], &rid).await;
         }
     };
-    let status = resp.status();
-    let mut out = ResponseHeader::build(status.as_u16(), Some(resp.headers().len() + 4))?;
-    for (name, value) in resp.headers() {
-        if !HOP.contains(&name.as_str()) {
-            out.append_header(name.clone(), value.clone())?;
-        }
+    let Some(upstream_head) = ex.header() else {
+        return Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "response header missing after it was read",
+        ));
+    };
+    let mut out = upstream_head.clone();
+    for h in RESPONSE_HOP {
+        out.remove_header(h);
     }
     out.insert_header("x-request-id", &rid)?;
     if let Some(d) = &ctx.decision {
@@ -572,65 +651,55 @@ async fn forward(
             out.insert_header("ratelimit", v)?;
         }
     }
-    let is_sse = resp
-        .headers()
+    let is_sse = out
+        .headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    if !status.is_success() {
-        // The upstream refused or failed: nothing was produced; release the reservation.
+    if !out.status.is_success() {
+        // The upstream refused or failed: nothing was produced; release the reservation and
+        // relay its answer as it comes, without holding it.
         state
             .metrics
             .upstream_errors
             .with_label_values(&[&*up.name])
             .inc();
         bill.settle(Usage::default(), false).await;
-        let body = match tokio::time::timeout(up.read_timeout, resp.bytes()).await {
-            Ok(Ok(b)) => b,
-            _ => Bytes::new(),
-        };
-        out.insert_header("content-length", body.len().to_string())?;
+        if !out.headers.contains_key("content-length") {
+            frame_unsized(session, &mut out)?;
+        }
         session.write_response_header(Box::new(out), false).await?;
-        return session.write_response_body(Some(body), true).await;
+        while let Ok(Some(chunk)) = ex.next().await {
+            session.write_response_body(Some(chunk), false).await?;
+        }
+        ex.done().await;
+        return session.write_response_body(None, true).await;
     }
     if !is_sse {
-        let body = match tokio::time::timeout(up.read_timeout, resp.bytes()).await {
-            Ok(Ok(b)) => b,
-            _ => {
-                bill.settle(
-                    Usage {
-                        prompt: req.prompt_tokens,
-                        completion: 0,
-                    },
-                    true,
-                )
-                .await;
-                let body = error_body("upstream_failed", "the upstream response was cut", &rid);
-                return respond_json(session, 502, body, &[], &rid).await;
-            }
-        };
-        let usage = json_usage(llm.provider, &req.model, &body, req.prompt_tokens);
-        bill.settle(usage, true).await;
-        out.insert_header("content-length", body.len().to_string())?;
-        session.write_response_header(Box::new(out), false).await?;
-        return session.write_response_body(Some(body), true).await;
+        return relay_json(state, session, ex, out, llm, &req, bill).await;
     }
-
+    frame_unsized(session, &mut out)?;
     let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
     // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
     let ceiling = if llm.cut_overrun { max_out } else { u64::MAX };
     let mut guard = OutputCeiling::new(llm.provider, &req.model, ceiling);
     let mut overrun_check_at = max_out;
-    let mut stream = resp.bytes_stream();
     let mut metered: Vec<Bytes> = Vec::new();
     let mut pending: Vec<Bytes> = Vec::new();
     if let Err(e) = session.write_response_header(Box::new(out), false).await {
-        return drain_then_settle(state, stream, meter, bill, llm, req.prompt_tokens, e).await;
+        return drain_then_settle(
+            state,
+            ex,
+            Drain::Stream(meter),
+            bill,
+            llm,
+            req.prompt_tokens,
+            e,
+        );
     }
     loop {
-        let next = tokio::time::timeout(up.read_timeout, stream.next()).await;
-        match next {
-            Ok(Some(Ok(chunk))) => {
+        match ex.next().await {
+            Ok(Some(chunk)) => {
                 meter.feed(chunk, &mut metered);
                 for piece in metered.drain(..) {
                     guard.pass(piece, &mut pending);
@@ -647,30 +716,30 @@ async fn forward(
                     if let Err(e) = session.write_response_body(Some(piece), false).await {
                         return drain_then_settle(
                             state,
-                            stream,
-                            meter,
+                            ex,
+                            Drain::Stream(meter),
                             bill,
                             llm,
                             req.prompt_tokens,
                             e,
-                        )
-                        .await;
+                        );
                     }
                 }
             }
             Ok(None) => break,
             // Cut upstream or silent for too long: bill what was produced, end the client's stream.
-            Ok(Some(Err(_))) | Err(_) => {
+            Err(e) => {
                 state
                     .metrics
                     .upstream_errors
                     .with_label_values(&[&*up.name])
                     .inc();
-                tracing::warn!(request_id = %rid, "LLM stream cut by the upstream");
+                tracing::warn!(request_id = %rid, error = %e, "LLM stream cut by the upstream");
                 break;
             }
         }
     }
+    ex.done().await;
     let usage = if let Some(reason) = guard.cut() {
         // Ended by the gateway: the prompt and what the client received.
         state
@@ -702,6 +771,110 @@ async fn forward(
     session.write_response_body(None, true).await
 }
 
+/// A non-streamed completion: relayed as it arrives (its length as the upstream framed it),
+/// kept aside (by reference) to read its usage at the end.
+async fn relay_json(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    mut ex: Exchange,
+    mut out: ResponseHeader,
+    llm: &Arc<LlmRoute>,
+    req: &LlmRequest,
+    bill: Bill,
+) -> pingora::Result<()> {
+    if !out.headers.contains_key("content-length") {
+        frame_unsized(session, &mut out)?;
+    }
+    let mut body = JsonBody::default();
+    if let Err(e) = session.write_response_header(Box::new(out), false).await {
+        return drain_then_settle(
+            state,
+            ex,
+            Drain::Json(body, req.model.clone()),
+            bill,
+            llm,
+            req.prompt_tokens,
+            e,
+        );
+    }
+    let complete = loop {
+        match ex.next().await {
+            Ok(Some(chunk)) => {
+                body.keep(&chunk);
+                if let Err(e) = session.write_response_body(Some(chunk), false).await {
+                    return drain_then_settle(
+                        state,
+                        ex,
+                        Drain::Json(body, req.model.clone()),
+                        bill,
+                        llm,
+                        req.prompt_tokens,
+                        e,
+                    );
+                }
+            }
+            Ok(None) => break true,
+            Err(e) => {
+                tracing::warn!(error = %e, "LLM response cut by the upstream");
+                break false;
+            }
+        }
+    };
+    ex.done().await;
+    let usage = match body.usage(llm.provider, &req.model, req.prompt_tokens) {
+        Some(u) if complete => u,
+        // Cut or too large to read: the prompt, and the reservation's output at most.
+        _ => Usage {
+            prompt: req.prompt_tokens,
+            completion: 0,
+        },
+    };
+    bill.settle(usage, true).await;
+    if complete {
+        session.write_response_body(None, true).await
+    } else {
+        Err(pingora::Error::explain(
+            pingora::ErrorType::ReadError,
+            "the upstream response was cut",
+        ))
+    }
+}
+
+/// The chunks of a JSON response, kept by reference up to `MAX_JSON_BODY`.
+#[derive(Default)]
+struct JsonBody {
+    chunks: Vec<Bytes>,
+    len: usize,
+    overflowed: bool,
+}
+
+impl JsonBody {
+    fn keep(&mut self, chunk: &Bytes) {
+        self.len += chunk.len();
+        if self.len > MAX_JSON_BODY {
+            self.overflowed = true;
+            self.chunks.clear();
+        } else if !self.overflowed {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    fn usage(&self, provider: Provider, model: &str, prompt_estimate: u64) -> Option<Usage> {
+        if self.overflowed {
+            return None;
+        }
+        let joined;
+        let bytes: &[u8] = match self.chunks.as_slice() {
+            [one] => one,
+            many => {
+                joined = many.concat();
+                &joined
+            }
+        };
+        Some(json_usage(provider, model, bytes, prompt_estimate))
+    }
+}
+
 /// Tokens of upper-bound output between two checks of the quota while a `bill` stream is past
 /// its reservation.
 const OVERRUN_CHECK_EVERY: u64 = 256;
@@ -730,33 +903,68 @@ async fn quota_covers(
     }
 }
 
-/// The client went away: keep reading the upstream (bounded) for its real usage, then settle.
-async fn drain_then_settle<S>(
+/// What a drained response is metered with.
+enum Drain {
+    Stream(StreamMeter),
+    Json(JsonBody, String),
+}
+
+/// The client went away: keep reading the upstream (bounded by the route's `drain_ms` and
+/// `drain_bytes`) for its real usage, then settle; the request ends with `cause`.
+fn drain_then_settle(
     state: &Arc<AppState>,
-    mut stream: S,
-    mut meter: StreamMeter,
+    mut ex: Exchange,
+    mut drain: Drain,
     bill: Bill,
     llm: &Arc<LlmRoute>,
     prompt_estimate: u64,
     cause: Box<pingora::Error>,
-) -> pingora::Result<()>
-where
-    S: futures_util::Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
-{
+) -> pingora::Result<()> {
     state.metrics.llm_disconnects.inc();
     let (deadline, max_bytes) = (Instant::now() + llm.drain, llm.drain_bytes);
+    let provider = llm.provider;
     tokio::spawn(async move {
         let mut sink = Vec::new();
-        while !meter.finished() && meter.bytes() < max_bytes {
-            match tokio::time::timeout_at(deadline.into(), stream.next()).await {
-                Ok(Some(Ok(chunk))) => {
-                    meter.feed(chunk, &mut sink);
-                    sink.clear();
+        let mut read = 0u64;
+        let mut complete = false;
+        loop {
+            let finished = match &drain {
+                Drain::Stream(m) => m.finished(),
+                Drain::Json(..) => false,
+            };
+            if finished || read >= max_bytes {
+                break;
+            }
+            match tokio::time::timeout_at(deadline.into(), ex.next()).await {
+                Ok(Ok(Some(chunk))) => {
+                    read += chunk.len() as u64;
+                    match &mut drain {
+                        Drain::Stream(m) => {
+                            m.feed(chunk, &mut sink);
+                            sink.clear();
+                        }
+                        Drain::Json(b, _) => b.keep(&chunk),
+                    }
+                }
+                Ok(Ok(None)) => {
+                    complete = true;
+                    break;
                 }
                 _ => break,
             }
         }
-        bill.settle(meter.usage(prompt_estimate), true).await;
+        let usage = match &drain {
+            Drain::Stream(m) => m.usage(prompt_estimate),
+            Drain::Json(b, model) => b
+                .usage(provider, model, prompt_estimate)
+                .filter(|_| complete)
+                .unwrap_or(Usage {
+                    prompt: prompt_estimate,
+                    completion: 0,
+                }),
+        };
+        bill.settle(usage, true).await;
+        ex.done().await;
     });
     Err(cause)
 }

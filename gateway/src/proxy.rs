@@ -13,7 +13,6 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use quota::engine::{Decision, Reason};
 use quota::policy::{EntitlementSource, Subject, Upstream};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,8 +31,12 @@ pub struct Ctx {
     started: Instant,
     pub(crate) request_id: String,
     route: Option<Arc<str>>,
-    /// The normalized path and the query: what routes matched and what the upstream receives.
+    /// The normalized path and the query, when they differ from the request's: what routes
+    /// matched.
     pub(crate) path_and_query: Option<String>,
+    /// The path and query the upstream receives, when they differ from the request's (path
+    /// normalized, prefix rewritten, base path added).
+    pub(crate) upstream_pq: Option<String>,
     pub(crate) upstream: Option<Arc<Upstream>>,
     pub(crate) decision: Option<Decision>,
     /// A plain route's charge, given back if the request never reaches the upstream.
@@ -108,9 +111,6 @@ pub(crate) async fn refuse(
     .await
 }
 
-/// Headers that carry the client's Tollgate key: removed before forwarding.
-pub(crate) const CLIENT_CREDENTIALS: [&str; 2] = ["authorization", "x-api-key"];
-
 /// The API key from `Authorization: Bearer <key>` or `x-api-key`.
 fn api_key(req: &RequestHeader) -> Option<&str> {
     if let Some(v) = req
@@ -184,6 +184,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             route: None,
             path_and_query: None,
+            upstream_pq: None,
             upstream: None,
             decision: None,
             charged: None,
@@ -325,6 +326,29 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
+        if let Some(up) = &ctx.upstream {
+            let client = ctx
+                .path_and_query
+                .as_deref()
+                .or_else(|| {
+                    session
+                        .req_header()
+                        .uri
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                })
+                .unwrap_or("/");
+            let target = route.upstream_path(up, client);
+            if Some(&*target)
+                != session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+            {
+                ctx.upstream_pq = Some(target.into_owned());
+            }
+        }
         if let Some(llm) = &route.llm
             && crate::llm::serve(
                 &self.state,
@@ -415,26 +439,14 @@ impl ProxyHttp for Gateway {
                 "no upstream chosen",
             ));
         };
-        let addr: SocketAddr = match up.address.parse() {
-            Ok(a) => a,
-            Err(_) => tokio::net::lookup_host(up.address.as_str())
-                .await
-                .ok()
-                .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| {
-                    // Never sent: the charge is given back in `logging`.
-                    ctx.never_sent = true;
-                    Error::explain(
-                        ErrorType::ConnectNoRoute,
-                        format!("cannot resolve upstream {}", up.address),
-                    )
-                })?,
-        };
-        let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
-        peer.options.connection_timeout = Some(up.connect_timeout);
-        peer.options.read_timeout = Some(up.read_timeout);
-        peer.options.write_timeout = Some(up.write_timeout);
-        Ok(Box::new(peer))
+        match self.state.upstreams.peer(&up).await {
+            Ok(peer) => Ok(Box::new(peer)),
+            Err(e) => {
+                // Never sent: the charge is given back in `logging`.
+                ctx.never_sent = true;
+                Err(Error::explain(ErrorType::ConnectNoRoute, e.to_string()))
+            }
+        }
     }
 
     async fn upstream_request_filter(
@@ -443,27 +455,19 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(pq) = &ctx.path_and_query {
-            let uri = http::Uri::builder()
-                .path_and_query(pq.as_str())
-                .build()
-                .map_err(|e| Error::because(ErrorType::InternalError, "normalized path", e))?;
-            upstream_request.set_uri(uri);
-        }
-        upstream_request.insert_header("x-request-id", &ctx.request_id)?;
-        // The client's Tollgate key is for the gateway, never for the upstream.
-        for h in CLIENT_CREDENTIALS {
-            upstream_request.remove_header(h);
-        }
-        if let Some(up) = ctx.upstream.as_ref() {
-            if up.tls {
-                upstream_request.insert_header("host", &up.sni)?;
-            }
-            for (name, value) in &up.headers {
-                upstream_request.insert_header(name.clone(), value.clone())?;
-            }
-        }
-        Ok(())
+        let Some(up) = ctx.upstream.as_ref() else {
+            return Ok(());
+        };
+        let pq = match &ctx.upstream_pq {
+            Some(pq) => pq.clone(),
+            None => upstream_request
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        };
+        crate::upstream::shape(upstream_request, up, &pq, &ctx.request_id).map_err(|e| {
+            Error::because(ErrorType::InternalError, "shaping the upstream request", e)
+        })
     }
 
     async fn response_filter(

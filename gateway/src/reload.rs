@@ -52,6 +52,9 @@ pub fn rebuild(
     };
     state.audit(None, None, body);
     state.policy.replace(policy);
+    // The new policy's upstreams resolved before its requests need them.
+    let (upstreams, enforced) = (state.upstreams.clone(), state.policy.load_full());
+    tokio::spawn(async move { upstreams.prepare(&enforced.routes).await });
     m.policy_reloads.with_label_values(&["success"]).inc();
     Ok(true)
 }

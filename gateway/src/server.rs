@@ -144,12 +144,8 @@ pub fn build_state(
         audit,
         kafka,
         gateway_id: audit_cfg.gateway_id.clone(),
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build()
-            .context("building the upstream HTTP client")?,
+        connector: pingora::connectors::http::Connector::new(None),
+        upstreams: Default::default(),
         tokenizer_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),
@@ -248,6 +244,7 @@ fn control_plane_tasks(
     api_token: Option<crate::api::ApiToken>,
 ) {
     rt.block_on(async move {
+        state.upstreams.prepare(&state.policy.load().routes).await;
         if state.control_plane.is_some() {
             tokio::spawn(crate::cp::follow(state.clone()));
         }

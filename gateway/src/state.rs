@@ -31,8 +31,11 @@ pub struct AppState {
     pub kafka: Option<Arc<audit_kafka::KafkaSink>>,
     /// Names this gateway in audit events.
     pub gateway_id: String,
-    /// Client for LLM upstreams (the gateway reads their streams itself; see `llm`).
-    pub http: reqwest::Client,
+    /// Connections to LLM upstreams (the gateway reads their responses itself; see `llm`),
+    /// pooled, with the peers plain routes use.
+    pub connector: pingora::connectors::http::Connector,
+    /// Upstream addresses and CA bundles, resolved and read ahead of requests.
+    pub upstreams: Arc<crate::upstream::Upstreams>,
     /// Bounds the LLM request bodies tokenized at once (on the blocking pool, never on a proxy
     /// worker): a burst of large prompts queues here instead of taking every thread.
     pub tokenizer_slots: tokio::sync::Semaphore,

@@ -42,9 +42,9 @@ pub(crate) struct RequestId(pub String);
 /// The whole mock as a router.
 pub fn app(state: Arc<MockState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/messages", post(anthropic::messages))
+        .merge(provider_api())
+        // A provider mounted under a base path, as some are (`/anthropic/v1/messages`).
+        .nest("/anthropic", provider_api())
         .route("/healthz", get(plain::healthz))
         .route("/stats", get(stats::list_records))
         .route("/stats/{request_id}", get(stats::get_record))
@@ -58,6 +58,14 @@ pub fn app(state: Arc<MockState>) -> Router {
             request_context,
         ))
         .with_state(state)
+}
+
+/// The provider endpoints.
+fn provider_api() -> Router<Arc<MockState>> {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
 }
 
 /// Serve `app` on an already bound listener until the server fails.

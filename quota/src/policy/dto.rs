@@ -153,6 +153,18 @@ pub struct UpstreamDto {
     pub read_timeout_ms: u64,
     #[serde(default = "default_io_ms")]
     pub write_timeout_ms: u64,
+    /// How long an idle pooled connection to this upstream is kept.
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// Check the upstream's certificate (chain and name). Off only for test upstreams.
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+    /// PEM file of the certificate authorities to trust for this upstream, instead of the
+    /// system's.
+    pub ca_file: Option<Spanned<String>>,
+    /// Where the upstream's API lives, e.g. `/anthropic` or `/api`: prepended to every path sent
+    /// to it.
+    pub base_path: Option<Spanned<String>>,
     /// Headers set on every request to this upstream, e.g. the provider's API key. `${NAME}` is
     /// replaced by the environment variable NAME when the policy loads (keep secrets out of files).
     #[serde(default)]
@@ -163,6 +175,9 @@ fn default_connect_ms() -> u64 {
     2_000
 }
 fn default_io_ms() -> u64 {
+    60_000
+}
+fn default_idle_ms() -> u64 {
     60_000
 }
 
@@ -183,6 +198,11 @@ pub struct RouteDto {
     pub fallback_upstream: Option<Spanned<String>>,
     /// Meter and bill this route's LLM traffic (request tokens, streamed usage).
     pub llm: Option<Spanned<LlmRouteDto>>,
+    /// Remove `match.path_prefix` from the path sent upstream.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace `match.path_prefix` with this prefix in the path sent upstream.
+    pub rewrite: Option<Spanned<String>>,
 }
 
 fn one() -> u64 {

@@ -576,6 +576,7 @@ impl<'a> Builder<'a> {
             ("connect_timeout_ms", dto.connect_timeout_ms),
             ("read_timeout_ms", dto.read_timeout_ms),
             ("write_timeout_ms", dto.write_timeout_ms),
+            ("idle_timeout_ms", dto.idle_timeout_ms),
         ] {
             if v == 0 {
                 self.err(
@@ -612,6 +613,10 @@ impl<'a> Builder<'a> {
                 },
             }
         }
+        let base_path = match &dto.base_path {
+            Some(b) => self.prefix_path(file, b, format!("{path}.base_path")),
+            None => String::new(),
+        };
         let sni = dto.sni.clone().unwrap_or_else(|| {
             host.trim_start_matches('[')
                 .trim_end_matches(']')
@@ -627,6 +632,10 @@ impl<'a> Builder<'a> {
                 connect_timeout: Duration::from_millis(dto.connect_timeout_ms),
                 read_timeout: Duration::from_millis(dto.read_timeout_ms),
                 write_timeout: Duration::from_millis(dto.write_timeout_ms),
+                idle_timeout: Duration::from_millis(dto.idle_timeout_ms),
+                tls_verify: dto.tls_verify,
+                ca_file: dto.ca_file.as_ref().map(|c| c.value.clone()),
+                base_path,
                 headers,
             }),
         );
@@ -848,6 +857,20 @@ impl<'a> Builder<'a> {
                 );
             }
         }
+        let upstream_prefix = match (&r.rewrite, r.strip_prefix) {
+            (Some(new), true) => {
+                self.err(
+                    file,
+                    new.referenced,
+                    format!("{path}.rewrite"),
+                    "`rewrite` and `strip_prefix` exclude each other (`strip_prefix` is `rewrite: \"\"`)",
+                );
+                None
+            }
+            (Some(new), false) => Some(self.prefix_path(file, new, format!("{path}.rewrite"))),
+            (None, true) => Some(String::new()),
+            (None, false) => None,
+        };
         let llm = r.llm.as_ref().map(|l| {
             self.llm_route_distinct(file, &path, &r.quota, &l.value);
             self.llm_route(file, &path, &l.value, quotas)
@@ -888,7 +911,30 @@ impl<'a> Builder<'a> {
             expensive: r.expensive,
             fallback_upstream,
             llm: llm.flatten().map(Arc::new),
+            upstream_prefix,
         })
+    }
+
+    /// A path put in front of upstream paths (`base_path`, `rewrite`): empty, or normalized and
+    /// without a trailing slash.
+    fn prefix_path(&mut self, file: &str, p: &Spanned<String>, field: String) -> String {
+        let v = p.value.trim_end_matches('/');
+        if v.is_empty() {
+            return String::new();
+        }
+        match crate::http_path::normalize(v) {
+            Ok(n) if n == v => v.to_string(),
+            Ok(n) => {
+                let msg = format!("`{}` is not in normal form; write `{n}`", p.value);
+                self.err(file, p.referenced, field, msg);
+                String::new()
+            }
+            Err(e) => {
+                let msg = format!("`{}` is not a valid path prefix: {e}", p.value);
+                self.err(file, p.referenced, field, msg);
+                String::new()
+            }
+        }
     }
 
     fn llm_route_distinct(

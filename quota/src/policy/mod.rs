@@ -329,6 +329,41 @@ pub struct Route {
     pub expensive: bool,
     pub fallback_upstream: Option<Arc<Upstream>>,
     pub llm: Option<Arc<LlmRoute>>,
+    /// What replaces `path_prefix` in the path sent upstream (`strip_prefix`: empty; `rewrite`:
+    /// its value); `None` keeps the path.
+    pub upstream_prefix: Option<String>,
+}
+
+impl Route {
+    /// The path (and query) the upstream `up` receives for the normalized client path `path`:
+    /// the route's prefix replaced when it says so, then the upstream's base path in front.
+    pub fn upstream_path<'a>(
+        &self,
+        up: &Upstream,
+        path_and_query: &'a str,
+    ) -> std::borrow::Cow<'a, str> {
+        use std::borrow::Cow;
+        let rest = match &self.upstream_prefix {
+            Some(new) => {
+                let prefix = self.path_prefix.trim_end_matches('/');
+                // What follows the prefix: empty, `/…` or `?…` (routes match at segment bounds).
+                let tail = path_and_query
+                    .strip_prefix(prefix)
+                    .unwrap_or(path_and_query);
+                let new = new.trim_end_matches('/');
+                Cow::Owned(if new.is_empty() && !tail.starts_with('/') {
+                    format!("/{tail}")
+                } else {
+                    format!("{new}{tail}")
+                })
+            }
+            None => Cow::Borrowed(path_and_query),
+        };
+        if up.base_path.is_empty() {
+            return rest;
+        }
+        Cow::Owned(format!("{}{rest}", up.base_path))
+    }
 }
 
 /// How an LLM route is metered and billed.
@@ -377,6 +412,12 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub tls_verify: bool,
+    /// PEM file of the authorities trusted for this upstream (`None`: the system's).
+    pub ca_file: Option<String>,
+    /// Prepended to every path sent to this upstream; empty or `/…` without a trailing slash.
+    pub base_path: String,
     /// Set on every request to this upstream (environment variables already expanded).
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
