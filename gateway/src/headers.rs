@@ -29,11 +29,10 @@ fn sf_list(d: &Decision, params: impl Fn(&mut String, &LimitState)) -> Option<St
     (!out.is_empty()).then_some(out)
 }
 
-/// `RateLimit-Policy: "lookup-minute";q=5;w=60, "lookup-day";q=100;w=86400`
-pub fn ratelimit_policy(d: &Decision) -> Option<String> {
-    sf_list(d, |out, l| {
-        let _ = write!(out, ";q={};w={}", l.quota, l.window_s);
-    })
+/// `RateLimit-Policy: "lookup-minute";q=5;w=60, "lookup-day";q=100;w=86400`, built when the
+/// policy loaded (`quota::policy::policy_header`).
+pub fn ratelimit_policy(d: &Decision) -> Option<&str> {
+    d.policy_header.as_deref()
 }
 
 /// `RateLimit: "lookup-minute";r=4;t=12, "lookup-day";r=99;t=3600`
@@ -101,16 +100,13 @@ mod tests {
             replayed: false,
             now_ns: 1_795_000_000_000_000_000,
             degraded: None,
+            policy_header: None,
         }
     }
 
     #[test]
     fn structured_fields_list_every_limit() {
         let d = decision();
-        assert_eq!(
-            ratelimit_policy(&d).unwrap(),
-            "\"lookup-minute\";q=5;w=60, \"lookup-day\";q=100;w=86400"
-        );
         assert_eq!(
             ratelimit(&d).unwrap(),
             "\"lookup-minute\";r=3;t=24, \"lookup-day\";r=0;t=3600"

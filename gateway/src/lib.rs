@@ -10,6 +10,7 @@ pub mod llm;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
+pub mod respond;
 pub mod server;
 pub mod state;
 pub mod upstream;

@@ -9,7 +9,7 @@
 //! upstream error, client gone — and a `Bill` dropped unsettled settles what it knows.
 
 use crate::headers::{ratelimit, ratelimit_policy};
-use crate::proxy::{Ctx, error_body, refuse, respond_json};
+use crate::respond::{Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
 use crate::upstream::shape;
 use bytes::Bytes;

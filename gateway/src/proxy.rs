@@ -3,16 +3,15 @@
 //! streamed through untouched.
 
 use crate::guardrail::{Standing, standing};
-use crate::headers::{ceil_s, ratelimit, ratelimit_policy, refusal_body};
+use crate::headers::{ceil_s, ratelimit, ratelimit_policy};
+use crate::respond::{Charge, Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use quota::engine::{Decision, Reason};
-use quota::policy::{EntitlementSource, Subject, Upstream};
+use quota::policy::EntitlementSource;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,91 +23,6 @@ impl Gateway {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
-}
-
-/// Per-request state carried between the proxy phases.
-pub struct Ctx {
-    started: Instant,
-    pub(crate) request_id: String,
-    route: Option<Arc<str>>,
-    /// The normalized path and the query, when they differ from the request's: what routes
-    /// matched.
-    pub(crate) path_and_query: Option<String>,
-    /// The path and query the upstream receives, when they differ from the request's (path
-    /// normalized, prefix rewritten, base path added).
-    pub(crate) upstream_pq: Option<String>,
-    pub(crate) upstream: Option<Arc<Upstream>>,
-    pub(crate) decision: Option<Decision>,
-    /// A plain route's charge, given back if the request never reaches the upstream.
-    charged: Option<Charge>,
-    /// No connection to the upstream could be made for this request (so far).
-    never_sent: bool,
-}
-
-/// What a plain request consumed, to give back when it was never sent.
-struct Charge {
-    subject: Arc<Subject>,
-    quota: Arc<str>,
-    cost: u64,
-    at_ns: i64,
-    local: bool,
-}
-
-impl Ctx {
-    /// The normalized path of the request (what routes matched).
-    pub(crate) fn path<'a>(&'a self, req: &'a RequestHeader) -> &'a str {
-        match &self.path_and_query {
-            Some(pq) => pq.split_once('?').map_or(pq.as_str(), |(p, _)| p),
-            None => req.uri.path(),
-        }
-    }
-}
-
-/// Answer a refused decision: 429 with the quota's state, or 403 when the tier lacks the quota.
-pub(crate) async fn refuse(
-    state: &AppState,
-    session: &mut Session,
-    ctx: &Ctx,
-    subject: &Subject,
-    costs: &[(&str, u64)],
-    decision: &Decision,
-) -> Result<()> {
-    let rid = &ctx.request_id;
-    // The quota that refused: for a multi-quota reservation, the binding limit's.
-    let (first, first_cost) = costs.first().copied().unwrap_or(("", 0));
-    let quota = decision.binding().map_or(first, |l| &*l.quota_type);
-    let amount = costs
-        .iter()
-        .find(|(q, _)| *q == quota)
-        .map_or(first_cost, |(_, c)| *c);
-    let reason = match decision.reason {
-        Reason::NotInTier => "quota_not_in_tier",
-        _ => "quota_exceeded",
-    };
-    state.record_decision(subject, Some(rid), quota, amount, Some(reason));
-    if decision.reason == Reason::NotInTier {
-        let msg = format!(
-            "tier `{}` does not include quota `{quota}`",
-            subject.tier.name
-        );
-        let mut body = error_body("quota_not_in_tier", msg, rid);
-        body["quota"] = quota.into();
-        return respond_json(session, 403, body, &[], rid).await;
-    }
-    let mut extra = vec![(
-        "retry-after",
-        ceil_s(decision.retry_after_ns()).max(1).to_string(),
-    )];
-    extra.extend(ratelimit_policy(decision).map(|v| ("ratelimit-policy", v)));
-    extra.extend(ratelimit(decision).map(|v| ("ratelimit", v)));
-    respond_json(
-        session,
-        429,
-        refusal_body(quota, decision, rid),
-        &extra,
-        rid,
-    )
-    .await
 }
 
 /// The API key from `Authorization: Bearer <key>` or `x-api-key`.
@@ -131,47 +45,6 @@ fn host(req: &RequestHeader) -> Option<&str> {
     req.uri
         .host()
         .or_else(|| req.headers.get("host").and_then(|v| v.to_str().ok()))
-}
-
-fn has_body(req: &RequestHeader) -> bool {
-    req.headers.contains_key("transfer-encoding")
-        || req
-            .headers
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim() != "0")
-}
-
-pub(crate) async fn respond_json(
-    session: &mut Session,
-    status: u16,
-    body: serde_json::Value,
-    extra: &[(&'static str, String)],
-    request_id: &str,
-) -> Result<()> {
-    let body = Bytes::from(body.to_string());
-    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    resp.insert_header("content-type", "application/json")?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    resp.insert_header("x-request-id", request_id)?;
-    for (name, value) in extra {
-        resp.insert_header(*name, value)?;
-    }
-    // An unread request body would be taken for the next request on this connection.
-    if has_body(session.req_header()) {
-        session.set_keepalive(None);
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
-}
-
-pub(crate) fn error_body(
-    error: &str,
-    message: impl Into<String>,
-    request_id: &str,
-) -> serde_json::Value {
-    serde_json::json!({ "error": error, "message": message.into(), "request_id": request_id })
 }
 
 #[async_trait]

@@ -21,12 +21,61 @@ pub struct Window {
 }
 
 /// The window of `period` that contains `now_ns` for a subject living in `tz`.
+///
+/// Every request asks this for each calendar limit; the answer only changes at a local midnight,
+/// so each thread keeps the windows it computed last and reuses one while `now_ns` lies inside it.
 pub fn window(period: CalendarPeriod, tz: Tz, now_ns: i64) -> Window {
+    let hit = RECENT.with(|c| {
+        c.borrow()
+            .iter()
+            .find(|e| e.period == period && e.tz == tz && e.start_ns <= now_ns)
+            .filter(|e| now_ns < e.window.reset_at_ns)
+            .map(|e| e.window)
+    });
+    if let Some(w) = hit {
+        return w;
+    }
+    let (window, start_ns) = compute(period, tz, now_ns);
+    RECENT.with(|c| {
+        let mut c = c.borrow_mut();
+        c.retain(|e| !(e.period == period && e.tz == tz));
+        if c.len() >= RECENT_WINDOWS {
+            c.remove(0);
+        }
+        c.push(Recent {
+            period,
+            tz,
+            start_ns,
+            window,
+        });
+    });
+    window
+}
+
+/// Windows remembered per thread: enough for the time zones a fleet's subjects live in.
+const RECENT_WINDOWS: usize = 64;
+
+struct Recent {
+    period: CalendarPeriod,
+    tz: Tz,
+    /// From this instant on (until `window.reset_at_ns`) every moment falls in `window`.
+    start_ns: i64,
+    window: Window,
+}
+
+thread_local! {
+    static RECENT: std::cell::RefCell<Vec<Recent>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The window containing `now_ns`, and an instant from which on every moment until its end lies
+/// in it.
+fn compute(period: CalendarPeriod, tz: Tz, now_ns: i64) -> (Window, i64) {
     let now = DateTime::<Utc>::from_timestamp_nanos(now_ns);
     let local = now.with_timezone(&tz).date_naive();
-    let (id, next_start) = match period {
+    let (id, first, next_start) = match period {
         CalendarPeriod::Day => (
             i64::from(local.num_days_from_ce()),
+            local,
             local.succ_opt().unwrap_or(local),
         ),
         CalendarPeriod::Month => {
@@ -36,13 +85,21 @@ pub fn window(period: CalendarPeriod, tz: Tz, now_ns: i64) -> Window {
             } else {
                 NaiveDate::from_ymd_opt(y, m + 1, 1)
             };
-            (i64::from(y) * 12 + i64::from(m0(m)), next.unwrap_or(local))
+            (
+                i64::from(y) * 12 + i64::from(m0(m)),
+                local.with_day(1).unwrap_or(local),
+                next.unwrap_or(local),
+            )
         }
     };
-    Window {
+    let window = Window {
         id,
         reset_at_ns: local_midnight_ns(tz, next_start),
-    }
+    };
+    // A midnight repeated by a DST change: only after its last occurrence is the date certain.
+    // Never later than now, so the entry serves the moment it was computed for.
+    let start_ns = local_midnight_latest_ns(tz, first).min(now_ns);
+    (window, start_ns)
 }
 
 fn m0(month: u32) -> u32 {
@@ -62,6 +119,15 @@ fn local_midnight_ns(tz: Tz, date: NaiveDate) -> i64 {
         }
     }
     ns(Utc.from_utc_datetime(&t))
+}
+
+/// Like `local_midnight_ns`, but the last occurrence when midnight happens twice.
+fn local_midnight_latest_ns(tz: Tz, date: NaiveDate) -> i64 {
+    let t: NaiveDateTime = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+    match tz.from_local_datetime(&t) {
+        LocalResult::Ambiguous(_, last) => ns(last.with_timezone(&Utc)),
+        _ => local_midnight_ns(tz, date),
+    }
 }
 
 fn ns(dt: DateTime<Utc>) -> i64 {
@@ -123,5 +189,32 @@ mod tests {
         assert_eq!(dec.id, w.id + 1);
         let dec_end = window(CalendarPeriod::Month, tz, at("2026-12-15T00:00:00Z"));
         assert_eq!(dec_end.reset_at_ns, at("2026-12-31T15:00:00Z"));
+    }
+
+    #[test]
+    fn remembered_windows_answer_as_a_fresh_computation_would() {
+        // Beirut repeats midnight when DST ends (00:00 -> 23:00), Santiago skips it, Berlin
+        // changes at 02:00/03:00; times go forward and back (a test clock may move either way).
+        for zone in ["Asia/Beirut", "America/Santiago", "Europe/Berlin", "UTC"] {
+            let tz: Tz = zone.parse().unwrap();
+            for (from, to) in [
+                ("2026-10-23T00:00:00Z", "2026-10-27T00:00:00Z"),
+                ("2026-09-04T00:00:00Z", "2026-09-08T00:00:00Z"),
+                ("2026-03-27T00:00:00Z", "2026-04-02T00:00:00Z"),
+            ] {
+                let (a, b) = (at(from), at(to));
+                let step: i64 = 7 * 60 * 1_000_000_000;
+                let times: Vec<i64> = (a..b).step_by(step as usize).collect();
+                for &now in times.iter().chain(times.iter().rev()) {
+                    for period in [CalendarPeriod::Day, CalendarPeriod::Month] {
+                        assert_eq!(
+                            window(period, tz, now),
+                            compute(period, tz, now).0,
+                            "{zone} {period:?} at {now}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -110,6 +110,8 @@ pub struct Decision {
     /// Decided by this gateway alone because the shared store was unreachable (`fail_open` or
     /// `local`).
     pub degraded: Option<FailureMode>,
+    /// The `RateLimit-Policy` value of the limits decided (built at policy load).
+    pub policy_header: Option<Arc<str>>,
 }
 
 impl Decision {
@@ -412,6 +414,11 @@ impl<S: Storage> Engine<S> {
             replayed: outcome.replayed,
             now_ns: req.now_ns,
             degraded,
+            policy_header: match plan.headers.as_slice() {
+                [] => None,
+                [one] => Some(one.clone()),
+                many => Some(many.join(", ").into()),
+            },
         })
     }
 }
@@ -429,6 +436,8 @@ enum Phase {
 struct Plan {
     counters: Vec<Counter>,
     specs: Vec<(Arc<str>, LimitSpec)>,
+    /// The tier's `RateLimit-Policy` value of each limited quota type of the plan.
+    headers: Vec<Arc<str>>,
 }
 
 impl Plan {
@@ -443,12 +452,18 @@ impl Plan {
         let mut plan = Plan {
             counters: Vec::new(),
             specs: Vec::new(),
+            headers: Vec::new(),
         };
         for &(quota, cost) in costs {
             let specs = match subject.tier.quotas.get_key_value(quota) {
                 None => return Err(Decision::without_counters(false, Reason::NotInTier, now_ns)),
                 Some((_, QuotaLimits::Unlimited)) => continue,
-                Some((name, QuotaLimits::Limited(specs))) => specs.iter().map(move |s| (name, s)),
+                Some((name, QuotaLimits::Limited(specs))) => {
+                    if let Some(h) = subject.tier.policy_headers.get(quota) {
+                        plan.headers.push(h.clone());
+                    }
+                    specs.iter().map(move |s| (name, s))
+                }
             };
             for (name, spec) in specs {
                 plan.counters.push(Counter {
@@ -517,6 +532,7 @@ impl Decision {
             replayed: false,
             now_ns,
             degraded: None,
+            policy_header: None,
         }
     }
 }

@@ -640,3 +640,36 @@ async fn local_mode_reserves_and_settles_against_this_gateways_share() {
         "the 300 unused tokens came back to the local bucket"
     );
 }
+
+#[tokio::test]
+async fn decisions_carry_the_tiers_ratelimit_policy_built_at_load() {
+    let p = policy(
+        "  t:\n    lookup: { rates: [{ limit: 5, per: minute }], daily: 100 }\n    tokens: { daily: 1000 }\n    free: { unlimited: true }",
+        "UTC",
+    );
+    let alice = p.subject_for_key("k").unwrap();
+    let engine = Engine::new(MemoryStore::new());
+    let now = at("2026-11-22T18:00:00Z");
+    let d = engine.check(&alice, "lookup", 1, None, now).await.unwrap();
+    let lookup = "\"lookup-minute\";q=5;w=60, \"lookup-day\";q=100;w=86400";
+    assert_eq!(d.policy_header.as_deref(), Some(lookup));
+    // Several quotas: their items in the order asked; unlimited ones add none.
+    let d = engine
+        .reserve(
+            &alice,
+            &[("lookup", 1), ("tokens", 10), ("free", 1)],
+            "a1",
+            now + 60 * S,
+            now,
+            FailurePolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert!(d.allowed);
+    assert_eq!(
+        d.policy_header.as_deref().unwrap(),
+        format!("{lookup}, \"tokens-day\";q=1000;w=86400")
+    );
+    let d = engine.check(&alice, "free", 1, None, now).await.unwrap();
+    assert_eq!(d.policy_header, None);
+}

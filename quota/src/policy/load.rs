@@ -674,13 +674,8 @@ impl<'a> Builder<'a> {
                 out.insert(Arc::<str>::from(quota.as_str()), limits);
             }
         }
-        self.tiers.insert(
-            name.to_string(),
-            Arc::new(Tier {
-                name: name.into(),
-                quotas: out,
-            }),
-        );
+        self.tiers
+            .insert(name.to_string(), Arc::new(Tier::new(name.into(), out)));
     }
 
     fn quota(&mut self, file: &str, path: &str, dto: &Spanned<QuotaDto>) -> Option<QuotaLimits> {
@@ -1113,10 +1108,7 @@ impl<'a> Builder<'a> {
                     quotas.insert(quota.as_str().into(), limits);
                 }
             }
-            tier = Arc::new(Tier {
-                name: tier.name.clone(),
-                quotas,
-            });
+            tier = Arc::new(Tier::new(tier.name.clone(), quotas));
         }
         if self.errors.len() != before {
             return None;

@@ -188,6 +188,44 @@ pub struct Tier {
     pub name: Arc<str>,
     /// Per quota type. A type missing here is not part of the tier: requests for it are refused.
     pub quotas: HashMap<Arc<str>, QuotaLimits>,
+    /// Per limited quota type, its `RateLimit-Policy` field value, built once at load.
+    pub policy_headers: HashMap<Arc<str>, Arc<str>>,
+}
+
+impl Tier {
+    pub fn new(name: Arc<str>, quotas: HashMap<Arc<str>, QuotaLimits>) -> Tier {
+        let policy_headers = quotas
+            .iter()
+            .filter_map(|(q, l)| match l {
+                QuotaLimits::Limited(specs) => Some((q.clone(), policy_header(q, specs)?)),
+                QuotaLimits::Unlimited => None,
+            })
+            .collect();
+        Tier {
+            name,
+            quotas,
+            policy_headers,
+        }
+    }
+}
+
+/// The `RateLimit-Policy` items of one quota type (draft-ietf-httpapi-ratelimit-headers-10):
+/// `"<quota>-<slot>";q=<units>;w=<seconds>` per windowed limit; in-flight limits have no window
+/// and no item.
+pub fn policy_header(quota: &str, specs: &[LimitSpec]) -> Option<Arc<str>> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for spec in specs {
+        let (q, w) = spec.quota_and_window_s();
+        if w <= 0 {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "\"{quota}-{}\";q={q};w={w}", spec.slot().name());
+    }
+    (!out.is_empty()).then(|| out.into())
 }
 
 #[derive(Debug, Clone, PartialEq)]
