@@ -1,6 +1,6 @@
 //! Tollgate's data plane: a pingora reverse proxy that decides every request against the quota
 //! engine before connecting upstream, an API listener (`/check`, `/metrics`, `/status`,
-//! `/healthz`), and hot reload of the policy file.
+//! `/healthz`), hot reload of the policy file, and TLS with HTTP/2 on the proxy listener.
 
 pub mod api;
 pub mod cp;
@@ -13,4 +13,5 @@ pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;

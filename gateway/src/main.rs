@@ -36,6 +36,13 @@ struct RunArgs {
     /// Address of the proxy.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve the proxy over TLS with this PEM certificate chain (leaf first), HTTP/2 and HTTP/1.1
+    /// by ALPN. Reloaded when the file changes.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert. Reloaded when the file changes.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Address of the API: /check, /metrics, /status, /healthz.
     #[arg(long, default_value = "127.0.0.1:9090")]
     api_listen: SocketAddr,
@@ -144,6 +151,8 @@ fn main() -> ExitCode {
                 control_plane_token,
                 control_plane_snapshot,
                 listen,
+                tls_cert,
+                tls_key,
                 api_listen,
                 api_token_file,
                 api_token,
@@ -240,6 +249,9 @@ fn main() -> ExitCode {
                 redis,
                 leases,
                 audit,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| gateway::server::TlsConfig { cert, key }),
             };
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -277,5 +289,17 @@ mod tests {
             "x",
         ]);
         assert!(both.is_err());
+    }
+
+    #[test]
+    fn a_tls_certificate_needs_its_key() {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["gateway", "run", "--config", "p.yaml"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).is_ok()
+        };
+        assert!(!run(&["--tls-cert", "c.pem"]));
+        assert!(!run(&["--tls-key", "k.pem"]));
+        assert!(run(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]));
     }
 }

@@ -38,6 +38,15 @@ pub struct RunConfig {
     /// With Redis: admit locally from leases (`None`: ask Redis for every request).
     pub leases: Option<LeaseConfig>,
     pub audit: AuditConfig,
+    /// Terminate TLS on the proxy listener (HTTP/2 and HTTP/1.1 by ALPN); `None`: plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The proxy listener's certificate: PEM files, reloaded when they change.
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub struct ControlPlaneConfig {
@@ -170,6 +179,12 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         tracing::warn!(api = %cfg.api_listen, "--api-insecure: /check and /status are open to the network");
     }
+    // First: a bad certificate stops the start before anything else is set up.
+    let certs = cfg
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::CertStore::load(&t.cert, &t.key))
+        .transpose()?;
     let clock = if cfg.test_clock {
         tracing::warn!(
             "--test-clock: the clock can be moved through the API; never use this in production"
@@ -209,10 +224,17 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let control = state.clone();
     std::thread::Builder::new()
         .name("tollgate-control".into())
-        .spawn(move || control_plane_tasks(rt, control, api, api_token))
+        .spawn({
+            let certs = certs.clone();
+            move || control_plane_tasks(rt, control, api, api_token, certs)
+        })
         .context("starting the control thread")?;
     println!("api listening on {api_addr}");
-    println!("proxy listening on {}", cfg.listen);
+    println!(
+        "proxy listening on {}{}",
+        cfg.listen,
+        if certs.is_some() { " (TLS)" } else { "" }
+    );
 
     let conf = ServerConf {
         threads: cfg.threads.max(1),
@@ -223,7 +245,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
     let mut proxy = http_proxy_service(&server.configuration, Gateway::new(state.clone()));
-    proxy.add_tcp(&cfg.listen.to_string());
+    match certs {
+        Some(certs) => {
+            let settings = crate::tls::settings(certs)?;
+            proxy.add_tls_with_settings(&cfg.listen.to_string(), None, settings);
+        }
+        None => proxy.add_tcp(&cfg.listen.to_string()),
+    }
     server.add_service(proxy);
     server.add_service(background_service(
         "lease return and audit flush on shutdown",
@@ -235,15 +263,20 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     server.run_forever()
 }
 
-/// The API listener, the policy watcher and the sweeper of idle counters, on their own runtime so
-/// they never compete with proxy workers for a thread (it also drives the Redis connection).
+/// The API listener, the policy and certificate watchers and the sweeper of idle counters, on their
+/// own runtime so they never compete with proxy workers for a thread (it also drives the Redis
+/// connection).
 fn control_plane_tasks(
     rt: tokio::runtime::Runtime,
     state: Arc<AppState>,
     api: std::net::TcpListener,
     api_token: Option<crate::api::ApiToken>,
+    certs: Option<Arc<crate::tls::CertStore>>,
 ) {
     rt.block_on(async move {
+        if let Some(certs) = certs {
+            tokio::spawn(certs.watch());
+        }
         state.upstreams.prepare(&state.policy.load().routes).await;
         if state.control_plane.is_some() {
             tokio::spawn(crate::cp::follow(state.clone()));

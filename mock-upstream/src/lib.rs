@@ -3,14 +3,16 @@
 //! gateway's tests can run against something that streams like the real thing.
 //!
 //! This file owns the router, the request-id/request-counting middleware and
-//! `serve`. Faults: [`faults`]; bookkeeping: [`stats`].
+//! `serve` (plain HTTP/1.1). Faults: [`faults`]; bookkeeping: [`stats`];
+//! HTTPS with HTTP/2: [`tls`].
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderValue;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, Version};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -24,12 +26,17 @@ mod openai;
 mod plain;
 mod sse;
 pub mod stats;
+pub mod tls;
 pub mod tokens;
 
 pub use stats::{MockState, RequestCounts, RequestRecord};
 
 /// Request and response header carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Response header saying which HTTP version the request came in (`HTTP/1.1`, `HTTP/2`), so a
+/// test can tell how a proxy reached the mock.
+pub const HTTP_VERSION_HEADER: &str = "x-mock-http-version";
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
@@ -77,7 +84,20 @@ pub async fn serve(listener: TcpListener, state: Arc<MockState>) -> io::Result<(
             tracing::debug!("could not set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, app(state)).await
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).await
+}
+
+/// How [`HTTP_VERSION_HEADER`] and the request counts name an HTTP version.
+pub fn version_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "other",
+    }
 }
 
 /// Paths that observe the mock rather than use it, so they are not counted.
@@ -89,16 +109,22 @@ fn is_introspection(path: &str) -> bool {
         || path.starts_with("/_mock/")
 }
 
-/// Counts the request, settles its id (given or generated) and echoes it in
-/// the response.
+/// Counts the request (by path, HTTP version and connection), settles its id
+/// (given or generated) and echoes it in the response, with the HTTP version.
 async fn request_context(
     State(state): State<Arc<MockState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let path = request.uri().path();
+    let version = version_name(request.version());
     if !is_introspection(path) {
-        state.count_request(path);
+        // No peer in-process (`oneshot`): such requests count no connection.
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        state.count_request(path, version, peer);
     }
     let given = request
         .headers()
@@ -115,6 +141,8 @@ async fn request_context(
     tracing::debug!(method = %request.method(), uri = %request.uri(), request_id = %id, "request");
     request.extensions_mut().insert(RequestId(id));
     let mut response = next.run(request).await;
-    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID_HEADER, value);
+    headers.insert(HTTP_VERSION_HEADER, HeaderValue::from_static(version));
     response
 }

@@ -2,7 +2,8 @@
 //! actually written into the body), request counters by path, and the HTTP
 //! handlers that expose them (`/stats`, `/_mock/...`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -51,6 +52,13 @@ pub struct RequestRecord {
 pub struct RequestCounts {
     pub total: u64,
     pub by_path: BTreeMap<String, u64>,
+    /// Requests by HTTP version (`HTTP/1.1`, `HTTP/2`).
+    #[serde(default)]
+    pub by_version: BTreeMap<String, u64>,
+    /// Client connections (distinct peer addresses) that carried these requests: how a test sees
+    /// whether a proxy reuses its upstream connections. Stops growing past `MAX_PATHS` peers.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 #[derive(Default)]
@@ -59,6 +67,7 @@ struct Inner {
     /// Insertion order of `records` keys, for eviction and listing.
     order: VecDeque<String>,
     counts: RequestCounts,
+    peers: HashSet<SocketAddr>,
 }
 
 /// All mutable state of one mock server. The mutex is std and is never held
@@ -85,10 +94,18 @@ impl MockState {
         format!("mock-{n}")
     }
 
-    pub fn count_request(&self, path: &str) {
+    /// Count a request to `path` in HTTP `version` from `peer` (`None`: not over a socket).
+    pub fn count_request(&self, path: &str, version: &str, peer: Option<SocketAddr>) {
         let mut inner = self.lock();
+        if let Some(peer) = peer
+            && inner.peers.len() < MAX_PATHS
+            && inner.peers.insert(peer)
+        {
+            inner.counts.connections += 1;
+        }
         let counts = &mut inner.counts;
         counts.total += 1;
+        *counts.by_version.entry(version.to_owned()).or_insert(0) += 1;
         if let Some(n) = counts.by_path.get_mut(path) {
             *n += 1;
         } else if counts.by_path.len() < MAX_PATHS {
@@ -307,13 +324,19 @@ mod tests {
     #[test]
     fn paths_are_counted() {
         let state = MockState::new();
-        state.count_request("/lookup");
-        state.count_request("/lookup");
-        state.count_request("/exports/a");
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        state.count_request("/lookup", "HTTP/2", Some(a));
+        state.count_request("/lookup", "HTTP/2", Some(a));
+        state.count_request("/exports/a", "HTTP/1.1", Some(b));
+        state.count_request("/exports/a", "HTTP/1.1", None);
         let counts = state.request_counts();
-        assert_eq!(counts.total, 3);
+        assert_eq!(counts.total, 4);
         assert_eq!(counts.by_path.get("/lookup"), Some(&2));
-        assert_eq!(counts.by_path.get("/exports/a"), Some(&1));
+        assert_eq!(counts.by_path.get("/exports/a"), Some(&2));
+        assert_eq!(counts.by_version.get("HTTP/2"), Some(&2));
+        assert_eq!(counts.by_version.get("HTTP/1.1"), Some(&2));
+        assert_eq!(counts.connections, 2);
         state.reset();
         assert_eq!(state.request_counts().total, 0);
     }

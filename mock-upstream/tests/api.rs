@@ -760,7 +760,8 @@ async fn plain_endpoints_and_request_counts() {
     let reply = send(&state, get("/_mock/requests")).await;
     assert_eq!(
         reply.json(),
-        json!({"total": 4, "by_path": {"/lookup/some/thing": 2, "/regenerate/key": 1, "/exports": 1}})
+        json!({"total": 4, "by_path": {"/lookup/some/thing": 2, "/regenerate/key": 1, "/exports": 1},
+            "by_version": {"HTTP/1.1": 4}, "connections": 0})
     );
 
     let reply = send(&state, get("/stats/nope")).await;
@@ -776,7 +777,10 @@ async fn plain_endpoints_and_request_counts() {
     .await;
     assert_eq!(reply.status, StatusCode::OK);
     let reply = send(&state, get("/_mock/requests")).await;
-    assert_eq!(reply.json(), json!({"total": 0, "by_path": {}}));
+    assert_eq!(
+        reply.json(),
+        json!({"total": 0, "by_path": {}, "by_version": {}, "connections": 0})
+    );
 }
 
 #[tokio::test]

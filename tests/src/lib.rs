@@ -941,3 +941,221 @@ impl LedgerDb {
             .collect()
     }
 }
+
+/// TLS for end-to-end tests: certificates from a throwaway CA written where the gateway or the mock
+/// reads them, the mock served over HTTPS (h2 and http/1.1), and a client holding exactly one
+/// connection over TLS that speaks whatever ALPN chose.
+pub mod tls {
+    use super::{Proc, TempDir, bin};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::{Request, Response, Version};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use mock_upstream::tls::TestCa;
+    use openssl::hash::MessageDigest;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    /// A CA and a server certificate for `localhost`/`127.0.0.1` it signed, in `cert.pem` and
+    /// `key.pem` of a temporary directory.
+    pub struct Certs {
+        ca: TestCa,
+        /// The CA's certificate: what clients trust.
+        pub ca_pem: Vec<u8>,
+        pub cert: PathBuf,
+        pub key: PathBuf,
+        dir: TempDir,
+    }
+
+    impl Certs {
+        pub fn new() -> Certs {
+            let ca = TestCa::new().expect("test CA");
+            let dir = TempDir::new("certs");
+            let certs = Certs {
+                ca_pem: ca.cert_pem().expect("CA PEM"),
+                ca,
+                cert: dir.0.join("cert.pem"),
+                key: dir.0.join("key.pem"),
+                dir,
+            };
+            certs.rotate();
+            certs
+        }
+
+        /// Replace both files with a new certificate and key from the same CA, each by renaming a
+        /// complete file over the old one (as certificate tools do).
+        pub fn rotate(&self) {
+            let (cert, key) = self.ca.issue().expect("certificate");
+            self.replace(&cert, &key);
+        }
+
+        /// Replace the files with these contents (renaming complete files over the old ones).
+        pub fn replace(&self, cert: &[u8], key: &[u8]) {
+            for (path, pem) in [(&self.key, key), (&self.cert, cert)] {
+                let tmp = self.dir.0.join("incoming.tmp");
+                std::fs::write(&tmp, pem).expect("write PEM");
+                std::fs::rename(&tmp, path).expect("replace PEM");
+            }
+        }
+
+        /// `--tls-cert PATH --tls-key PATH`.
+        pub fn args(&self) -> Vec<String> {
+            let path = |p: &PathBuf| p.to_str().expect("utf-8 path").to_string();
+            vec![
+                "--tls-cert".into(),
+                path(&self.cert),
+                "--tls-key".into(),
+                path(&self.key),
+            ]
+        }
+    }
+
+    impl Default for Certs {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    /// `mock-upstream` over HTTPS (HTTP/2 and HTTP/1.1 by ALPN) on an OS-chosen port, with a
+    /// certificate from its own CA.
+    pub struct MockUpstreamTls {
+        pub addr: SocketAddr,
+        pub certs: Certs,
+        _proc: Proc,
+    }
+
+    impl MockUpstreamTls {
+        pub fn start() -> MockUpstreamTls {
+            let certs = Certs::new();
+            let mut proc = Proc::spawn(
+                Command::new(bin("mock-upstream"))
+                    .args(["--listen", "127.0.0.1:0"])
+                    .args(certs.args()),
+            );
+            let addr = proc
+                .wait_line("listening on ")
+                .parse()
+                .expect("mock address");
+            MockUpstreamTls {
+                addr,
+                certs,
+                _proc: proc,
+            }
+        }
+
+        /// GET `path` from the mock (e.g. `/_mock/requests`, whose `by_version` tells how it was
+        /// reached) over a new HTTP/1.1 connection, and parse the JSON answer.
+        pub async fn get_json(&self, path: &str) -> serde_json::Value {
+            let mut c = TlsClient::connect(self.addr, &self.certs.ca_pem, &["http/1.1"]).await;
+            let r = c
+                .send(
+                    c.request("GET", path)
+                        .body(Full::default())
+                        .expect("request"),
+                )
+                .await;
+            serde_json::from_slice(&body_bytes(r).await).expect("JSON body")
+        }
+    }
+
+    enum Sender {
+        H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+        H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    }
+
+    /// One TLS connection and the HTTP version ALPN chose on it; every request goes on it.
+    pub struct TlsClient {
+        /// HTTP/2 when the server chose `h2`, else HTTP/1.1.
+        pub version: Version,
+        /// SHA-256 of the certificate the server presented, in hex.
+        pub cert_sha256: String,
+        sender: Sender,
+    }
+
+    impl TlsClient {
+        /// Connect to `addr` trusting `ca_pem` (name `localhost`), offering `alpn`.
+        pub async fn connect(addr: SocketAddr, ca_pem: &[u8], alpn: &[&str]) -> TlsClient {
+            let stream = mock_upstream::tls::connect(addr, ca_pem, alpn)
+                .await
+                .expect("TLS connection");
+            let cert_sha256 = stream
+                .ssl()
+                .peer_certificate()
+                .expect("a server certificate")
+                .digest(MessageDigest::sha256())
+                .expect("digest")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2");
+            let io = TokioIo::new(stream);
+            let (version, sender) = if h2 {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .expect("h2 handshake");
+                tokio::spawn(conn);
+                (Version::HTTP_2, Sender::H2(send))
+            } else {
+                let (send, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .expect("h1 handshake");
+                tokio::spawn(conn);
+                (Version::HTTP_11, Sender::H1(send))
+            };
+            TlsClient {
+                version,
+                cert_sha256,
+                sender,
+            }
+        }
+
+        /// A request for `path` in the form this connection's HTTP version needs (HTTP/2: an
+        /// absolute URI; HTTP/1.1: the path and a Host header).
+        pub fn request(&self, method: &str, path: &str) -> hyper::http::request::Builder {
+            let b = Request::builder().method(method);
+            match self.sender {
+                Sender::H2(_) => b.uri(format!("https://localhost{path}")),
+                Sender::H1(_) => b.uri(path).header("host", "localhost"),
+            }
+        }
+
+        /// Send on this connection (HTTP/2: concurrently with other requests is fine; HTTP/1.1:
+        /// after the previous response was read to its end).
+        pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Response<Incoming> {
+            match &mut self.sender {
+                Sender::H1(s) => {
+                    s.ready().await.expect("HTTP/1.1 connection still open");
+                    s.send_request(request).await.expect("response")
+                }
+                Sender::H2(s) => {
+                    s.ready().await.expect("HTTP/2 connection still open");
+                    s.send_request(request).await.expect("response")
+                }
+            }
+        }
+
+        /// Another handle on the same HTTP/2 connection (for concurrent streams); `None` on
+        /// HTTP/1.1, which has one request at a time.
+        pub fn h2_handle(&self) -> Option<TlsClient> {
+            match &self.sender {
+                Sender::H2(s) => Some(TlsClient {
+                    version: self.version,
+                    cert_sha256: self.cert_sha256.clone(),
+                    sender: Sender::H2(s.clone()),
+                }),
+                Sender::H1(_) => None,
+            }
+        }
+    }
+
+    /// The whole body of `r`.
+    pub async fn body_bytes(r: Response<Incoming>) -> Bytes {
+        r.into_body()
+            .collect()
+            .await
+            .expect("whole body")
+            .to_bytes()
+    }
+}
