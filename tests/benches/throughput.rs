@@ -7,7 +7,14 @@
 //!     `mock-upstream` and through the gateway's metered LLM route, and their ratios;
 //! (c) requests/s and p50/p99 latency straight to `mock-upstream`, through the gateway on an
 //!     unlimited route (the bare proxy) and with quotas on, and their ratios. Baselines are
-//!     measured in the same run: these machines are noisy, absolute numbers do not compare.
+//!     measured in the same run: these machines are noisy, absolute numbers do not compare;
+//! (e) nginx as the baseline (`nginx/mod.rs`): req/s, p50/p99 and SSE time to first byte through
+//!     a plain nginx proxy and through the gateway to the same canned nginx upstream, their ratios
+//!     (figures `gw_vs_nginx_*`), and the p50 added at one connection.
+//!
+//! `scripts/bench nginx`, `refusals` or `audit` runs that section alone.
+
+mod nginx;
 
 use quota::engine::Engine;
 use quota::policy::{EntitlementSource, parse_sources};
@@ -451,6 +458,11 @@ fn bytes_body(n: usize) -> bytes::Bytes {
 }
 
 fn main() {
+    // `scripts/bench nginx` runs the nginx comparison alone.
+    if std::env::args().any(|a| a == "nginx") {
+        nginx::run();
+        return;
+    }
     // `scripts/bench refusals` runs the refusal section alone.
     if std::env::args().any(|a| a == "refusals") {
         let mock = MockUpstream::start();
@@ -536,6 +548,7 @@ fn main() {
         );
     }
     drop(gw);
+    nginx::run();
     refused_bodies(&rt, &mock);
     audit_sinks(&rt, &policy(mock.addr, &routes, tiers, &["pro"]));
 }
