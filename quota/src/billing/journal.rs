@@ -145,8 +145,9 @@ impl Deferred {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Journal `s` (fsynced) and queue it; returns the new depth. Blocks on the disk.
-    pub(crate) fn push(&self, s: Settlement) -> usize {
+    /// Journal `s` (fsynced) and queue it; `on_depth` hears the new depth (under the lock, so
+    /// depths are reported in the order they happen). Blocks on the disk.
+    pub(crate) fn push(&self, s: Settlement, on_depth: impl FnOnce(usize)) {
         let mut inner = self.lock();
         if let (Some(file), Some(path)) = (&mut inner.file, &self.path) {
             let line = Line::Defer(Box::new(Record::of(&s)));
@@ -157,10 +158,10 @@ impl Deferred {
         }
         inner.queue.push_back(s);
         let depth = inner.queue.len();
+        on_depth(depth);
         self.len.store(depth, Ordering::Release);
         drop(inner);
         self.wake.notify_one();
-        depth
     }
 
     /// The oldest waiting settlement.
@@ -168,14 +169,14 @@ impl Deferred {
         self.lock().queue.front().cloned()
     }
 
-    /// `attempt` (the head) is applied or kept aside: forget it. Returns the new depth.
-    pub(crate) fn complete(&self, attempt: &str) -> usize {
+    /// `attempt` (the head) is applied or kept aside: forget it. `on_depth` as for `push`; the
+    /// queue reads empty only once the journal and the depth say so too.
+    pub(crate) fn complete(&self, attempt: &str, on_depth: impl FnOnce(usize)) {
         let mut inner = self.lock();
         if let Some(i) = inner.queue.iter().position(|s| s.attempt_id == attempt) {
             inner.queue.remove(i);
         }
         let depth = inner.queue.len();
-        self.len.store(depth, Ordering::Release);
         if let (Some(file), Some(path)) = (&mut inner.file, &self.path) {
             let written = if depth == 0 {
                 file.set_len(0).and_then(|()| file.sync_all())
@@ -189,7 +190,8 @@ impl Deferred {
                 tracing::warn!(journal = %path.display(), error = %e, "settlement journal not updated; the settlement may be applied again");
             }
         }
-        depth
+        on_depth(depth);
+        self.len.store(depth, Ordering::Release);
     }
 
     /// Until something is queued (returns at once if something was queued since the last wait).

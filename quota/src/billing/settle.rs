@@ -112,14 +112,17 @@ pub(crate) async fn deliver<E: BillingEnv>(env: &Arc<E>, mut s: Settlement) -> O
     {
         return outcome;
     }
-    let usage = s.usage;
+    // Counted before it is queued: the worker may apply it at once.
+    env.on_outcome(Outcome::Deferred, s.usage);
     let queued = env.clone();
     // Appending fsyncs: off the async workers.
-    match tokio::task::spawn_blocking(move || queued.deferred().push(s)).await {
-        Ok(depth) => env.on_journal_depth(depth),
-        Err(e) => tracing::error!(error = %e, "settlement journal writer failed"),
+    let pushed = tokio::task::spawn_blocking(move || {
+        let d = queued.deferred();
+        d.push(s, |depth| queued.on_journal_depth(depth));
+    });
+    if let Err(e) = pushed.await {
+        tracing::error!(error = %e, "settlement journal writer failed");
     }
-    env.on_outcome(Outcome::Deferred, usage);
     Outcome::Deferred
 }
 
@@ -147,10 +150,12 @@ pub async fn run_deferred<E: BillingEnv>(env: Arc<E>) {
             Ok(_) => {
                 let done = env.clone();
                 let attempt = s.attempt_id;
-                match tokio::task::spawn_blocking(move || done.deferred().complete(&attempt)).await
-                {
-                    Ok(depth) => env.on_journal_depth(depth),
-                    Err(e) => tracing::error!(error = %e, "settlement journal writer failed"),
+                let completed = tokio::task::spawn_blocking(move || {
+                    let d = done.deferred();
+                    d.complete(&attempt, |depth| done.on_journal_depth(depth));
+                });
+                if let Err(e) = completed.await {
+                    tracing::error!(error = %e, "settlement journal writer failed");
                 }
                 wait = RETRY_FIRST;
             }

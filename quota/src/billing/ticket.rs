@@ -102,9 +102,9 @@ impl<E: BillingEnv> Drop for Ticket<E> {
             }
             // No runtime to settle on: the journal keeps it for the worker.
             Err(_) => {
-                let depth = self.env.deferred().push(s);
-                self.env.on_journal_depth(depth);
                 self.env.on_outcome(Outcome::Deferred, usage);
+                let env = &self.env;
+                env.deferred().push(s, |depth| env.on_journal_depth(depth));
             }
         }
     }
