@@ -5,8 +5,9 @@
 //! pool options and request shaping as plain routes (`upstream`), instead of pingora's proxy
 //! loop, because billing needs what that loop would drop: when a client disconnects
 //! mid-stream, the loop closes the upstream too, but Tollgate keeps reading it in the background
-//! (bounded by the route's `drain_ms`/`drain_bytes`) to learn the real usage. Every exit path settles: completed, cut,
-//! upstream error, client gone — and a `Bill` dropped unsettled settles what it knows.
+//! (bounded by the route's `drain_ms`/`drain_bytes`) to learn the real usage. Every exit path
+//! settles: completed, cut, upstream error, client gone — and a `Bill` dropped unsettled settles
+//! what it knows.
 
 use crate::headers::{ratelimit, ratelimit_policy};
 use crate::respond::{Ctx, error_body, refuse, respond_json};
@@ -17,215 +18,20 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
-use quota::audit::{EventBody, Settlement};
+use quota::billing::{Placement, Reserved, Tariff, Ticket};
 use quota::http_path::under;
 use quota::llm::ceiling::{CutReason, OutputCeiling};
-use quota::llm::price::Price;
 use quota::llm::request::{
     Endpoint, LlmRequest, RequestError, Rewrite, parse, parse_uncounted, rewrite,
 };
 use quota::llm::sse::{StreamMeter, json_usage};
 use quota::llm::{Provider, Usage};
-use quota::policy::{FailureMode, LlmRoute, Policy, Route, Subject, Upstream};
-use quota::storage::Settled;
+use quota::policy::{LlmRoute, Policy, Route, Subject, Upstream};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// What one upstream attempt reserved and how to settle it, exactly once.
-struct Bill {
-    state: Arc<AppState>,
-    subject: Arc<Subject>,
-    route_quota: Arc<str>,
-    route_cost: u64,
-    llm: Arc<LlmRoute>,
-    price: Option<Price>,
-    attempt_id: String,
-    reserved_at_ns: i64,
-    prompt_estimate: u64,
-    /// What was reserved, per quota type, for the settlement's audit record.
-    reserved: Vec<(Arc<str>, u64)>,
-    request_id: String,
-    /// Reserved in this gateway's local store with this share of each limit (the shared store
-    /// was down): settle there, the same way.
-    local: Option<f64>,
-    settled: bool,
-}
-
-impl Bill {
-    fn actual(&self, usage: Usage, answered: bool) -> Vec<(Arc<str>, u64)> {
-        let mut v = vec![
-            // A failed call is not a request served.
-            (
-                self.route_quota.clone(),
-                if answered { self.route_cost } else { 0 },
-            ),
-            (self.llm.tokens_quota.clone(), usage.total()),
-        ];
-        if let (Some(q), Some(p)) = (&self.llm.spend_quota, self.price) {
-            v.push((q.clone(), p.cost_micros(usage.prompt, usage.completion)));
-        }
-        v
-    }
-
-    /// What settling with `usage` means, owned so it can outlive the request.
-    fn settling(&mut self, usage: Usage, answered: bool) -> Settling {
-        self.settled = true;
-        Settling {
-            state: self.state.clone(),
-            subject: self.subject.clone(),
-            attempt_id: std::mem::take(&mut self.attempt_id),
-            request_id: std::mem::take(&mut self.request_id),
-            reserved_at_ns: self.reserved_at_ns,
-            local: self.local,
-            reserved: std::mem::take(&mut self.reserved),
-            actual: self.actual(usage, answered),
-            usage,
-            deferred: false,
-        }
-    }
-
-    /// Replace the reservation with `usage`. `answered`: the upstream served the request.
-    async fn settle(mut self, usage: Usage, answered: bool) {
-        if let Err(s) = self.settling(usage, answered).try_once().await {
-            // The shared store is unreachable: keep trying without holding up the response.
-            tokio::spawn(s.retry());
-        }
-    }
-}
-
-/// How long a settlement the shared store could not take is retried (it is idempotent).
-const SETTLE_RETRIES: u32 = 120;
-
-/// One settlement to make, owned so it can be retried in the background.
-struct Settling {
-    state: Arc<AppState>,
-    subject: Arc<Subject>,
-    attempt_id: String,
-    request_id: String,
-    reserved_at_ns: i64,
-    local: Option<f64>,
-    reserved: Vec<(Arc<str>, u64)>,
-    actual: Vec<(Arc<str>, u64)>,
-    usage: Usage,
-    /// An earlier try failed in transit: the store may have applied it without our hearing.
-    deferred: bool,
-}
-
-impl Settling {
-    /// Settle once; gives itself back when the store was unreachable.
-    async fn try_once(self) -> Result<(), Settling> {
-        let items: Vec<(&str, u64)> = self.actual.iter().map(|(q, n)| (&**q, *n)).collect();
-        let now = self.state.clock.now_ns();
-        let engine = &self.state.engine;
-        let result = engine
-            .settle(
-                &self.subject,
-                &items,
-                &self.attempt_id,
-                self.reserved_at_ns,
-                now,
-                self.local,
-            )
-            .await;
-        let m = &self.state.metrics;
-        match result {
-            Ok(Settled::Charged) => self.record(),
-            // The try that failed in transit was applied after all: this attempt was charged, and
-            // its event not yet recorded (the ledger would miss it otherwise).
-            Ok(Settled::AlreadySettled) if self.deferred => self.record(),
-            Ok(Settled::AlreadySettled) => {
-                m.llm_settlements.with_label_values(&["duplicate"]).inc()
-            }
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, attempt = %self.attempt_id, "settlement deferred: store unreachable");
-                let mut again = self;
-                again.deferred = true;
-                return Err(again);
-            }
-            Err(e) => {
-                m.llm_settlements.with_label_values(&["error"]).inc();
-                tracing::error!(error = %e, attempt = %self.attempt_id, "settlement failed; the reservation will expire");
-            }
-        }
-        Ok(())
-    }
-
-    async fn retry(mut self) {
-        for _ in 0..SETTLE_RETRIES {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            match self.try_once().await {
-                Ok(()) => return,
-                Err(s) => self = s,
-            }
-        }
-        self.state
-            .metrics
-            .llm_settlements
-            .with_label_values(&["error"])
-            .inc();
-        tracing::error!(attempt = %self.attempt_id, "settlement abandoned; the reservation will expire");
-    }
-
-    fn record(&self) {
-        let settlements = self
-            .actual
-            .iter()
-            .map(|(q, a)| {
-                let r = self
-                    .reserved
-                    .iter()
-                    .find(|(rq, _)| rq == q)
-                    .map_or(0, |(_, n)| *n);
-                Settlement {
-                    quota: q.to_string(),
-                    reserved: r,
-                    actual: *a,
-                    refunded: r.saturating_sub(*a),
-                }
-            })
-            .collect();
-        let body = EventBody::ReservationSettled {
-            attempt_id: self.attempt_id.clone(),
-            settlements,
-        };
-        self.state.emit(
-            &self.subject,
-            Some(&self.request_id),
-            self.reserved_at_ns,
-            body,
-        );
-        let m = &self.state.metrics;
-        m.llm_tokens
-            .with_label_values(&["prompt"])
-            .inc_by(self.usage.prompt);
-        m.llm_tokens
-            .with_label_values(&["completion"])
-            .inc_by(self.usage.completion);
-        m.llm_settlements.with_label_values(&["charged"]).inc();
-    }
-}
-
-impl Drop for Bill {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        // An exit path that did not settle (an early error): release all but the prompt, which
-        // the upstream may have read. Runs on the current runtime, after this request.
-        let usage = Usage {
-            prompt: self.prompt_estimate,
-            completion: 0,
-        };
-        let s = self.settling(usage, false);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(s) = s.try_once().await {
-                    s.retry().await;
-                }
-            });
-        }
-    }
-}
+/// What one upstream attempt reserved, settled exactly once (see `quota::billing`).
+type Bill = Ticket<AppState>;
 
 async fn read_body(session: &mut Session, limit: u64) -> pingora::Result<Option<Vec<u8>>> {
     let mut body = Vec::new();
@@ -428,27 +234,22 @@ pub async fn serve(
         refuse(state, session, ctx, &subject, &reserve, &decision).await?;
         return Ok(true);
     }
-    let bill = Bill {
-        state: state.clone(),
-        subject,
-        route_quota: route.quota.clone(),
-        route_cost: route.cost,
-        llm: llm.clone(),
-        price,
-        attempt_id,
-        reserved_at_ns: now,
-        prompt_estimate: req.prompt_tokens,
-        reserved: reserve
-            .iter()
-            .map(|(q, n)| (Arc::<str>::from(*q), *n))
-            .collect(),
-        request_id: rid.clone(),
-        local: decision.degraded.map(|mode| match mode {
-            FailureMode::Local => policy.failure.local_share,
-            _ => 1.0,
-        }),
-        settled: false,
-    };
+    let bill = Bill::new(
+        state.clone(),
+        Reserved {
+            subject,
+            attempt_id,
+            request_id: rid.clone(),
+            reserved_at_ns: now,
+            prompt_estimate: req.prompt_tokens,
+            amounts: reserve
+                .iter()
+                .map(|(q, n)| (Arc::<str>::from(*q), *n))
+                .collect(),
+            placement: Placement::of(&decision, policy.failure),
+            tariff: Tariff::new(route, llm, price),
+        },
+    );
     ctx.decision = Some(decision);
     let body = Arc::try_unwrap(body).unwrap_or_else(|b| (*b).clone());
     forward(
@@ -599,6 +400,25 @@ async fn forward(
         .clone()
         .unwrap_or_else(|| route.upstream.clone());
     let mut head = session.req_header().clone();
+    // A client on HTTP/2 named the host in `:authority`; the connector speaks HTTP/1.1 to an
+    // upstream that took no h2 (and sets the version itself for one that did).
+    if head.version == http::Version::HTTP_2 {
+        head.set_version(http::Version::HTTP_11);
+        if !head.headers.contains_key("host")
+            && let Some(authority) = head.uri.authority().map(|a| a.to_string())
+        {
+            head.insert_header("host", authority)?;
+        }
+        if let Some(pq) = head.uri.path_and_query().map(|p| p.as_str().to_string()) {
+            let uri = http::Uri::builder()
+                .path_and_query(pq)
+                .build()
+                .map_err(|e| {
+                    pingora::Error::because(pingora::ErrorType::InternalError, "upstream path", e)
+                })?;
+            head.set_uri(uri);
+        }
+    }
     let target = ctx
         .upstream_pq
         .clone()

@@ -99,6 +99,14 @@ struct RunArgs {
     /// Upper bound of the audit spool; past it new events are dropped and counted.
     #[arg(long, default_value_t = 1024)]
     audit_spool_max_mb: u64,
+    /// Where LLM settlements the counter store cannot take yet are kept (fsynced) until it can;
+    /// read back at start. Each gateway needs its own.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "tollgate-settlements.journal"
+    )]
+    settlement_journal: PathBuf,
     /// This gateway's name in audit events (default: gateway-<pid>).
     #[arg(long)]
     gateway_id: Option<String>,
@@ -173,6 +181,7 @@ fn main() -> ExitCode {
                 audit_spool,
                 audit_spool_max_mb,
                 audit_kafka_options,
+                settlement_journal,
                 gateway_id,
             } = *args;
             let api_token = match api_token_file {
@@ -252,6 +261,7 @@ fn main() -> ExitCode {
                 tls: tls_cert
                     .zip(tls_key)
                     .map(|(cert, key)| gateway::server::TlsConfig { cert, key }),
+                settlement_journal,
             };
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

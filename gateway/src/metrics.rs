@@ -23,6 +23,8 @@ pub struct Metrics {
     pub llm_tokens: IntCounterVec,
     pub llm_settlements: IntCounterVec,
     pub llm_disconnects: IntCounter,
+    /// LLM settlements waiting in the journal for the counter store.
+    pub settlement_journal_depth: IntGauge,
     /// Units given back because the admitted request never reached its upstream, by quota type.
     pub quota_released: IntCounterVec,
     /// Streams ended by the gateway, by reason (reservation, quota, oversized_event).
@@ -125,7 +127,8 @@ impl Metrics {
         let llm_settlements = IntCounterVec::new(
             Opts::new(
                 "llm_settlements_total",
-                "Settlements of LLM reservations: charged, duplicate (already settled), error",
+                "Settlements of LLM reservations: charged, duplicate (already settled), deferred \
+                 (journaled while the store is unreachable; charged later), error (kept aside)",
             ),
             &["result"],
         )?;
@@ -136,6 +139,11 @@ impl Metrics {
         registry.register(Box::new(llm_tokens.clone()))?;
         registry.register(Box::new(llm_settlements.clone()))?;
         registry.register(Box::new(llm_disconnects.clone()))?;
+        let settlement_journal_depth = IntGauge::new(
+            "llm_settlement_journal_depth",
+            "LLM settlements waiting in the journal until the counter store takes them",
+        )?;
+        registry.register(Box::new(settlement_journal_depth.clone()))?;
         let llm_stream_cuts = IntCounterVec::new(
             Opts::new(
                 "llm_stream_cuts_total",
@@ -248,6 +256,7 @@ impl Metrics {
             llm_tokens,
             llm_settlements,
             llm_disconnects,
+            settlement_journal_depth,
             llm_stream_cuts,
             tokenizer_fallbacks,
             quota_released,

@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub audit: AuditConfig,
     /// Terminate TLS on the proxy listener (HTTP/2 and HTTP/1.1 by ALPN); `None`: plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// Where LLM settlements wait while the counter store cannot take them (read back at start).
+    pub settlement_journal: PathBuf,
 }
 
 /// The proxy listener's certificate: PEM files, reloaded when they change.
@@ -74,7 +76,9 @@ pub fn build_state(
     redis: Option<&RedisConfig>,
     leases: Option<LeaseConfig>,
     audit_cfg: &AuditConfig,
+    settlement_journal: &std::path::Path,
 ) -> anyhow::Result<Arc<AppState>> {
+    let settlements = quota::billing::Deferred::open(settlement_journal)?;
     let mut kafka = None;
     let audit: Box<dyn AuditSink> = match (&audit_cfg.log, &audit_cfg.kafka) {
         (Some(path), _) => {
@@ -158,6 +162,7 @@ pub fn build_state(
         tokenizer_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),
+        settlements,
     }))
 }
 
@@ -209,6 +214,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             cfg.redis.as_ref(),
             cfg.leases,
             &cfg.audit,
+            &cfg.settlement_journal,
         )?
     };
     // The tokenizer's encodings take a moment to load: before the proxy listens, so the first LLM
@@ -281,6 +287,12 @@ fn control_plane_tasks(
         if state.control_plane.is_some() {
             tokio::spawn(crate::cp::follow(state.clone()));
         }
+        // Settlements journaled while the store was away (before a restart too), applied in order.
+        state
+            .metrics
+            .settlement_journal_depth
+            .set(i64::try_from(state.settlements.len()).unwrap_or(i64::MAX));
+        tokio::spawn(quota::billing::run_deferred(state.clone()));
         let watcher = state.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::reload::watch(watcher).await {

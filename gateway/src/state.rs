@@ -3,7 +3,9 @@
 use crate::metrics::Metrics;
 use quota::PolicyHandle;
 use quota::audit::{AuditEvent, AuditSink, EventBody};
+use quota::billing::{BillingEnv, Deferred, Outcome, SettledEvent};
 use quota::engine::Engine;
+use quota::llm::Usage;
 use quota::storage::AnyStore;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub struct AppState {
     /// Bounds the LLM request bodies tokenized at once (on the blocking pool, never on a proxy
     /// worker): a burst of large prompts queues here instead of taking every thread.
     pub tokenizer_slots: tokio::sync::Semaphore,
+    /// LLM settlements the counter store could not take yet, journaled on disk until it can.
+    pub settlements: Deferred,
 }
 
 /// The inputs of the enforced policy: the policy file's texts and the control plane's latest
@@ -168,5 +172,49 @@ impl AppState {
             now,
             body,
         ));
+    }
+}
+
+/// What LLM billing needs from the gateway: its engine and clock, its settlement journal, the
+/// audit sink and the metrics.
+impl BillingEnv for AppState {
+    type Store = Store;
+
+    fn engine(&self) -> &Engine<Store> {
+        &self.engine
+    }
+
+    fn now_ns(&self) -> i64 {
+        self.clock.now_ns()
+    }
+
+    fn deferred(&self) -> &Deferred {
+        &self.settlements
+    }
+
+    fn emit_settled(&self, event: SettledEvent) {
+        let now = self.clock.now_ns();
+        self.audit.emit(event.into_audit(&self.gateway_id, now));
+    }
+
+    fn on_outcome(&self, outcome: Outcome, usage: Usage) {
+        let m = &self.metrics;
+        m.llm_settlements
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        if outcome == Outcome::Charged {
+            m.llm_tokens
+                .with_label_values(&["prompt"])
+                .inc_by(usage.prompt);
+            m.llm_tokens
+                .with_label_values(&["completion"])
+                .inc_by(usage.completion);
+        }
+    }
+
+    fn on_journal_depth(&self, depth: usize) {
+        self.metrics
+            .settlement_journal_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 }

@@ -494,6 +494,15 @@ impl Gateway {
             config = vec!["--config", policy_file.to_str().expect("utf-8 path")];
         }
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        // A journal of its own (two gateways never share one), unless the test keeps it itself.
+        let journal = dir.0.join("settlements.journal");
+        let mut own_journal = vec![
+            "--settlement-journal",
+            journal.to_str().expect("utf-8 path"),
+        ];
+        if extra_args.contains(&"--settlement-journal") {
+            own_journal.clear();
+        }
         let mut proc = Proc::spawn_logged(
             Command::new(bin("gateway"))
                 .arg("run")
@@ -507,6 +516,7 @@ impl Gateway {
                     "2",
                 ])
                 .args(backend.args())
+                .args(own_journal)
                 .args(extra_args)
                 .envs(env.iter().copied()),
             Some(&log),

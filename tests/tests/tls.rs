@@ -138,10 +138,6 @@ async fn relayed_streams_share_one_http2_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the LLM path (gateway/src/llm.rs) sends an HTTP/2 client's request upstream over \
-            HTTP/1.1 with the request line `POST /v1/chat/completions HTTP/2` and no Host: the \
-            upstream answers 400. Passes once the upstream request is made HTTP/1.1 with a Host \
-            (as pingora's proxy does for plain routes); run with --run-ignored all"]
 async fn llm_streams_share_one_http2_connection() {
     streams_share_one_http2_connection(LLM, "h2-llm").await;
 }
