@@ -12,7 +12,7 @@
 use crate::headers::{ratelimit, ratelimit_policy};
 use crate::respond::{Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
-use crate::upstream::shape;
+use crate::upstream::{HOP_BY_HOP, shape};
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -291,8 +291,14 @@ impl Exchange {
             let (mut session, reused) = state.connector.get_http_session(&peer).await?;
             session.set_read_timeout(Some(up.read_timeout));
             session.set_write_timeout(Some(up.write_timeout));
+            let mut req = Box::new(head.clone());
+            // An HTTP/2 client's request goes out in the version of the connection we got (the
+            // h2 client sets its own).
+            if session.as_http1().is_some() {
+                req.set_version(http::Version::HTTP_11);
+            }
             let sent = async {
-                session.write_request_header(Box::new(head.clone())).await?;
+                session.write_request_header(req).await?;
                 session.write_request_body(body.clone(), true).await?;
                 session.finish_request_body().await?;
                 session.read_response_header().await
@@ -352,16 +358,6 @@ fn frame_unsized(session: &mut Session, out: &mut ResponseHeader) -> pingora::Re
     Ok(())
 }
 
-/// Headers of the upstream's response that are not relayed: this hop's framing and connection.
-const RESPONSE_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "trailer",
-    "upgrade",
-];
-
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &Arc<AppState>,
@@ -400,31 +396,7 @@ async fn forward(
         .clone()
         .unwrap_or_else(|| route.upstream.clone());
     let mut head = session.req_header().clone();
-    // A client on HTTP/2 named the host in `:authority`; the connector speaks HTTP/1.1 to an
-    // upstream that took no h2 (and sets the version itself for one that did).
-    if head.version == http::Version::HTTP_2 {
-        head.set_version(http::Version::HTTP_11);
-        if !head.headers.contains_key("host")
-            && let Some(authority) = head.uri.authority().map(|a| a.to_string())
-        {
-            head.insert_header("host", authority)?;
-        }
-        if let Some(pq) = head.uri.path_and_query().map(|p| p.as_str().to_string()) {
-            let uri = http::Uri::builder()
-                .path_and_query(pq)
-                .build()
-                .map_err(|e| {
-                    pingora::Error::because(pingora::ErrorType::InternalError, "upstream path", e)
-                })?;
-            head.set_uri(uri);
-        }
-    }
-    let target = ctx
-        .upstream_pq
-        .clone()
-        .or_else(|| head.uri.path_and_query().map(|p| p.as_str().to_string()))
-        .unwrap_or_else(|| "/".into());
-    let shaped = shape(&mut head, &up, &target, &rid);
+    let shaped = shape(&mut head, &up, ctx.upstream_pq.as_deref(), &rid);
     if let Err(e) = shaped {
         bill.settle(Usage::default(), false).await;
         let body = error_body("invalid_request", e.to_string(), &rid);
@@ -459,8 +431,11 @@ async fn forward(
         ));
     };
     let mut out = upstream_head.clone();
-    for h in RESPONSE_HOP {
-        out.remove_header(h);
+    // An h2 upstream's answer goes to this client in this client's HTTP version.
+    out.set_version(session.req_header().version);
+    // This hop's connection headers and framing are not relayed (framing is set below).
+    for h in HOP_BY_HOP.iter().chain(&["transfer-encoding"]) {
+        out.remove_header(*h);
     }
     out.insert_header("x-request-id", &rid)?;
     if let Some(d) = &ctx.decision {
@@ -506,58 +481,52 @@ async fn forward(
     let mut overrun_check_at = max_out;
     let mut metered: Vec<Bytes> = Vec::new();
     let mut pending: Vec<Bytes> = Vec::new();
-    if let Err(e) = session.write_response_header(Box::new(out), false).await {
-        return drain_then_settle(
-            state,
-            ex,
-            Drain::Stream(meter),
-            bill,
-            llm,
-            req.prompt_tokens,
-            e,
-        );
-    }
-    loop {
-        match ex.next().await {
-            Ok(Some(chunk)) => {
-                meter.feed(chunk, &mut metered);
-                for piece in metered.drain(..) {
-                    guard.pass(piece, &mut pending);
-                }
-                // Past the reservation (`bill`): go on only while the subject's quota covers it.
-                if guard.delivered_bound() > overrun_check_at && guard.cut().is_none() {
-                    let over = guard.delivered().saturating_sub(max_out);
-                    overrun_check_at = guard.delivered_bound().saturating_add(OVERRUN_CHECK_EVERY);
-                    if over > 0 && !quota_covers(state, &bill.subject, llm, policy, over).await {
-                        guard.cut_now(CutReason::QuotaExhausted, &mut pending);
+    // `Some`: the client went away; the upstream is drained for its usage instead.
+    let client_gone = 'relay: {
+        if let Err(e) = session.write_response_header(Box::new(out), false).await {
+            break 'relay Some(e);
+        }
+        loop {
+            match ex.next().await {
+                Ok(Some(chunk)) => {
+                    meter.feed(chunk, &mut metered);
+                    for piece in metered.drain(..) {
+                        guard.pass(piece, &mut pending);
+                    }
+                    // Past the reservation (`bill`): go on only while the subject's quota covers it.
+                    if guard.delivered_bound() > overrun_check_at && guard.cut().is_none() {
+                        let over = guard.delivered().saturating_sub(max_out);
+                        overrun_check_at =
+                            guard.delivered_bound().saturating_add(OVERRUN_CHECK_EVERY);
+                        if over > 0 && !quota_covers(state, &bill.subject, llm, policy, over).await
+                        {
+                            guard.cut_now(CutReason::QuotaExhausted, &mut pending);
+                        }
+                    }
+                    for piece in pending.drain(..) {
+                        if let Err(e) = session.write_response_body(Some(piece), false).await {
+                            break 'relay Some(e);
+                        }
                     }
                 }
-                for piece in pending.drain(..) {
-                    if let Err(e) = session.write_response_body(Some(piece), false).await {
-                        return drain_then_settle(
-                            state,
-                            ex,
-                            Drain::Stream(meter),
-                            bill,
-                            llm,
-                            req.prompt_tokens,
-                            e,
-                        );
-                    }
+                Ok(None) => break 'relay None,
+                // Cut upstream or silent for too long: bill what was produced, end the client's
+                // stream.
+                Err(e) => {
+                    state
+                        .metrics
+                        .upstream_errors
+                        .with_label_values(&[&*up.name])
+                        .inc();
+                    tracing::warn!(request_id = %rid, error = %e, "LLM stream cut by the upstream");
+                    break 'relay None;
                 }
-            }
-            Ok(None) => break,
-            // Cut upstream or silent for too long: bill what was produced, end the client's stream.
-            Err(e) => {
-                state
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&[&*up.name])
-                    .inc();
-                tracing::warn!(request_id = %rid, error = %e, "LLM stream cut by the upstream");
-                break;
             }
         }
+    };
+    if let Some(e) = client_gone {
+        let drain = Drain::Stream(meter);
+        return drain_then_settle(state, ex, drain, bill, llm, req.prompt_tokens, e);
     }
     ex.done().await;
     let usage = if let Some(reason) = guard.cut() {
@@ -606,38 +575,32 @@ async fn relay_json(
         frame_unsized(session, &mut out)?;
     }
     let mut body = JsonBody::default();
-    if let Err(e) = session.write_response_header(Box::new(out), false).await {
-        return drain_then_settle(
-            state,
-            ex,
-            Drain::Json(body, req.model.clone()),
-            bill,
-            llm,
-            req.prompt_tokens,
-            e,
-        );
-    }
-    let complete = loop {
-        match ex.next().await {
-            Ok(Some(chunk)) => {
-                body.keep(&chunk);
-                if let Err(e) = session.write_response_body(Some(chunk), false).await {
-                    return drain_then_settle(
-                        state,
-                        ex,
-                        Drain::Json(body, req.model.clone()),
-                        bill,
-                        llm,
-                        req.prompt_tokens,
-                        e,
-                    );
+    // `Err`: the client went away; the upstream is drained for its usage instead.
+    let complete = 'relay: {
+        if let Err(e) = session.write_response_header(Box::new(out), false).await {
+            break 'relay Err(e);
+        }
+        loop {
+            match ex.next().await {
+                Ok(Some(chunk)) => {
+                    body.keep(&chunk);
+                    if let Err(e) = session.write_response_body(Some(chunk), false).await {
+                        break 'relay Err(e);
+                    }
+                }
+                Ok(None) => break 'relay Ok(true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LLM response cut by the upstream");
+                    break 'relay Ok(false);
                 }
             }
-            Ok(None) => break true,
-            Err(e) => {
-                tracing::warn!(error = %e, "LLM response cut by the upstream");
-                break false;
-            }
+        }
+    };
+    let complete = match complete {
+        Ok(complete) => complete,
+        Err(e) => {
+            let drain = Drain::Json(body, req.model.clone());
+            return drain_then_settle(state, ex, drain, bill, llm, req.prompt_tokens, e);
         }
     };
     ex.done().await;

@@ -331,14 +331,8 @@ impl ProxyHttp for Gateway {
         let Some(up) = ctx.upstream.as_ref() else {
             return Ok(());
         };
-        let pq = match &ctx.upstream_pq {
-            Some(pq) => pq.clone(),
-            None => upstream_request
-                .uri
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
-        };
-        crate::upstream::shape(upstream_request, up, &pq, &ctx.request_id).map_err(|e| {
+        let target = ctx.upstream_pq.as_deref();
+        crate::upstream::shape(upstream_request, up, target, &ctx.request_id).map_err(|e| {
             Error::because(ErrorType::InternalError, "shaping the upstream request", e)
         })
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 pub const CLIENT_CREDENTIALS: [&str; 2] = ["authorization", "x-api-key"];
 
 /// Headers that belong to one connection, never forwarded as they came (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 6] = [
+pub const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -67,13 +67,15 @@ impl Upstreams {
         let mut ups: Vec<Arc<Upstream>> = Vec::new();
         for r in routes {
             for up in std::iter::once(&r.upstream).chain(&r.fallback_upstream) {
-                if seen.insert(up.address.clone()) {
+                if seen.insert(up.name.clone()) {
                     ups.push(up.clone());
                 }
             }
         }
         for up in ups {
-            if let Err(e) = self.lookup(&up.address).await {
+            if up.literal.is_none()
+                && let Err(e) = self.lookup(&up.address).await
+            {
                 tracing::warn!(upstream = %up.name, error = %e, "upstream address not resolved");
             }
             if let Err(e) = self.ca(&up) {
@@ -82,11 +84,9 @@ impl Upstreams {
         }
     }
 
-    /// The address of `address` (`host:port`): a literal at once, a name from the cache.
+    /// The address of the name `address` (`host:port`), from the cache. (Literal addresses are
+    /// parsed when the policy loads: `Upstream::literal`.)
     pub async fn resolve(self: &Arc<Self>, address: &str) -> Result<SocketAddr, UpstreamError> {
-        if let Ok(a) = address.parse() {
-            return Ok(a);
-        }
         let cached = self.addrs.read().ok().and_then(|m| m.get(address).copied());
         match cached {
             Some(r) if r.at.elapsed() < RESOLVE_TTL => Ok(r.addr),
@@ -116,9 +116,6 @@ impl Upstreams {
     }
 
     async fn lookup(&self, address: &str) -> Result<SocketAddr, UpstreamError> {
-        if let Ok(a) = address.parse() {
-            return Ok(a);
-        }
         let err = |reason: String| UpstreamError::Resolve {
             address: address.to_string(),
             reason,
@@ -168,7 +165,10 @@ impl Upstreams {
     /// The peer for `up`: its address, TLS (name, verification, trust), HTTP/2 offered by ALPN
     /// on TLS, and the policy's timeouts.
     pub async fn peer(self: &Arc<Self>, up: &Upstream) -> Result<HttpPeer, UpstreamError> {
-        let addr = self.resolve(&up.address).await?;
+        let addr = match up.literal {
+            Some(a) => a,
+            None => self.resolve(&up.address).await?,
+        };
         let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(up.connect_timeout);
@@ -186,19 +186,32 @@ impl Upstreams {
     }
 }
 
-/// Shape `req` for `up`: the path it receives, the client's credentials and hop-by-hop headers
-/// removed, the upstream's own headers, Host for TLS upstreams, and the request id once.
+/// Shape `req` for `up`: origin form with a Host (an HTTP/2 client named its host in
+/// `:authority`; whoever writes the request to an h2 upstream builds `:authority` from Host), the
+/// path it receives (`target`; `None`: the request's own), the client's credentials and
+/// hop-by-hop headers removed, the upstream's own headers, Host for TLS upstreams, and the
+/// request id once. The HTTP version is the connection's business, not set here.
 pub fn shape(
     req: &mut RequestHeader,
     up: &Upstream,
-    path_and_query: &str,
+    target: Option<&str>,
     request_id: &str,
 ) -> Result<(), UpstreamError> {
-    if req.uri.path_and_query().map(|p| p.as_str()) != Some(path_and_query) {
+    let err = |e: &dyn std::fmt::Display| UpstreamError::Request(e.to_string());
+    if let Some(authority) = req.uri.authority()
+        && !req.headers.contains_key(http::header::HOST)
+    {
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|e| err(&e))?;
+        req.insert_header(http::header::HOST, host)
+            .map_err(|e| err(&e))?;
+    }
+    let current = req.uri.path_and_query().map(|p| p.as_str());
+    let path = target.or(current).unwrap_or("/");
+    if req.uri.authority().is_some() || current != Some(path) {
         let uri = http::Uri::builder()
-            .path_and_query(path_and_query)
+            .path_and_query(path)
             .build()
-            .map_err(|e| UpstreamError::Request(e.to_string()))?;
+            .map_err(|e| err(&e))?;
         req.set_uri(uri);
     }
     // Headers the client named in `Connection` are hop-by-hop too.
@@ -220,33 +233,31 @@ pub fn shape(
     for h in CLIENT_CREDENTIALS {
         req.remove_header(h);
     }
-    let set = |req: &mut RequestHeader, name: http::HeaderName, value: http::HeaderValue| {
-        req.insert_header(name, value)
-            .map_err(|e| UpstreamError::Request(e.to_string()))
-    };
     for (name, value) in &up.headers {
-        set(req, name.clone(), value.clone())?;
+        req.insert_header(name.clone(), value.clone())
+            .map_err(|e| err(&e))?;
     }
     if up.tls {
-        let host = http::HeaderValue::from_str(&up.sni)
-            .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        set(req, http::header::HOST, host)?;
+        req.insert_header(http::header::HOST, up.host.clone())
+            .map_err(|e| err(&e))?;
     }
-    let rid = http::HeaderValue::from_str(request_id)
-        .map_err(|e| UpstreamError::Request(e.to_string()))?;
-    set(req, http::HeaderName::from_static("x-request-id"), rid)
+    let rid = http::HeaderValue::from_str(request_id).map_err(|e| err(&e))?;
+    req.insert_header("x-request-id", rid).map_err(|e| err(&e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::upstreams::peer::Peer;
 
     fn upstream(tls: bool) -> Upstream {
         Upstream {
             name: "u".into(),
             address: "127.0.0.1:1".into(),
+            literal: Some("127.0.0.1:1".parse().unwrap()),
             tls,
             sni: "api.example.com".into(),
+            host: http::HeaderValue::from_static("api.example.com"),
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
             write_timeout: Duration::from_secs(1),
@@ -279,7 +290,7 @@ mod tests {
         shape(
             &mut req,
             &upstream(true),
-            "/base/v1/chat/completions?x=1",
+            Some("/base/v1/chat/completions?x=1"),
             "rid-1",
         )
         .unwrap();
@@ -301,15 +312,30 @@ mod tests {
     fn plain_text_upstreams_keep_the_clients_host() {
         let mut req = RequestHeader::build("GET", b"/lookup", None).unwrap();
         req.append_header("host", "gateway.local").unwrap();
-        shape(&mut req, &upstream(false), "/lookup", "r").unwrap();
+        shape(&mut req, &upstream(false), None, "r").unwrap();
         assert_eq!(req.headers["host"], "gateway.local");
+        assert_eq!(req.uri.to_string(), "/lookup");
+    }
+
+    #[test]
+    fn an_http2_request_leaves_in_origin_form_with_its_host() {
+        let mut req = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
+        req.set_uri(
+            "https://gateway.local:8443/v1/messages?beta=1"
+                .parse()
+                .unwrap(),
+        );
+        req.set_version(http::Version::HTTP_2);
+        shape(&mut req, &upstream(false), None, "r").unwrap();
+        assert_eq!(req.uri.to_string(), "/v1/messages?beta=1");
+        assert_eq!(req.headers["host"], "gateway.local:8443");
     }
 
     #[tokio::test]
     async fn names_resolve_once_and_literals_never() {
         let ups = Arc::new(Upstreams::default());
-        let a = ups.resolve("127.0.0.1:8080").await.unwrap();
-        assert_eq!(a, "127.0.0.1:8080".parse().unwrap());
+        let peer = ups.peer(&upstream(false)).await.unwrap();
+        assert_eq!(peer.address().to_string(), "127.0.0.1:1");
         assert!(ups.addrs.read().unwrap().is_empty());
         let b = ups.resolve("localhost:8080").await.unwrap();
         assert_eq!(b.port(), 8080);

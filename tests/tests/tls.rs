@@ -269,3 +269,50 @@ fn a_bad_certificate_stops_the_start_naming_the_file() {
     let e = run(&certs.cert, &other.key);
     assert!(e.contains("is not the key of the certificate"), "{e}");
 }
+
+/// The gateway as a client: an HTTPS upstream that offers HTTP/2 is spoken to in HTTP/2 by both
+/// kinds of route, its certificate checked against the policy's `ca_file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_that_offer_http2_are_reached_over_it() {
+    let mock = tollgate_e2e::tls::MockUpstreamTls::start();
+    let dir = TempDir::new("upstream-ca");
+    let ca = dir.0.join("ca.pem");
+    std::fs::write(&ca, &mock.certs.ca_pem).unwrap();
+    let yaml = format!(
+        "upstreams:\n  up: {{ address: '{}', tls: true, sni: localhost, ca_file: '{}' }}\n\
+         routes:\n\
+         \x20 - {{ name: chat, match: {{ path_prefix: /v1/chat/completions }}, upstream: up, quota: requests,\n\
+         \x20     llm: {{ provider: openai, tokens: tokens }} }}\n\
+         \x20 - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: requests }}\n\
+         tiers:\n  t:\n    requests: {{ daily: 1000 }}\n    tokens: {{ daily: 1000000 }}\n\
+         subjects:\n  - {{ key: k0, id: u0, tier: t }}\n",
+        mock.addr,
+        ca.display()
+    );
+    let gw = Gateway::start(&yaml);
+    let body = json!({ "model": "gpt-4o-mini", "stream": true,
+        "messages": [{ "role": "user", "content": "hello" }] });
+    let r = tollgate_e2e::post_as(
+        &gw,
+        "k0",
+        "h2-up-1",
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-tokens", "5")],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    let r = tollgate_e2e::client()
+        .get(gw.url("/lookup/de/10115"))
+        .bearer_auth("k0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let counts = mock.get_json("/_mock/requests").await;
+    assert_eq!(
+        counts["by_version"]["HTTP/2"], 2,
+        "both routes reached the upstream over HTTP/2: {counts}"
+    );
+}

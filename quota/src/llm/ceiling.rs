@@ -13,6 +13,7 @@ use super::sse::{data_payload, decode_pieces, json_string_at};
 use super::{Provider, tokens};
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
+use std::sync::LazyLock;
 
 /// The largest single event passed on; a larger one ends the stream (an upstream that sends a
 /// megabyte without an event boundary is not streaming tokens).
@@ -186,17 +187,27 @@ impl OutputCeiling {
     }
 }
 
-fn text_keys(provider: Provider) -> &'static [&'static [u8]] {
-    match provider {
-        Provider::OpenAi => &[
+fn text_keys(provider: Provider) -> &'static [memmem::Finder<'static>] {
+    // Searchers built once: every event of every stream is scanned with them.
+    static OPENAI: LazyLock<Vec<memmem::Finder<'static>>> = LazyLock::new(|| {
+        finders(&[
             b"\"content\":",
             b"\"text\":",
             b"\"arguments\":",
             b"\"reasoning_content\":",
             b"\"refusal\":",
-        ],
-        Provider::Anthropic => &[b"\"text\":", b"\"partial_json\":", b"\"thinking\":"],
+        ])
+    });
+    static ANTHROPIC: LazyLock<Vec<memmem::Finder<'static>>> =
+        LazyLock::new(|| finders(&[b"\"text\":", b"\"partial_json\":", b"\"thinking\":"]));
+    match provider {
+        Provider::OpenAi => &OPENAI,
+        Provider::Anthropic => &ANTHROPIC,
     }
+}
+
+fn finders(needles: &[&'static [u8]]) -> Vec<memmem::Finder<'static>> {
+    needles.iter().map(|n| memmem::Finder::new(*n)).collect()
 }
 
 /// The escaped text strings (quotes included) of one event's `data:` lines, every occurrence of
@@ -207,8 +218,8 @@ fn text_pieces<'a>(provider: Provider, event: &'a [u8]) -> impl Iterator<Item = 
         .filter_map(data_payload)
         .flat_map(move |data| {
             text_keys(provider).iter().flat_map(move |key| {
-                memmem::find_iter(data, key)
-                    .filter_map(move |at| json_string_at(&data[at + key.len()..]))
+                key.find_iter(data)
+                    .filter_map(move |at| json_string_at(&data[at + key.needle().len()..]))
             })
         })
 }
@@ -223,8 +234,8 @@ fn append_pieces<'a>(array: &mut Vec<u8>, pieces: impl Iterator<Item = &'a [u8]>
 
 /// End (exclusive) of the first event in `buf`: after its blank line.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    let lf = finder!(b"\n\n").find(buf).map(|i| i + 2);
+    let crlf = finder!(b"\r\n\r\n").find(buf).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

@@ -3,6 +3,16 @@
 //! response really used (usage in JSON bodies and in OpenAI/Anthropic SSE streams, parsed
 //! incrementally). No I/O: the gateway feeds bytes in.
 
+/// A substring searcher for a fixed needle, built once per call site: streams scan every event
+/// with these, and building a searcher costs more than most searches.
+macro_rules! finder {
+    ($needle:expr) => {{
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new($needle));
+        &*FINDER
+    }};
+}
+
 pub mod ceiling;
 pub mod price;
 pub mod request;

@@ -324,7 +324,7 @@ impl StreamMeter {
     }
 
     /// Keep the escaped JSON string that follows `key` (e.g. `"content":`) in `data`.
-    fn keep_text(&mut self, data: &[u8], key: &[u8]) {
+    fn keep_text(&mut self, data: &[u8], key: &memmem::Finder<'_>) {
         if let Some(raw) = json_string_after(data, key) {
             self.keep_piece(raw);
         }
@@ -352,9 +352,9 @@ impl StreamMeter {
                     self.finished = true;
                     return false;
                 }
-                if memmem::find(data, b"\"usage\":{").is_none() {
-                    self.keep_text(data, b"\"content\":");
-                    self.keep_text(data, b"\"text\":");
+                if finder!(b"\"usage\":{").find(data).is_none() {
+                    self.keep_text(data, finder!(b"\"content\":"));
+                    self.keep_text(data, finder!(b"\"text\":"));
                     return false;
                 }
                 let Ok(c) = serde_json::from_slice::<OaChunk>(data) else {
@@ -380,8 +380,11 @@ impl StreamMeter {
                 }
             }
             Provider::Anthropic => {
-                if memmem::find(data, b"\"type\":\"content_block_delta\"").is_some() {
-                    self.keep_text(data, b"\"text\":");
+                if finder!(b"\"type\":\"content_block_delta\"")
+                    .find(data)
+                    .is_some()
+                {
+                    self.keep_text(data, finder!(b"\"text\":"));
                     return false;
                 }
                 let Ok(e) = serde_json::from_slice::<AnEvent>(data) else {
@@ -481,8 +484,8 @@ pub(crate) fn data_payload(line: &[u8]) -> Option<&[u8]> {
 }
 
 /// The JSON string (quotes included, escapes kept) right after `key` in `data`, if it is a string.
-fn json_string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    let start = memmem::find(data, key)? + key.len();
+fn json_string_after<'a>(data: &'a [u8], key: &memmem::Finder<'_>) -> Option<&'a [u8]> {
+    let start = key.find(data)? + key.needle().len();
     json_string_at(&data[start..])
 }
 
@@ -511,7 +514,7 @@ fn remove_usage_null(event: Bytes) -> Bytes {
     let mut out: Option<BytesMut> = None;
     // `event[..copied]` is dealt with: copied to `out` or cut.
     let mut copied = 0;
-    for at in memmem::find_iter(&event, FIELD) {
+    for at in finder!(FIELD).find_iter(&event) {
         let end = at + FIELD.len();
         let (cut_from, cut_to) = if at > copied && event[at - 1] == b',' {
             (at - 1, end)
@@ -718,10 +721,13 @@ mod scan_tests {
         m.feed(Bytes::from(s), &mut out);
         assert_eq!(m.received_text(), " say \"hi\"\n");
         assert_eq!(
-            json_string_after(b"{\"a\": \"x\\\\\"}", b"\"a\":"),
+            json_string_after(b"{\"a\": \"x\\\\\"}", &memmem::Finder::new(b"\"a\":")),
             Some(&b"\"x\\\\\""[..])
         );
-        assert_eq!(json_string_after(b"{\"a\":null}", b"\"a\":"), None);
+        assert_eq!(
+            json_string_after(b"{\"a\":null}", &memmem::Finder::new(b"\"a\":")),
+            None
+        );
     }
 }
 

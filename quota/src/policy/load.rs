@@ -622,13 +622,21 @@ impl<'a> Builder<'a> {
                 .trim_end_matches(']')
                 .to_string()
         });
+        let Ok(host) = http::HeaderValue::from_str(&sni) else {
+            let msg = format!("`{sni}` is not a valid host name");
+            self.err(file, up.referenced, format!("{path}.sni"), msg);
+            self.broken_upstreams.insert(name.to_string());
+            return;
+        };
         self.upstreams.insert(
             name.to_string(),
             Arc::new(Upstream {
                 name: name.into(),
                 address: addr.to_string(),
+                literal: addr.parse().ok(),
                 tls: dto.tls,
                 sni,
+                host,
                 connect_timeout: Duration::from_millis(dto.connect_timeout_ms),
                 read_timeout: Duration::from_millis(dto.read_timeout_ms),
                 write_timeout: Duration::from_millis(dto.write_timeout_ms),

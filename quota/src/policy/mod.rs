@@ -445,8 +445,12 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// `host:port`
     pub address: String,
+    /// `address` when it is an IP address and port (no lookup needed).
+    pub literal: Option<std::net::SocketAddr>,
     pub tls: bool,
     pub sni: String,
+    /// `sni` as the Host header sent to TLS upstreams.
+    pub host: http::HeaderValue,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
