@@ -14,8 +14,8 @@
 -- ARGV[3]          idempotency record TTL in milliseconds
 -- ARGV[4]          grace after a window's reset before its key expires, in milliseconds
 -- ARGV[5]          lease fraction in parts per million (0 = no lease)
--- ARGV[6]          largest lease, in units
--- ARGV[7]          smallest lease worth taking, in units (smaller grants are not taken)
+-- ARGV[6]          largest lease, in requests like this one
+-- ARGV[7]          smallest lease worth taking, in requests (smaller grants are not taken)
 -- ARGV[8]          reservation attempt id ('' = consume outright)
 -- ARGV[9]          reservation expiry, us
 -- then for counter i, four values at 10 + 4*(i-1):
@@ -27,10 +27,13 @@
 -- are dropped here. A bucket takes the tokens at once (a bucket refills by itself) and keeps the
 -- record only so that settle.lua can refund what was not used.
 --
--- Lease: when the request is admitted outright, the script may also take LEASE more units from
--- every counter (the same number from each, since a gateway can only admit locally when all
--- counters allow it): LEASE = min over counters of min(largest, floor(remaining after cost *
--- fraction)), or 0 when below the smallest worth taking. It shrinks as the remainder shrinks.
+-- Lease: when the request is admitted, the script may also take a lease of LEASE more requests
+-- like this one: LEASE times each counter's cost from every counter (a gateway can only admit
+-- locally when all counters allow it, and an LLM call costs tokens by the thousand where it costs
+-- one request). LEASE = min(largest, min over counters with a cost of floor(remaining after cost
+-- * fraction / cost)), or 0 when below the smallest worth taking. It shrinks as the remainder
+-- shrinks. A reservation may take a lease too: the lease is consumed outright, the reservation
+-- held as usual.
 --
 -- Returns { allowed, replayed, lease, then per counter: allowed, limit, remaining, reset_after_us,
 --           retry_after_us }  (allowed/replayed as 1/0; remaining after cost and lease). A replay
@@ -112,23 +115,27 @@ end
 
 local lease = 0
 local ppm, largest, smallest = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if all and ppm > 0 and not reserving then
+if all and ppm > 0 then
   lease = largest
   for i = 1, n do
-    lease = math.min(lease, math.floor(verdicts[i].remaining * ppm / 1000000))
+    local v = verdicts[i]
+    if v.cost > 0 then
+      lease = math.min(lease, math.floor(v.remaining * ppm / 1000000 / v.cost))
+    end
   end
   if lease < smallest then
     lease = 0
   end
   for i = 1, n do
     local v = verdicts[i]
+    local units = lease * v.cost
     if v.kind == 'b' then
-      v.next = v.next + lease * v.t
+      v.next = v.next + units * v.t
       v.reset_after = v.next - now
     else
-      v.next = v.next + lease
+      v.next = v.next + units
     end
-    v.remaining = v.remaining - lease
+    v.remaining = v.remaining - units
   end
 end
 

@@ -3,6 +3,7 @@
 //! `GET /healthz`. With a token configured, everything but `/metrics` and `/healthz` needs
 //! `Authorization: Bearer <token>`: `/check` charges any subject, `/status` describes the fleet.
 
+use crate::admit::{Ask, admit};
 use crate::headers::{ceil_s, rfc3339};
 use crate::state::AppState;
 use axum::Router;
@@ -172,31 +173,14 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     if !subject.enabled {
         return Err(ApiError::Disabled(req.subject));
     }
-    let d = state
-        .engine
-        .decide(
-            subject,
-            &req.quota,
-            req.cost,
-            req.request_id.as_deref(),
-            state.clock.now_ns(),
-            policy.failure,
-        )
-        .await?;
-    // A replay was recorded when first decided; free probes (cost 0) record nothing.
-    if !d.replayed && req.cost > 0 {
-        let refused = (!d.allowed).then_some(match d.reason {
-            Reason::NotInTier => "quota_not_in_tier",
-            _ => "quota_exceeded",
-        });
-        state.record_decision(
-            subject,
-            req.request_id.as_deref(),
-            &req.quota,
-            req.cost,
-            refused,
-        );
-    }
+    let ask = Ask::Consume {
+        quota: &req.quota,
+        cost: req.cost,
+        idempotency_key: req.request_id.as_deref(),
+    };
+    let now = state.clock.now_ns();
+    let rid = req.request_id.as_deref();
+    let d = admit(&state, subject, rid, ask, now, policy.failure).await?;
     let binding = d.binding();
     let retry_ns = d.retry_after_ns();
     let reset_ns = if d.allowed {

@@ -2,6 +2,7 @@
 //! engine before connecting upstream, an API listener (`/check`, `/metrics`, `/status`,
 //! `/healthz`), hot reload of the policy file, and TLS with HTTP/2 on the proxy listener.
 
+pub mod admit;
 pub mod api;
 pub mod cp;
 pub mod guardrail;

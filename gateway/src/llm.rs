@@ -9,6 +9,7 @@
 //! settles: completed, cut, upstream error, client gone — and a `Bill` dropped unsettled settles
 //! what it knows.
 
+use crate::admit::{Ask, admit};
 use crate::headers::{ratelimit, ratelimit_policy};
 use crate::respond::{Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
@@ -115,15 +116,14 @@ pub async fn serve(
     }
     // Cheap refusals first: no request or no token left is answered before the body is read.
     let needs = [(&*route.quota, route.cost), (&*llm.tokens_quota, 1)];
-    let probe = state
-        .engine
-        .probe(&subject, &needs, state.clock.now_ns(), policy.failure)
-        .await;
+    let probed_at = state.clock.now_ns();
+    let ask = Ask::Probe { needs: &needs };
+    let probe = admit(state, &subject, Some(&rid), ask, probed_at, policy.failure).await;
     // A store that cannot answer: the reservation below decides, under the failure policy.
     if let Ok(d) = probe
         && !d.allowed
     {
-        refuse(state, session, ctx, &subject, &needs, &d).await?;
+        refuse(session, ctx, &subject, &needs, &d).await?;
         return Ok(true);
     }
     let Some(body) = read_body(session, llm.max_body_bytes).await? else {
@@ -210,17 +210,12 @@ pub async fn serve(
     let now = state.clock.now_ns();
     let attempt_id = format!("{rid}.{}", uuid::Uuid::now_v7());
     let expires = now.saturating_add(llm.reservation_ttl.as_nanos() as i64);
-    let decision = state
-        .engine
-        .reserve(
-            &subject,
-            &reserve,
-            &attempt_id,
-            expires,
-            now,
-            policy.failure,
-        )
-        .await;
+    let ask = Ask::Reserve {
+        costs: &reserve,
+        attempt_id: &attempt_id,
+        expires_ns: expires,
+    };
+    let decision = admit(state, &subject, Some(&rid), ask, now, policy.failure).await;
     let decision = match decision {
         Ok(d) => d,
         Err(e) => {
@@ -231,7 +226,7 @@ pub async fn serve(
         }
     };
     if !decision.allowed {
-        refuse(state, session, ctx, &subject, &reserve, &decision).await?;
+        refuse(session, ctx, &subject, &reserve, &decision).await?;
         return Ok(true);
     }
     let bill = Bill::new(

@@ -19,6 +19,7 @@ pub struct Metrics {
     backend_state: IntGauge,
     redis_calls: IntCounter,
     local_decisions: IntCounter,
+    local_settlements: IntCounter,
     lease_units: IntGauge,
     pub llm_tokens: IntCounterVec,
     pub llm_settlements: IntCounterVec,
@@ -113,8 +114,13 @@ impl Metrics {
         registry.register(Box::new(redis_calls.clone()))?;
         let local_decisions = IntCounter::new(
             "quota_local_decisions_total",
-            "Decisions admitted from local leases, without a Redis call",
+            "Decisions and reservations admitted from local leases, without a Redis call",
         )?;
+        let local_settlements = IntCounter::new(
+            "quota_local_settlements_total",
+            "LLM reservations settled against local leases, without a Redis call",
+        )?;
+        registry.register(Box::new(local_settlements.clone()))?;
         let lease_units = IntGauge::new("lease_units_held", "Quota units held in local leases")?;
         registry.register(Box::new(local_decisions.clone()))?;
         let llm_tokens = IntCounterVec::new(
@@ -252,6 +258,7 @@ impl Metrics {
             backend_state,
             redis_calls,
             local_decisions,
+            local_settlements,
             lease_units,
             llm_tokens,
             llm_settlements,
@@ -299,6 +306,10 @@ impl Metrics {
             self.local_decisions.inc_by(
                 l.local_decisions()
                     .saturating_sub(self.local_decisions.get()),
+            );
+            self.local_settlements.inc_by(
+                l.local_settlements()
+                    .saturating_sub(self.local_settlements.get()),
             );
             self.lease_units
                 .set(i64::try_from(l.held_units()).unwrap_or(i64::MAX));

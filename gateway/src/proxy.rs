@@ -2,6 +2,7 @@
 //! any upstream connection, answer refusals itself, and forward admitted requests with bodies
 //! streamed through untouched.
 
+use crate::admit::{Ask, admit};
 use crate::guardrail::{Standing, standing};
 use crate::headers::{ceil_s, ratelimit, ratelimit_policy};
 use crate::respond::{Charge, Ctx, error_body, refuse, respond_json};
@@ -238,11 +239,13 @@ impl ProxyHttp for Gateway {
         }
         let (quota, cost) = (route.quota.clone(), route.cost);
         let decided_at = self.state.clock.now_ns();
-        let decision = self
-            .state
-            .engine
-            .decide(&subject, &quota, cost, None, decided_at, policy.failure)
-            .await;
+        let ask = Ask::Consume {
+            quota: &quota,
+            cost,
+            idempotency_key: None,
+        };
+        let rid = Some(ctx.request_id.as_str());
+        let decision = admit(&self.state, &subject, rid, ask, decided_at, policy.failure).await;
         let decision = match decision {
             Ok(d) => d,
             Err(e) => {
@@ -263,26 +266,10 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         };
-        let m = &self.state.metrics;
-        if let Some(mode) = decision.degraded {
-            m.backend_fallbacks
-                .with_label_values(&[fallback_label(mode)])
-                .inc();
-        }
         if !decision.allowed {
-            refuse(
-                &self.state,
-                session,
-                ctx,
-                &subject,
-                &[(&quota, cost)],
-                &decision,
-            )
-            .await?;
+            refuse(session, ctx, &subject, &[(&quota, cost)], &decision).await?;
             return Ok(true);
         }
-        self.state
-            .record_decision(&subject, Some(&ctx.request_id), &quota, cost, None);
         ctx.charged = Some(Charge {
             local: decision.degraded.is_some(),
             subject,
@@ -408,13 +395,5 @@ fn status_label(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
-    }
-}
-
-fn fallback_label(mode: quota::policy::FailureMode) -> &'static str {
-    match mode {
-        quota::policy::FailureMode::FailOpen => "fail_open",
-        quota::policy::FailureMode::FailClosed => "fail_closed",
-        quota::policy::FailureMode::Local => "local",
     }
 }

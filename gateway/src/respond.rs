@@ -3,7 +3,6 @@
 //! writes. Shared by plain and LLM routes, so neither depends on the other for them.
 
 use crate::headers::{ceil_s, ratelimit, ratelimit_policy, refusal_body};
-use crate::state::AppState;
 use bytes::Bytes;
 use pingora::Result;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -51,9 +50,9 @@ impl Ctx {
     }
 }
 
-/// Answer a refused decision: 429 with the quota's state, or 403 when the tier lacks the quota.
+/// Answer a refused decision (already recorded by `admit`): 429 with the quota's state, or 403
+/// when the tier lacks the quota.
 pub(crate) async fn refuse(
-    state: &AppState,
     session: &mut Session,
     ctx: &Ctx,
     subject: &Subject,
@@ -62,17 +61,8 @@ pub(crate) async fn refuse(
 ) -> Result<()> {
     let rid = &ctx.request_id;
     // The quota that refused: for a multi-quota reservation, the binding limit's.
-    let (first, first_cost) = costs.first().copied().unwrap_or(("", 0));
+    let first = costs.first().map_or("", |(q, _)| *q);
     let quota = decision.binding().map_or(first, |l| &*l.quota_type);
-    let amount = costs
-        .iter()
-        .find(|(q, _)| *q == quota)
-        .map_or(first_cost, |(_, c)| *c);
-    let reason = match decision.reason {
-        Reason::NotInTier => "quota_not_in_tier",
-        _ => "quota_exceeded",
-    };
-    state.record_decision(subject, Some(rid), quota, amount, Some(reason));
     if decision.reason == Reason::NotInTier {
         let msg = format!(
             "tier `{}` does not include quota `{quota}`",

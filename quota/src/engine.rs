@@ -5,8 +5,8 @@
 use crate::limiter::Limit;
 use crate::policy::{FailureMode, FailurePolicy, LimitSpec, Policy, QuotaLimits, Slot, Subject};
 use crate::storage::{
-    ConsumeRequest, Counter, CounterKey, MemoryStore, Reservation, SettleRequest, Settled, Storage,
-    StorageError,
+    ConsumeRequest, Counter, CounterKey, MemoryStore, Outcome, Reservation, SettleRequest, Settled,
+    Storage, StorageError,
 };
 use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex};
@@ -270,6 +270,18 @@ impl<S: Storage> Engine<S> {
         now_ns: i64,
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
+        // Leases in hand that cover every need answer without a round trip.
+        if let Ok(plan) = Plan::new(subject, needs, now_ns, Phase::Consume) {
+            let req = ConsumeRequest {
+                counters: &plan.counters,
+                now_ns,
+                idempotency_key: None,
+                reservation: None,
+            };
+            if let Some(outcome) = self.store.covers(&req) {
+                return Ok(decision(&plan, outcome, now_ns, None));
+            }
+        }
         let free: Vec<(&str, u64)> = needs.iter().map(|(q, _)| (*q, 0)).collect();
         let mut d = self.consume(subject, &free, None, now_ns, failure).await?;
         if !d.allowed {
@@ -395,31 +407,36 @@ impl<S: Storage> Engine<S> {
             }
             Err(e) => return Err(e.into()),
         };
-        let limits = plan
-            .specs
-            .iter()
-            .zip(&outcome.counters)
-            .map(|((name, spec), r)| limit_state(name, spec, r))
-            .collect();
-        Ok(Decision {
-            allowed: outcome.allowed,
-            reason: if plan.counters.is_empty() {
-                Reason::Unlimited
-            } else if outcome.allowed {
-                Reason::WithinLimits
-            } else {
-                Reason::QuotaExceeded
-            },
-            limits,
-            replayed: outcome.replayed,
-            now_ns: req.now_ns,
-            degraded,
-            policy_header: match plan.headers.as_slice() {
-                [] => None,
-                [one] => Some(one.clone()),
-                many => Some(many.join(", ").into()),
-            },
-        })
+        Ok(decision(plan, outcome, req.now_ns, degraded))
+    }
+}
+
+/// The decision `outcome` means for `plan`.
+fn decision(plan: &Plan, outcome: Outcome, now_ns: i64, degraded: Option<FailureMode>) -> Decision {
+    let limits = plan
+        .specs
+        .iter()
+        .zip(&outcome.counters)
+        .map(|((name, spec), r)| limit_state(name, spec, r))
+        .collect();
+    Decision {
+        allowed: outcome.allowed,
+        reason: if plan.counters.is_empty() {
+            Reason::Unlimited
+        } else if outcome.allowed {
+            Reason::WithinLimits
+        } else {
+            Reason::QuotaExceeded
+        },
+        limits,
+        replayed: outcome.replayed,
+        now_ns,
+        degraded,
+        policy_header: match plan.headers.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            many => Some(many.join(", ").into()),
+        },
     }
 }
 

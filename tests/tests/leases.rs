@@ -206,3 +206,205 @@ async fn scripts_are_reloaded_when_redis_forgets_them() {
     assert!(d.allowed);
     assert_eq!(d.limits[0].remaining, 8, "both requests counted");
 }
+
+/// Reserve `reserve` units of `q` for a new attempt; the attempt's id when admitted.
+async fn reserve(
+    engine: &Engine<LeasedStore>,
+    s: &Subject,
+    reserve: u64,
+    at: i64,
+) -> Option<String> {
+    let attempt = format!("a-{}", next_attempt());
+    let expires = at + 60_000_000_000;
+    let d = engine
+        .reserve(
+            s,
+            &[("q", reserve)],
+            &attempt,
+            expires,
+            at,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    d.allowed.then_some(attempt)
+}
+
+fn next_attempt() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn settle(
+    engine: &Engine<LeasedStore>,
+    s: &Subject,
+    attempt: &str,
+    actual: u64,
+    reserved_at: i64,
+) -> quota::storage::Settled {
+    engine
+        .settle(s, &[("q", actual)], attempt, reserved_at, now_ns(), None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reservations_are_taken_and_settled_from_leases() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 100000000 }");
+    let engine = leased(&prefix, Duration::from_secs(60));
+    let n = 1_000u64;
+    let mut used = 0;
+    for i in 0..n {
+        let at = now_ns();
+        let attempt = reserve(&engine, &s, 4_000, at).await.expect("admitted");
+        let actual = 100 + i % 900;
+        used += actual;
+        assert_eq!(
+            settle(&engine, &s, &attempt, actual, at).await,
+            quota::storage::Settled::Charged
+        );
+    }
+    let calls = engine.store().redis().stats().calls;
+    let per_1000 = calls as f64 * 1000.0 / n as f64;
+    figure(
+        "redis_calls_per_1000_llm_calls_with_leases",
+        format!("{per_1000:.1}"),
+    );
+    assert!(
+        per_1000 <= 20.0,
+        "{calls} Redis calls for {n} reservations and settlements"
+    );
+    assert!(engine.store().local_settlements() >= n - calls);
+    // Once the leases are back, Redis holds exactly what was used.
+    engine.store().return_leases(now_ns(), true).await.unwrap();
+    assert_eq!(shared_remaining(&prefix, &s).await, 100_000_000 - used);
+}
+
+#[tokio::test]
+async fn a_settlement_from_a_lease_delivered_twice_charges_once() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 1000000 }");
+    let engine = leased(&prefix, Duration::from_secs(60));
+    // The first reservation goes to Redis and takes a lease; the second comes from the lease.
+    let at = now_ns();
+    let first = reserve(&engine, &s, 1_000, at).await.unwrap();
+    let second = reserve(&engine, &s, 1_000, at).await.unwrap();
+    assert_eq!(engine.store().local_decisions(), 1, "second from the lease");
+    for attempt in [&first, &second] {
+        assert_eq!(
+            settle(&engine, &s, attempt, 300, at).await,
+            quota::storage::Settled::Charged
+        );
+        assert_eq!(
+            settle(&engine, &s, attempt, 300, at).await,
+            quota::storage::Settled::AlreadySettled
+        );
+    }
+    engine.store().return_leases(now_ns(), true).await.unwrap();
+    assert_eq!(shared_remaining(&prefix, &s).await, 1_000_000 - 600);
+}
+
+#[tokio::test]
+async fn an_overrun_the_lease_cannot_cover_is_charged_in_redis() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 10000000 }");
+    let engine = leased(&prefix, Duration::from_secs(60));
+    let at = now_ns();
+    let _warm = reserve(&engine, &s, 10, at).await.unwrap();
+    let attempt = reserve(&engine, &s, 10, at).await.unwrap();
+    assert_eq!(engine.store().local_decisions(), 1);
+    let held = engine.store().held_units();
+    let calls = engine.store().redis().stats().calls;
+    // Used far more than reserved and than the lease holds (a lying max_tokens, say).
+    let actual = held + 5_000;
+    assert_eq!(
+        settle(&engine, &s, &attempt, actual, at).await,
+        quota::storage::Settled::Charged
+    );
+    assert_eq!(engine.store().redis().stats().calls, calls + 1);
+    assert_eq!(
+        engine.store().held_units(),
+        held,
+        "the lease was not touched"
+    );
+    assert_eq!(
+        settle(&engine, &s, &attempt, actual, at).await,
+        quota::storage::Settled::AlreadySettled
+    );
+    engine.store().return_leases(now_ns(), true).await.unwrap();
+    // The warm-up attempt is still reserved (10), this one charged in full.
+    assert_eq!(
+        shared_remaining(&prefix, &s).await,
+        10_000_000 - 10 - actual
+    );
+}
+
+#[tokio::test]
+async fn a_reservation_from_a_lease_left_unsettled_stops_counting_when_it_expires() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 1000000 }");
+    let engine = leased(&prefix, Duration::from_secs(60));
+    let at = now_ns();
+    let first = reserve(&engine, &s, 1_000, at).await.unwrap();
+    settle(&engine, &s, &first, 1_000, at).await;
+    let expires = at + 1_000_000_000;
+    let held = engine
+        .reserve(&s, &[("q", 1_000)], "lost", expires, at, Default::default())
+        .await
+        .unwrap();
+    assert!(held.allowed);
+    assert_eq!(engine.store().local_decisions(), 1);
+    engine
+        .store()
+        .return_leases(expires - 1, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        shared_remaining(&prefix, &s).await,
+        1_000_000 - 2_000,
+        "still held before its expiry"
+    );
+    engine.store().return_leases(expires, true).await.unwrap();
+    assert_eq!(shared_remaining(&prefix, &s).await, 1_000_000 - 1_000);
+}
+
+#[tokio::test]
+async fn two_gateways_reserving_from_leases_admit_exactly_the_limit() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 100000 }");
+    let (a, b) = (
+        leased(&prefix, Duration::from_secs(60)),
+        leased(&prefix, Duration::from_secs(60)),
+    );
+    let mut admitted = 0u64;
+    // Each call reserves 500 tokens and uses all of them; the gateways take turns until both
+    // are refused, then give their leases back, until nothing more is admitted anywhere.
+    loop {
+        let mut progress = false;
+        for g in [&a, &b] {
+            loop {
+                let at = now_ns();
+                let Some(attempt) = reserve(g, &s, 500, at).await else {
+                    break;
+                };
+                settle(g, &s, &attempt, 500, at).await;
+                admitted += 1;
+                progress = true;
+                assert!(admitted * 500 <= 100_000, "over the limit");
+            }
+        }
+        a.store().return_leases(now_ns(), true).await.unwrap();
+        b.store().return_leases(now_ns(), true).await.unwrap();
+        if !progress {
+            break;
+        }
+    }
+    assert_eq!(
+        admitted * 500,
+        100_000,
+        "the fleet admitted exactly the limit"
+    );
+    assert_eq!(shared_remaining(&prefix, &s).await, 0);
+}

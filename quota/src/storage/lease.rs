@@ -2,42 +2,60 @@
 //! admits on its own until the slice runs out; only then does it call Redis again.
 //!
 //! A lease is taken by the same atomic script that admits a request (`lua/consume.lua`): when a
-//! request is admitted, up to `fraction` of what remains after it is taken as well, the same number
-//! of units from every counter of the request (capped by `max`; below `min` nothing is taken). So
-//! the lease shrinks as the shared remainder shrinks, and near the limit every request goes to
-//! Redis. Unused units are given back when the lease expires (`ttl`) and on graceful shutdown.
+//! request is admitted, up to `fraction` of what remains after it is taken as well, counted in
+//! requests like this one: the same multiple `L` of the request's cost from every counter (so an
+//! LLM call that reserves 1 request and 4,000 tokens leases `L` requests and `4,000 × L` tokens),
+//! with `L` at most `max` and below `min` nothing taken. So the lease shrinks as the shared
+//! remainder shrinks, and near the limit every request goes to Redis. Unused units are given back
+//! when the lease expires (`ttl`) and on graceful shutdown.
+//!
+//! **Reservations** (an LLM call's worst case, held until it settles) are taken from leases too,
+//! and settled against them: what was reserved and not used goes back into the lease, an overrun
+//! is taken from the lease when it holds enough and otherwise charged in Redis under the attempt's
+//! id. A steady stream of calls therefore costs Redis one round trip per lease, not two per call.
+//! A reservation not settled by its expiry gives its units back, as an expired Redis reservation
+//! stops counting. A settlement delivered twice within [`SETTLED_MEMORY`] charges once.
 //!
 //! **Bounds, across N gateways sharing one counter:**
 //! - *Over-admission: none.* Every unit a gateway admits on its own was first taken from the shared
 //!   counter by the atomic script, and a return only gives back units taken and not used. The
-//!   fleet admits at most the limit, as it would without leases.
+//!   fleet admits at most the limit, as it would without leases. (A call that uses more than it
+//!   reserved is charged the overrun whether or not it fits, with or without leases.)
 //! - *Under-admission: at most the units held in unexpired leases* — when the shared counter is
 //!   exhausted, a request refused at one gateway could have been served by units another gateway
-//!   holds. Each lease is at most `min(max, fraction × remainder when taken)`, so at most
-//!   `N × max` units, for at most `ttl` (then they are returned), unless their holder uses them
-//!   first. A gateway that dies without returning its leases loses them until the window resets
-//!   (calendar quotas) or refills (rates).
+//!   holds. Each lease is at most `min(max × cost, fraction × remainder when taken)`, so at most
+//!   `N × max` requests' worth, for at most `ttl` (then they are returned), unless their holder
+//!   uses them first. A gateway that dies without returning its leases loses them (and the
+//!   reservations it held) until the window resets (calendar quotas) or refills (rates).
 //!
 //! Requests with an idempotency key always go to Redis: their record must be shared.
 
 use super::redis::{LeaseAsk, LeaseReturn, RedisStore};
-use super::{ConsumeRequest, CounterKey, CounterReport, Outcome, Storage, StorageError};
+use super::{
+    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, ReleaseRequest, SettleRequest,
+    Settled, Storage, StorageError,
+};
 use crate::limiter::Limit;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 const SHARDS: usize = 64;
+
+/// How long a settled attempt is remembered, so that a second delivery charges nothing. Settlements
+/// are delivered again only after a failed try (then the attempt is still held, see
+/// [`Hold::Overrun`]) or after a restart, when this memory is gone anyway.
+pub const SETTLED_MEMORY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseConfig {
     /// Share of the remainder taken as a lease, in (0, 1].
     pub fraction: f64,
-    /// Largest lease, in units.
+    /// Largest lease, in requests like the one that takes it.
     pub max: u64,
-    /// Smallest lease worth taking: small remainders are not split.
+    /// Smallest lease worth taking, in requests: small remainders are not split.
     pub min: u64,
     /// Unused units are returned after this long.
     pub ttl: Duration,
@@ -71,19 +89,43 @@ struct Lease {
     shared_remaining: u64,
 }
 
+/// An attempt reserved from leases.
+#[derive(Debug)]
+enum Hold {
+    /// Each counter (as reserved: its window and limit) and the units taken for it.
+    Reserved {
+        counters: Vec<Counter>,
+        expires_ns: i64,
+    },
+    /// Settled here except for an overrun the leases could not cover, which Redis has not taken
+    /// yet (it was unreachable): a retry charges only that.
+    Overrun(Vec<Counter>),
+    /// Settled; a repeat charges nothing until `until_ns`.
+    Settled { until_ns: i64 },
+}
+
+/// The leases and holds of the subjects hashed to one shard: all counters of a request belong to
+/// one subject, so one lock covers a request.
+#[derive(Default)]
+struct Shard {
+    leases: HashMap<LeaseKey, Lease>,
+    holds: HashMap<Box<str>, Hold>,
+}
+
 pub struct LeasedStore {
     redis: RedisStore,
-    shards: Box<[Mutex<HashMap<LeaseKey, Lease>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     cfg: LeaseConfig,
     local_decisions: AtomicU64,
+    local_settlements: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn lease_key(c: &super::Counter) -> LeaseKey {
+fn lease_key(c: &Counter) -> LeaseKey {
     LeaseKey {
         counter: c.key.clone(),
         window: match c.limit {
@@ -97,10 +139,11 @@ impl LeasedStore {
     pub fn new(redis: RedisStore, cfg: LeaseConfig) -> Self {
         Self {
             redis,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             cfg,
             local_decisions: AtomicU64::new(0),
+            local_settlements: AtomicU64::new(0),
         }
     }
 
@@ -112,21 +155,30 @@ impl LeasedStore {
         self.cfg
     }
 
-    /// Decisions taken from leases, without calling Redis.
+    /// Decisions (and reservations) taken from leases, without calling Redis.
     pub fn local_decisions(&self) -> u64 {
         self.local_decisions.load(Ordering::Relaxed)
     }
 
-    /// Units currently held in leases (for tests and metrics).
+    /// Settlements made entirely against leases, without calling Redis.
+    pub fn local_settlements(&self) -> u64 {
+        self.local_settlements.load(Ordering::Relaxed)
+    }
+
+    /// Units currently held in leases (for tests and metrics); reserved units are not included.
     pub fn held_units(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| lock(s).values().map(|l| l.units).sum::<u64>())
+            .map(|s| lock(s).leases.values().map(|l| l.units).sum::<u64>())
             .sum()
     }
 
-    fn shard(&self, subject: &str) -> &Mutex<HashMap<LeaseKey, Lease>> {
+    fn shard(&self, subject: &str) -> &Mutex<Shard> {
         &self.shards[(self.hasher.hash_one(subject) as usize) % SHARDS]
+    }
+
+    fn ttl_ns(&self) -> i64 {
+        i64::try_from(self.cfg.ttl.as_nanos()).unwrap_or(i64::MAX)
     }
 
     fn ask(&self) -> LeaseAsk {
@@ -137,9 +189,9 @@ impl LeasedStore {
         }
     }
 
-    /// Admit from leases alone, if every counter holds enough; all counters of a request belong
-    /// to one subject, so one shard lock covers them.
-    fn try_local(&self, req: &ConsumeRequest<'_>) -> Option<Outcome> {
+    /// Admit (or reserve) from leases alone, if every counter holds enough; with `take` false,
+    /// only tell whether they would.
+    fn try_local(&self, req: &ConsumeRequest<'_>, take: bool) -> Option<Outcome> {
         let first = req.counters.first()?;
         if req
             .counters
@@ -148,10 +200,11 @@ impl LeasedStore {
         {
             return None;
         }
-        let mut leases = lock(self.shard(&first.key.subject));
+        let mut shard = lock(self.shard(&first.key.subject));
         let keys: Vec<LeaseKey> = req.counters.iter().map(lease_key).collect();
         let enough = keys.iter().zip(req.counters).all(|(k, c)| {
-            leases
+            shard
+                .leases
                 .get(k)
                 .is_some_and(|l| l.units >= c.cost && l.expires_ns > req.now_ns)
         });
@@ -160,9 +213,27 @@ impl LeasedStore {
         }
         let mut reports = Vec::with_capacity(keys.len());
         for (k, c) in keys.iter().zip(req.counters) {
-            let l = leases.get_mut(k)?;
-            l.units -= c.cost;
+            let l = shard.leases.get_mut(k)?;
+            if take {
+                l.units -= c.cost;
+            }
             reports.push(report(c.limit, l.shared_remaining + l.units, req.now_ns));
+        }
+        if !take {
+            return Some(Outcome {
+                allowed: true,
+                counters: reports,
+                replayed: false,
+            });
+        }
+        if let Some(r) = req.reservation {
+            shard.holds.insert(
+                r.attempt_id.into(),
+                Hold::Reserved {
+                    counters: req.counters.to_vec(),
+                    expires_ns: r.expires_ns,
+                },
+            );
         }
         self.local_decisions.fetch_add(1, Ordering::Relaxed);
         Some(Outcome {
@@ -172,39 +243,175 @@ impl LeasedStore {
         })
     }
 
-    fn add_leases(&self, req: &ConsumeRequest<'_>, units: u64, outcome: &mut Outcome) {
+    /// Add a lease of `times` this request's cost to each of its counters.
+    fn add_leases(&self, req: &ConsumeRequest<'_>, times: u64, outcome: &mut Outcome) {
+        let expires_ns = req.now_ns.saturating_add(self.ttl_ns());
         for (c, r) in req.counters.iter().zip(outcome.counters.iter_mut()) {
-            let mut leases = lock(self.shard(&c.key.subject));
-            let l = leases.entry(lease_key(c)).or_insert_with(|| Lease {
-                units: 0,
-                expires_ns: 0,
-                redis_key: self.redis.key(c),
-                emission_ns: match c.limit {
-                    Limit::Bucket { emission_ns, .. } => Some(emission_ns),
-                    Limit::Window { .. } => None,
-                },
-                shared_remaining: 0,
-            });
-            l.units += units;
-            l.expires_ns = req.now_ns.saturating_add(self.cfg.ttl.as_nanos() as i64);
+            let mut shard = lock(self.shard(&c.key.subject));
+            let l = shard
+                .leases
+                .entry(lease_key(c))
+                .or_insert_with(|| self.empty_lease(c));
+            l.units += times.saturating_mul(c.cost);
+            l.expires_ns = expires_ns;
             l.shared_remaining = r.remaining;
             // What this client may still use includes what this gateway holds for it.
             r.remaining += l.units;
         }
     }
 
-    /// Give back the unused units of leases expired at `now_ns` (or of every lease with `all`).
+    /// Count what this gateway holds in live leases in what each counter reports as remaining:
+    /// Redis counts those units as taken, but this gateway's clients may still use them.
+    fn add_held(&self, req: &ConsumeRequest<'_>, outcome: &mut Outcome) {
+        for (c, r) in req.counters.iter().zip(outcome.counters.iter_mut()) {
+            let shard = lock(self.shard(&c.key.subject));
+            if let Some(l) = shard.leases.get(&lease_key(c))
+                && l.expires_ns > req.now_ns
+            {
+                r.remaining = r.remaining.saturating_add(l.units).min(r.limit);
+            }
+        }
+    }
+
+    fn empty_lease(&self, c: &Counter) -> Lease {
+        Lease {
+            units: 0,
+            expires_ns: 0,
+            redis_key: self.redis.key(c),
+            emission_ns: match c.limit {
+                Limit::Bucket { emission_ns, .. } => Some(emission_ns),
+                Limit::Window { .. } => None,
+            },
+            shared_remaining: 0,
+        }
+    }
+
+    /// Put `units` of counter `c`, taken from Redis earlier, back into this gateway's lease of it
+    /// (a new lease when there is none), to be used or returned with it. Units of a window that
+    /// has ended are dropped: they no longer count anywhere.
+    fn credit(&self, shard: &mut Shard, c: &Counter, units: u64, now_ns: i64) {
+        if units == 0 {
+            return;
+        }
+        if let Limit::Window { reset_at_ns, .. } = c.limit
+            && reset_at_ns <= now_ns
+        {
+            return;
+        }
+        let expires_ns = now_ns.saturating_add(self.ttl_ns());
+        let l = shard.leases.entry(lease_key(c)).or_insert_with(|| Lease {
+            expires_ns,
+            ..self.empty_lease(c)
+        });
+        l.units = l.units.saturating_add(units);
+    }
+
+    /// Settle an attempt held here. `None`: it is not held here (reserved in Redis).
+    fn settle_local(&self, req: &SettleRequest<'_>) -> Option<Result<Vec<Counter>, Settled>> {
+        let first = req.counters.first()?;
+        let mut guard = lock(self.shard(&first.key.subject));
+        let shard = &mut *guard;
+        let until_ns = req
+            .now_ns
+            .saturating_add(i64::try_from(SETTLED_MEMORY.as_nanos()).unwrap_or(i64::MAX));
+        let hold = shard.holds.get_mut(req.attempt_id)?;
+        if matches!(hold, Hold::Settled { .. }) {
+            return Some(Err(Settled::AlreadySettled));
+        }
+        let reserved = match std::mem::replace(hold, Hold::Settled { until_ns }) {
+            Hold::Reserved { counters, .. } => counters,
+            Hold::Overrun(rest) => return Some(Ok(rest)),
+            Hold::Settled { .. } => return Some(Err(Settled::AlreadySettled)),
+        };
+        let mut overrun = Vec::new();
+        for c in req.counters {
+            let key = lease_key(c);
+            let held = reserved
+                .iter()
+                .find(|r| lease_key(r) == key)
+                .map_or(0, |r| r.cost);
+            if c.cost <= held {
+                self.credit(shard, c, held - c.cost, req.now_ns);
+                continue;
+            }
+            let extra = c.cost - held;
+            match shard.leases.get_mut(&key) {
+                Some(l) if l.units >= extra && l.expires_ns > req.now_ns => l.units -= extra,
+                _ => overrun.push(Counter {
+                    cost: extra,
+                    ..c.clone()
+                }),
+            }
+        }
+        // Reserved counters the settlement does not name used nothing.
+        for r in &reserved {
+            let key = lease_key(r);
+            if !req.counters.iter().any(|c| lease_key(c) == key) {
+                self.credit(shard, r, r.cost, req.now_ns);
+            }
+        }
+        Some(Ok(overrun))
+    }
+
+    /// Charge in Redis what the leases could not cover; on failure the attempt stays held with
+    /// only that left to charge.
+    async fn charge_overrun(
+        &self,
+        req: &SettleRequest<'_>,
+        overrun: Vec<Counter>,
+    ) -> Result<Settled, StorageError> {
+        if overrun.is_empty() {
+            self.local_settlements.fetch_add(1, Ordering::Relaxed);
+            return Ok(Settled::Charged);
+        }
+        let rest = SettleRequest {
+            counters: &overrun,
+            ..*req
+        };
+        match self.redis.settle(&rest).await {
+            // Already settled in Redis: an earlier try went through unheard.
+            Ok(_) => Ok(Settled::Charged),
+            Err(e) => {
+                let subject = &overrun[0].key.subject;
+                lock(self.shard(subject))
+                    .holds
+                    .insert(req.attempt_id.into(), Hold::Overrun(overrun));
+                Err(e)
+            }
+        }
+    }
+
+    /// Give back the unused units of leases expired at `now_ns` (or of every lease with `all`);
+    /// reservations past their expiry give their units back first, and settled attempts past
+    /// [`SETTLED_MEMORY`] are forgotten.
     pub async fn return_leases(&self, now_ns: i64, all: bool) -> Result<(), StorageError> {
-        let mut by_subject: HashMap<std::sync::Arc<str>, Vec<LeaseReturn>> = HashMap::new();
+        let mut by_subject: HashMap<Arc<str>, Vec<LeaseReturn>> = HashMap::new();
         for shard in self.shards.iter() {
-            let mut leases = lock(shard);
-            let expired: Vec<LeaseKey> = leases
+            let mut guard = lock(shard);
+            let shard = &mut *guard;
+            let mut lapsed = Vec::new();
+            shard.holds.retain(|_, h| match h {
+                Hold::Reserved {
+                    counters,
+                    expires_ns,
+                } if *expires_ns <= now_ns => {
+                    lapsed.append(counters);
+                    false
+                }
+                Hold::Settled { until_ns } => *until_ns > now_ns,
+                _ => true,
+            });
+            for c in &lapsed {
+                self.credit(shard, c, c.cost, now_ns);
+            }
+            let expired: Vec<LeaseKey> = shard
+                .leases
                 .iter()
                 .filter(|(_, l)| all || l.expires_ns <= now_ns)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in expired {
-                if let Some(l) = leases.remove(&k)
+                if let Some(l) = shard.leases.remove(&k)
                     && l.units > 0
                 {
                     by_subject
@@ -251,17 +458,25 @@ fn report(limit: Limit, remaining: u64, now_ns: i64) -> CounterReport {
 }
 
 impl Storage for LeasedStore {
-    async fn settle(&self, req: &super::SettleRequest<'_>) -> Result<super::Settled, StorageError> {
-        self.redis.settle(req).await
+    fn covers(&self, req: &ConsumeRequest<'_>) -> Option<Outcome> {
+        self.try_local(req, false)
+    }
+
+    async fn settle(&self, req: &SettleRequest<'_>) -> Result<Settled, StorageError> {
+        match self.settle_local(req) {
+            None => self.redis.settle(req).await,
+            Some(Err(done)) => Ok(done),
+            Some(Ok(overrun)) => self.charge_overrun(req, overrun).await,
+        }
     }
 
     /// Units go back into this gateway's live lease of the counter (returned to Redis with it
     /// later), or straight to Redis when there is none.
-    async fn release(&self, req: &super::ReleaseRequest<'_>) -> Result<(), StorageError> {
+    async fn release(&self, req: &ReleaseRequest<'_>) -> Result<(), StorageError> {
         let mut to_redis = Vec::new();
         for c in req.counters {
-            let mut leases = lock(self.shard(&c.key.subject));
-            match leases.get_mut(&lease_key(c)) {
+            let mut shard = lock(self.shard(&c.key.subject));
+            match shard.leases.get_mut(&lease_key(c)) {
                 Some(l) if l.expires_ns > req.now_ns => l.units = l.units.saturating_add(c.cost),
                 _ => to_redis.push(c.clone()),
             }
@@ -269,7 +484,7 @@ impl Storage for LeasedStore {
         if to_redis.is_empty() {
             return Ok(());
         }
-        let rest = super::ReleaseRequest {
+        let rest = ReleaseRequest {
             counters: &to_redis,
             now_ns: req.now_ns,
         };
@@ -277,12 +492,10 @@ impl Storage for LeasedStore {
     }
 
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
-        // Reservations and idempotent requests need their records in Redis; free probes (cost 0)
-        // want the shared truth.
-        let leasing = req.idempotency_key.is_none()
-            && req.reservation.is_none()
-            && req.counters.iter().all(|c| c.cost > 0);
-        if leasing && let Some(o) = self.try_local(req) {
+        // Idempotent requests need their record in Redis; free probes (cost 0) want the shared
+        // truth.
+        let leasing = req.idempotency_key.is_none() && req.counters.iter().any(|c| c.cost > 0);
+        if leasing && let Some(o) = self.try_local(req, true) {
             return Ok(o);
         }
         let ask = if leasing {
@@ -293,6 +506,8 @@ impl Storage for LeasedStore {
         let (mut outcome, lease) = self.redis.consume(req, ask).await?;
         if outcome.allowed && lease > 0 {
             self.add_leases(req, lease, &mut outcome);
+        } else {
+            self.add_held(req, &mut outcome);
         }
         Ok(outcome)
     }

@@ -127,6 +127,13 @@ pub trait Storage: Send + Sync + 'static {
         req: &SettleRequest<'_>,
     ) -> impl Future<Output = Result<Settled, StorageError>> + Send;
 
+    /// Whether `req`'s costs would fit, told by this store alone without a round trip (leases in
+    /// hand that cover them), consuming nothing: the counters as far as it knows. `None`: it
+    /// cannot tell without asking.
+    fn covers(&self, _req: &ConsumeRequest<'_>) -> Option<Outcome> {
+        None
+    }
+
     /// Give back each counter's `cost` (never below empty: a window that has moved on or a bucket
     /// already full keeps its state).
     fn release(
@@ -168,7 +175,14 @@ impl Storage for AnyStore {
         match self {
             AnyStore::Memory(s) => s.settle(req).await,
             AnyStore::Redis(s) => s.settle(req).await,
-            AnyStore::Leased(s) => s.redis().settle(req).await,
+            AnyStore::Leased(s) => s.settle(req).await,
+        }
+    }
+
+    fn covers(&self, req: &ConsumeRequest<'_>) -> Option<Outcome> {
+        match self {
+            AnyStore::Leased(s) => s.covers(req),
+            _ => None,
         }
     }
 

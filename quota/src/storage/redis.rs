@@ -272,7 +272,7 @@ impl ConnectionLike for ConnRef {
     }
 }
 
-/// How many extra units a consume may take as a lease (see `lua/consume.lua`).
+/// How large a lease a consume may take, in requests like it (see `lua/consume.lua`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LeaseAsk {
     /// Share of the remainder after the cost, in parts per million; 0 asks for no lease.
@@ -339,7 +339,8 @@ fn push_counter_args(inv: &mut redis::ScriptInvocation<'_>, counters: &[Counter]
 
 impl RedisStore {
     /// Check and consume like `Storage::check_and_consume`, also taking a lease of up to `ask`
-    /// extra units from every counter when admitted. Returns the lease granted (0 for none).
+    /// more requests like this one when admitted. Returns the lease granted, in requests: each
+    /// counter's lease is that many times its cost (0 for none).
     pub async fn consume(
         &self,
         req: &ConsumeRequest<'_>,
