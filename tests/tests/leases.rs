@@ -147,6 +147,29 @@ async fn unused_leases_go_back_when_they_expire() {
     assert_eq!(engine.store().held_units(), 0);
 }
 
+/// A lease past its expiry is still this gateway's until the returner has given it back: a check
+/// meanwhile must not report those units as used by the subject.
+#[tokio::test]
+async fn an_expired_lease_not_yet_returned_still_counts_as_remaining() {
+    let prefix = unique_prefix();
+    let (_p, s) = policy("{ daily: 1000 }");
+    let ttl = Duration::from_millis(100);
+    let engine = leased(&prefix, ttl);
+    let t0 = now_ns();
+    assert!(engine.check(&s, "q", 1, None, t0).await.unwrap().allowed);
+    assert_eq!(shared_remaining(&prefix, &s).await, 999 - 999 / 16);
+    let later = t0 + 2 * ttl.as_nanos() as i64;
+    let d = engine.check(&s, "q", 0, None, later).await.unwrap();
+    assert_eq!(
+        d.limits[0].remaining, 999,
+        "one request used, whatever the lease's state"
+    );
+    engine.store().return_leases(later, false).await.unwrap();
+    let d = engine.check(&s, "q", 0, None, later).await.unwrap();
+    assert_eq!(d.limits[0].remaining, 999, "and after it went back");
+    assert_eq!(shared_remaining(&prefix, &s).await, 999);
+}
+
 #[tokio::test]
 async fn leased_tokens_of_a_rate_go_back_to_the_bucket() {
     let prefix = unique_prefix();

@@ -87,6 +87,11 @@ struct Lease {
     emission_ns: Option<i64>,
     /// The shared counter's remainder when the lease was last topped up.
     shared_remaining: u64,
+    /// Units on their way back to Redis: still taken there, so still this gateway's to report.
+    returning: u64,
+    /// When the lease's calendar window ends (`None` for buckets): units of an ended window no
+    /// longer count anywhere.
+    window_ends_ns: Option<i64>,
 }
 
 /// An attempt reserved from leases.
@@ -169,7 +174,13 @@ impl LeasedStore {
     pub fn held_units(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| lock(s).leases.values().map(|l| l.units).sum::<u64>())
+            .map(|s| {
+                lock(s)
+                    .leases
+                    .values()
+                    .map(|l| l.units + l.returning)
+                    .sum::<u64>()
+            })
             .sum()
     }
 
@@ -260,15 +271,15 @@ impl LeasedStore {
         }
     }
 
-    /// Count what this gateway holds in live leases in what each counter reports as remaining:
-    /// Redis counts those units as taken, but this gateway's clients may still use them.
+    /// Count what this gateway holds in leases in what each counter reports as remaining: Redis
+    /// counts those units as taken, but they are this gateway's clients' to use or go back to
+    /// Redis. Expired leases and units being returned count too, until Redis has them back.
     fn add_held(&self, req: &ConsumeRequest<'_>, outcome: &mut Outcome) {
         for (c, r) in req.counters.iter().zip(outcome.counters.iter_mut()) {
             let shard = lock(self.shard(&c.key.subject));
-            if let Some(l) = shard.leases.get(&lease_key(c))
-                && l.expires_ns > req.now_ns
-            {
-                r.remaining = r.remaining.saturating_add(l.units).min(r.limit);
+            if let Some(l) = shard.leases.get(&lease_key(c)) {
+                let held = l.units.saturating_add(l.returning);
+                r.remaining = r.remaining.saturating_add(held).min(r.limit);
             }
         }
     }
@@ -283,6 +294,11 @@ impl LeasedStore {
                 Limit::Window { .. } => None,
             },
             shared_remaining: 0,
+            returning: 0,
+            window_ends_ns: match c.limit {
+                Limit::Window { reset_at_ns, .. } => Some(reset_at_ns),
+                Limit::Bucket { .. } => None,
+            },
         }
     }
 
@@ -385,7 +401,7 @@ impl LeasedStore {
     /// reservations past their expiry give their units back first, and settled attempts past
     /// [`SETTLED_MEMORY`] are forgotten.
     pub async fn return_leases(&self, now_ns: i64, all: bool) -> Result<(), StorageError> {
-        let mut by_subject: HashMap<Arc<str>, Vec<LeaseReturn>> = HashMap::new();
+        let mut by_subject: HashMap<Arc<str>, Vec<(LeaseKey, LeaseReturn)>> = HashMap::new();
         for shard in self.shards.iter() {
             let mut guard = lock(shard);
             let shard = &mut *guard;
@@ -411,25 +427,58 @@ impl LeasedStore {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in expired {
-                if let Some(l) = shard.leases.remove(&k)
-                    && l.units > 0
-                {
+                let Some(l) = shard.leases.get_mut(&k) else {
+                    continue;
+                };
+                if l.window_ends_ns.is_some_and(|end| end <= now_ns) {
+                    // That window is over in Redis too: nothing to give back.
+                    l.units = 0;
+                }
+                if l.units > 0 {
+                    // Kept in the map as `returning` until Redis has them, so that checks
+                    // meanwhile still count them as this gateway's.
+                    let units = std::mem::take(&mut l.units);
+                    l.returning += units;
                     by_subject
                         .entry(k.counter.subject.clone())
                         .or_default()
-                        .push(LeaseReturn {
-                            key: l.redis_key,
-                            units: l.units,
-                            emission_ns: l.emission_ns,
-                        });
+                        .push((
+                            k,
+                            LeaseReturn {
+                                key: l.redis_key.clone(),
+                                units,
+                                emission_ns: l.emission_ns,
+                            },
+                        ));
+                } else if l.returning == 0 {
+                    shard.leases.remove(&k);
                 }
             }
         }
         let mut result = Ok(());
-        for items in by_subject.values() {
-            if let Err(e) = self.redis.return_leases(now_ns, items).await {
-                // The units stay taken until the window resets or the bucket refills.
-                tracing::warn!(error = %e, counters = items.len(), "could not return unused lease units");
+        for (subject, entries) in by_subject {
+            let items: Vec<LeaseReturn> = entries.iter().map(|(_, r)| r.clone()).collect();
+            let returned = self.redis.return_leases(now_ns, &items).await;
+            if let Err(e) = &returned {
+                tracing::warn!(error = %e, counters = items.len(), "could not return unused lease units; retrying later");
+            }
+            let mut shard = lock(self.shard(&subject));
+            for (k, r) in entries {
+                let Some(l) = shard.leases.get_mut(&k) else {
+                    continue;
+                };
+                l.returning = l.returning.saturating_sub(r.units);
+                match &returned {
+                    // A window's units are tried again at the next pass (dropped once it ends);
+                    // a bucket refills by itself, so its units are let go.
+                    Err(_) if l.window_ends_ns.is_some() => l.units += r.units,
+                    _ => {}
+                }
+                if l.units == 0 && l.returning == 0 && (all || l.expires_ns <= now_ns) {
+                    shard.leases.remove(&k);
+                }
+            }
+            if let Err(e) = returned {
                 result = Err(e);
             }
         }
