@@ -1,8 +1,9 @@
 //! The cost guardrail: once a subject's spend today reaches the policy's threshold of its budget,
 //! routes flagged `expensive` are refused, or sent to their `fallback_upstream` (e.g. a cache).
 
-use crate::state::AppState;
+use quota::engine::Engine;
 use quota::policy::{Guardrail, Slot, Subject};
+use quota::storage::Storage;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -42,36 +43,40 @@ impl Tripped {
             m.remove(subject);
         }
     }
-}
 
-/// Read (without consuming) the subject's spend against its daily budget.
-pub async fn standing(state: &AppState, subject: &Subject, g: &Guardrail) -> Standing {
-    let now = state.clock.now_ns();
-    let d = match state.engine.check(subject, &g.quota, 0, None, now).await {
-        Ok(d) => d,
-        Err(e) => {
-            // Unknown spend is not a reason to refuse: quotas still apply.
-            tracing::warn!(error = %e, "guardrail: spend unknown");
-            return Standing::Clear;
-        }
-    };
-    let budget = d
-        .limits
-        .iter()
-        .find(|l| l.slot == Slot::Day)
-        .or_else(|| d.limits.iter().min_by_key(|l| l.remaining));
-    let result = match budget {
-        Some(l) if (l.limit - l.remaining) as f64 >= g.threshold * l.limit as f64 => {
-            Standing::Tripped {
-                used: l.limit - l.remaining,
-                limit: l.limit,
-                reset_after_ns: l.reset_after_ns,
+    /// Read (without consuming) the subject's spend against its daily budget, and record whether
+    /// it is tripped.
+    pub async fn standing<S: Storage>(
+        &self,
+        engine: &Engine<S>,
+        now: i64,
+        subject: &Subject,
+        g: &Guardrail,
+    ) -> Standing {
+        let d = match engine.check(subject, &g.quota, 0, None, now).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Unknown spend is not a reason to refuse: quotas still apply.
+                tracing::warn!(error = %e, "guardrail: spend unknown");
+                return Standing::Clear;
             }
-        }
-        _ => Standing::Clear,
-    };
-    state
-        .guardrail
-        .set(&subject.id, matches!(result, Standing::Tripped { .. }), now);
-    result
+        };
+        let budget = d
+            .limits
+            .iter()
+            .find(|l| l.slot == Slot::Day)
+            .or_else(|| d.limits.iter().min_by_key(|l| l.remaining));
+        let result = match budget {
+            Some(l) if (l.limit - l.remaining) as f64 >= g.threshold * l.limit as f64 => {
+                Standing::Tripped {
+                    used: l.limit - l.remaining,
+                    limit: l.limit,
+                    reset_after_ns: l.reset_after_ns,
+                }
+            }
+            _ => Standing::Clear,
+        };
+        self.set(&subject.id, matches!(result, Standing::Tripped { .. }), now);
+        result
+    }
 }

@@ -3,7 +3,7 @@
 //! streamed through untouched.
 
 use crate::admit::{Ask, admit};
-use crate::guardrail::{Standing, standing};
+use crate::guardrail::Standing;
 use crate::headers::{ceil_s, ratelimit, ratelimit_policy};
 use crate::respond::{Charge, Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
@@ -174,7 +174,11 @@ impl ProxyHttp for Gateway {
                 used,
                 limit,
                 reset_after_ns,
-            } = standing(&self.state, &subject, g).await
+            } = self
+                .state
+                .guardrail
+                .standing(&self.state.engine, self.state.clock.now_ns(), &subject, g)
+                .await
         {
             let m = &self.state.metrics;
             if let Some(fallback) = &route.fallback_upstream {
