@@ -29,7 +29,7 @@ RUN cargo build --release --locked -p gateway -p control-plane -p mock-upstream 
 
 FROM debian:12.11-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/tollgate --create-home tollgate
 COPY --from=build /out/gateway /out/control-plane /out/mock-upstream /usr/local/bin/
