@@ -533,3 +533,43 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-subject series stop growing at the cap: later subjects add up under `other`, and
+    /// subjects already seen keep their own series.
+    #[test]
+    fn subject_series_are_capped() {
+        let m = Metrics::new().expect("metrics");
+        for i in 0..SUBJECT_SERIES_MAX + 5 {
+            m.count_decision(&format!("s{i}"), "free", "lookup", 2, None);
+        }
+        m.count_decision("s0", "free", "lookup", 1, None);
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("quota_subject_units_total{"))
+            .count();
+        assert_eq!(series, SUBJECT_SERIES_MAX + 1, "{text}");
+        assert!(text.contains("quota_subject_units_total{subject=\"other\",type=\"lookup\"} 10"));
+        assert!(text.contains("quota_subject_units_total{subject=\"s0\",type=\"lookup\"} 3"));
+    }
+
+    /// Names that break the names rule never reach a label; reasons outside the fixed set fold.
+    #[test]
+    fn labels_are_checked() {
+        let m = Metrics::new().expect("metrics");
+        m.count_decision("bad\nsubject", "t{x}", "lookup", 1, Some("weird"));
+        m.count_decision("bad\nsubject", "free", "lookup", 1, None);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "quota_refusals_total{reason=\"other\",tier=\"invalid\",type=\"lookup\"} 1"
+            )
+        );
+        assert!(text.contains("quota_subject_units_total{subject=\"invalid\",type=\"lookup\"} 1"));
+        assert!(!text.contains("bad"), "{text}");
+    }
+}
