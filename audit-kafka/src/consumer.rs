@@ -139,6 +139,8 @@ impl ConsumerConfig {
 pub enum ConsumerError {
     #[error("kafka consumer: {0}")]
     Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -217,6 +219,7 @@ impl<W: LedgerWriter> AccountingConsumer<W> {
     /// Create the consumer and subscribe to the topic. Must be called inside a Tokio runtime
     /// (the stream consumer's wake-ups use it).
     pub fn new(cfg: ConsumerConfig, writer: W) -> Result<Self, ConsumerError> {
+        crate::security::check(&cfg.extra)?;
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
             .set("group.id", &cfg.group_id)

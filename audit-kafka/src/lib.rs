@@ -4,6 +4,7 @@
 //! commit-after-write semantics.
 
 pub mod consumer;
+pub mod security;
 pub mod sink;
 pub mod spool;
 
@@ -11,6 +12,7 @@ pub use consumer::{
     AccountingConsumer, ConsumerConfig, ConsumerError, ConsumerStats, ConsumerStatsHandle,
     Delivered, LedgerWriter, Unreadable, Written,
 };
+pub use security::SecurityError;
 pub use sink::{KafkaSink, KafkaSinkConfig, SinkError, SinkStats};
 pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats};
 

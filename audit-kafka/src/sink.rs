@@ -135,6 +135,8 @@ pub enum SinkError {
     Runtime(#[from] std::io::Error),
     #[error("the audit sink has shut down")]
     Stopped,
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
 }
 
 /// Counters for metrics. `emitted` counts every event handed to `emit`; each ends up
@@ -326,6 +328,7 @@ impl KafkaSink {
     /// Open the spool, create the producer and start the driver thread. Works from any thread;
     /// no Tokio runtime is required (the driver brings its own).
     pub fn new(cfg: KafkaSinkConfig) -> Result<Self, SinkError> {
+        crate::security::check(&cfg.extra)?;
         let spool = Spool::open(cfg.spool.clone())?;
         let resume_spooling = !spool.is_drained();
         let shared = Arc::new(Shared {

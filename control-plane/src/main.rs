@@ -45,7 +45,7 @@ struct AccountingArgs {
     /// Events per transaction at most.
     #[arg(long, default_value_t = 500)]
     batch: usize,
-    /// Serve the consumer's counters as Prometheus metrics here.
+    /// Serve the consumer's counters as Prometheus metrics here (`/metrics`, and `/healthz`).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// A librdkafka consumer property, `KEY=VALUE` (TLS, SASL, `session.timeout.ms`); repeatable.
@@ -104,6 +104,9 @@ struct ServeArgs {
         default_value = "tollgate-control-plane-spool"
     )]
     audit_spool: PathBuf,
+    /// A librdkafka property for the audit producer, `KEY=VALUE` (TLS, SASL, tuning); repeatable.
+    #[arg(long = "audit-kafka-option", value_name = "KEY=VALUE")]
+    audit_kafka_options: Vec<String>,
     /// Interval of heartbeats on idle watch streams.
     #[arg(long, default_value_t = 5000)]
     heartbeat_ms: u64,
@@ -147,12 +150,7 @@ async fn accounting(args: AccountingArgs) -> anyhow::Result<()> {
     let ledger = ledger(&args.database).await?;
     let mut cfg = ConsumerConfig::new(&args.brokers, &args.group, &args.topic);
     cfg.batch_max = args.batch.max(1);
-    for o in &args.kafka_options {
-        let (k, v) = o
-            .split_once('=')
-            .with_context(|| format!("--kafka-option `{o}`: expected KEY=VALUE"))?;
-        cfg.extra.push((k.trim().to_string(), v.trim().to_string()));
-    }
+    cfg.extra = key_values("--kafka-option", &args.kafka_options)?;
     let consumer = AccountingConsumer::new(cfg, ledger)?;
     let stats = consumer.stats_handle();
     if let Some(addr) = args.metrics_listen {
@@ -160,7 +158,8 @@ async fn accounting(args: AccountingArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         println!("metrics listening on {}", listener.local_addr()?);
-        let app = axum::Router::new().route(
+        // `/healthz` for container health checks, as on the other binaries.
+        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
             "/metrics",
             axum::routing::get(move || {
                 let s = stats.get();
@@ -256,6 +255,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(brokers)) => {
             let mut cfg = KafkaSinkConfig::new(brokers, args.audit_spool);
             cfg.topic = args.audit_topic;
+            cfg.extra = key_values("--audit-kafka-option", &args.audit_kafka_options)?;
             let sink = Arc::new(KafkaSink::new(cfg)?);
             kafka = Some(sink.clone());
             Box::new(sink)
@@ -285,6 +285,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         k.shutdown(Duration::from_secs(3)).await?;
     }
     Ok(())
+}
+
+/// `KEY=VALUE` librdkafka properties given with `flag`.
+fn key_values(flag: &str, options: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    options
+        .iter()
+        .map(|o| {
+            let (k, v) = o
+                .split_once('=')
+                .with_context(|| format!("{flag} `{o}`: expected KEY=VALUE"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
 }
 
 /// SIGINT or SIGTERM.

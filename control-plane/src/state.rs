@@ -16,6 +16,8 @@ use tokio::sync::{Mutex, watch};
 pub struct Published {
     pub revision: u64,
     pub json: Bytes,
+    /// When this process published it (Unix milliseconds): gateways measure propagation from it.
+    pub published_ms: u64,
 }
 
 pub struct AppState {
@@ -111,6 +113,9 @@ fn publishable(s: &Snapshot) -> Published {
     Published {
         revision: s.revision,
         json: Bytes::from(serde_json::to_vec(s).unwrap_or_default()),
+        published_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }
 }
 

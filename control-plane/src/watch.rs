@@ -21,9 +21,17 @@ pub struct WatchQuery {
     pub since: Option<u64>,
 }
 
+/// A snapshot event. `published_ms` (a field SSE clients ignore unless they know it) lets a
+/// gateway measure how long the revision took to reach it.
 fn frame(p: &Published) -> Bytes {
-    let mut out = Vec::with_capacity(p.json.len() + 48);
-    out.extend_from_slice(format!("event: snapshot\nid: {}\ndata: ", p.revision).as_bytes());
+    let mut out = Vec::with_capacity(p.json.len() + 80);
+    out.extend_from_slice(
+        format!(
+            "event: snapshot\nid: {}\npublished_ms: {}\ndata: ",
+            p.revision, p.published_ms
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(&p.json);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)

@@ -125,6 +125,7 @@ pub async fn follow(state: Arc<AppState>) {
     let Some(link) = state.control_plane.as_ref() else {
         return;
     };
+    publish_revisions(&state, link);
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut connected = false;
@@ -167,6 +168,9 @@ async fn stream_once(
     let mut buf: Vec<u8> = Vec::new();
     let mut scanned: usize = 0;
     let mut silence = SILENCE;
+    // The first snapshot of a stream is catch-up (published before this gateway asked); later
+    // ones are pushed live, and their delay is the propagation time.
+    let mut live = false;
     loop {
         let chunk = match tokio::time::timeout(silence, body.next()).await {
             Err(_) => return Err(StreamError::Silent(silence)),
@@ -185,7 +189,7 @@ async fn stream_once(
         {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
             scanned = 0;
-            if let Some(every) = handle_event(state, link, &event).await {
+            if let Some(every) = handle_event(state, link, &event, &mut live).await {
                 silence = (every * 3).max(Duration::from_secs(1));
             }
             // Current only once the announced revision is enforced (a snapshot still in flight,
@@ -197,11 +201,24 @@ async fn stream_once(
     }
 }
 
-/// Handle one event; returns the heartbeat interval when the event announced it.
-async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) -> Option<Duration> {
+/// Handle one event; returns the heartbeat interval when the event announced it. `live` is set
+/// once the stream has delivered its first snapshot.
+async fn handle_event(
+    state: &Arc<AppState>,
+    link: &Link,
+    event: &[u8],
+    live: &mut bool,
+) -> Option<Duration> {
     let mut kind = "message";
     let mut data = Vec::new();
+    let mut published_ms = None;
     for line in event.split(|&b| b == b'\n') {
+        if let Some(v) = line.strip_prefix(b"published_ms:") {
+            published_ms = std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            continue;
+        }
         if let Some(v) = line.strip_prefix(b"event:") {
             kind = match v.trim_ascii() {
                 b"snapshot" => "snapshot",
@@ -239,29 +256,57 @@ async fn handle_event(state: &Arc<AppState>, link: &Link, event: &[u8]) -> Optio
                 every = b.every_ms.map(Duration::from_millis);
             }
         }
-        "snapshot" => apply_snapshot(state, link, data).await,
+        "snapshot" => {
+            let applied = apply_snapshot(state, link, data).await;
+            if let (true, true, Some(published)) = (applied, *live, published_ms) {
+                let delay_ms = unix_ms().saturating_sub(published);
+                state
+                    .metrics
+                    .control_plane_propagation
+                    .observe(delay_ms as f64 / 1000.0);
+            }
+            *live = true;
+        }
         _ => {}
     }
     let drift = link.latest().saturating_sub(link.applied());
     state.metrics.snapshot_drift.set(drift as i64);
+    publish_revisions(state, link);
     every
 }
 
-async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) {
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The revisions enforced and announced, as gauges (present only on a gateway that follows a
+/// control plane, so an alert on them never fires for one that does not).
+fn publish_revisions(state: &AppState, link: &Link) {
+    let m = &state.metrics.control_plane_revision;
+    m.with_label_values(&["applied"])
+        .set(i64::try_from(link.applied()).unwrap_or(i64::MAX));
+    m.with_label_values(&["latest"])
+        .set(i64::try_from(link.latest()).unwrap_or(i64::MAX));
+}
+
+/// Apply a snapshot event; true when it became the enforced policy.
+async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bool {
     let m = &state.metrics;
     let snap: Snapshot = match serde_json::from_slice(&data) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "undecodable snapshot from the control plane; ignored");
             m.snapshot_refresh.with_label_values(&["rejected"]).inc();
-            return;
+            return false;
         }
     };
     link.latest.fetch_max(snap.revision, Ordering::Relaxed);
     // Never go back: a reconnect to a lagging replica must not undo a newer revision.
     if snap.revision <= link.applied() {
         m.snapshot_refresh.with_label_values(&["stale"]).inc();
-        return;
+        return false;
     }
     let revision = snap.revision;
     let st = state.clone();
@@ -273,14 +318,16 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) {
     .unwrap_or(false);
     if !applied {
         m.snapshot_refresh.with_label_values(&["rejected"]).inc();
-        return;
+        return false;
     }
     link.applied.store(revision, Ordering::Relaxed);
     m.snapshot_refresh.with_label_values(&["applied"]).inc();
+    m.control_plane_applied_at.set(unix_ms() as f64 / 1000.0);
     tracing::info!(revision, "control-plane snapshot applied");
     let path = link.snapshot_path.clone();
     let written = tokio::task::spawn_blocking(move || write_disk_snapshot(&path, &data)).await;
     if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
         tracing::warn!(path = %link.snapshot_path.display(), error = %e, "cannot save the snapshot to disk");
     }
+    true
 }

@@ -1,10 +1,22 @@
 //! Prometheus metrics of one gateway, in a registry owned by the gateway (no global registry).
+//!
+//! Label values come from the compiled policy (quota types, tiers, subject ids, all checked by
+//! `quota::names` at load) or from fixed sets in the code, never from the request itself; they are
+//! checked once more here, and the per-subject series are capped (see [`SUBJECT_SERIES_MAX`]), so
+//! a policy with a million subjects cannot grow the scrape without bound.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
+use quota::names::NameKind;
 use quota::storage::AnyStore;
+use std::collections::HashSet;
+use std::sync::RwLock;
+
+/// Distinct subjects with a series of their own in `quota_subject_units_total`; later ones are
+/// counted under `subject="other"`. Enough for a "top subjects" panel of a busy fleet.
+pub const SUBJECT_SERIES_MAX: usize = 100;
 
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +55,33 @@ pub struct Metrics {
     pub control_plane_connected: IntGauge,
     /// The Kafka audit sink's counters, copied at each scrape.
     kafka: [IntGauge; 6],
+    /// Decisions that cost something, by quota type, subject tier and result (allowed, refused).
+    quota_decisions: IntCounterVec,
+    /// Refusals by quota type, reason (quota_exceeded, quota_not_in_tier) and subject tier.
+    quota_refusals: IntCounterVec,
+    /// Units LLM settlements charged, by quota type (tokens, spend…).
+    llm_settled_units: IntCounterVec,
+    /// Units charged per subject and quota type (decisions and settlements), capped subjects.
+    subject_units: IntCounterVec,
+    subjects_seen: RwLock<HashSet<String>>,
+    /// The control-plane revision this gateway enforces (`applied`) and the newest announced
+    /// (`latest`); only while following a control plane.
+    pub control_plane_revision: IntGaugeVec,
+    /// When the enforced control-plane snapshot was applied (Unix seconds).
+    pub control_plane_applied_at: Gauge,
+    /// From the control plane publishing a revision to this gateway enforcing it, for revisions
+    /// pushed on a live stream.
+    pub control_plane_propagation: Histogram,
+}
+
+/// `name` when it is a valid `kind` name (it always is, coming from a compiled policy), else a
+/// fixed marker: a label never carries a byte the names rule forbids.
+fn label(kind: NameKind, name: &str) -> &str {
+    if quota::names::check(kind, name).is_ok() {
+        name
+    } else {
+        "invalid"
+    }
 }
 
 impl Metrics {
@@ -238,6 +277,62 @@ impl Metrics {
         for g in &kafka {
             registry.register(Box::new(g.clone()))?;
         }
+        let quota_decisions = IntCounterVec::new(
+            Opts::new(
+                "quota_decisions_total",
+                "Decisions that cost something, by quota type, subject tier and result",
+            ),
+            &["type", "tier", "result"],
+        )?;
+        let quota_refusals = IntCounterVec::new(
+            Opts::new(
+                "quota_refusals_total",
+                "Requests refused by a quota, by quota type, reason and subject tier",
+            ),
+            &["type", "reason", "tier"],
+        )?;
+        let llm_settled_units = IntCounterVec::new(
+            Opts::new(
+                "llm_settled_units_total",
+                "Units charged by LLM settlements (tokens, spend…), by quota type",
+            ),
+            &["type"],
+        )?;
+        let subject_units = IntCounterVec::new(
+            Opts::new(
+                "quota_subject_units_total",
+                "Units charged per subject and quota type; subjects past the first 100 count as \
+                 `other`",
+            ),
+            &["subject", "type"],
+        )?;
+        let control_plane_revision = IntGaugeVec::new(
+            Opts::new(
+                "control_plane_revision",
+                "Control-plane revision enforced (applied) and newest announced (latest)",
+            ),
+            &["kind"],
+        )?;
+        let control_plane_applied_at = Gauge::new(
+            "control_plane_applied_timestamp_seconds",
+            "When the enforced control-plane snapshot was applied, Unix seconds",
+        )?;
+        let control_plane_propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "control_plane_propagation_seconds",
+                "From the control plane publishing a revision to this gateway enforcing it",
+            )
+            .buckets(vec![
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        registry.register(Box::new(quota_decisions.clone()))?;
+        registry.register(Box::new(quota_refusals.clone()))?;
+        registry.register(Box::new(llm_settled_units.clone()))?;
+        registry.register(Box::new(subject_units.clone()))?;
+        registry.register(Box::new(control_plane_revision.clone()))?;
+        registry.register(Box::new(control_plane_applied_at.clone()))?;
+        registry.register(Box::new(control_plane_propagation.clone()))?;
         for r in ["applied", "stale", "rejected"] {
             snapshot_refresh.with_label_values(&[r]);
         }
@@ -245,6 +340,18 @@ impl Metrics {
         // Show both results from the start, so a dashboard sees 0 rather than no series.
         policy_reloads.with_label_values(&["success"]);
         policy_reloads.with_label_values(&["error"]);
+        for a in ["refused", "fallback"] {
+            guardrail_actions.with_label_values(&[a]);
+        }
+        for r in ["charged", "duplicate", "deferred", "error"] {
+            llm_settlements.with_label_values(&[r]);
+        }
+        for r in ["reservation", "quota", "oversized_event"] {
+            llm_stream_cuts.with_label_values(&[r]);
+        }
+        for m in ["fail_open", "fail_closed", "local"] {
+            backend_fallbacks.with_label_values(&[m]);
+        }
         Ok(Self {
             registry,
             quota_consumed,
@@ -274,7 +381,100 @@ impl Metrics {
             snapshot_drift,
             control_plane_connected,
             kafka,
+            quota_decisions,
+            quota_refusals,
+            llm_settled_units,
+            subject_units,
+            subjects_seen: RwLock::default(),
+            control_plane_revision,
+            control_plane_applied_at,
+            control_plane_propagation,
         })
+    }
+
+    /// Count a decision that cost something: `refused` is the refusal's reason code.
+    pub fn count_decision(
+        &self,
+        subject: &str,
+        tier: &str,
+        quota: &str,
+        amount: u64,
+        refused: Option<&str>,
+    ) {
+        let quota = label(NameKind::QuotaType, quota);
+        let tier = label(NameKind::Tier, tier);
+        match refused {
+            None => {
+                self.quota_consumed
+                    .with_label_values(&[quota])
+                    .inc_by(amount);
+                self.quota_decisions
+                    .with_label_values(&[quota, tier, "allowed"])
+                    .inc();
+                self.count_subject_units(subject, quota, amount);
+            }
+            Some(reason) => {
+                // The reason is one of the engine's fixed codes; anything else is folded.
+                let reason = match reason {
+                    "quota_exceeded" | "quota_not_in_tier" => reason,
+                    _ => "other",
+                };
+                self.quota_rejected.with_label_values(&[quota]).inc();
+                self.quota_decisions
+                    .with_label_values(&[quota, tier, "refused"])
+                    .inc();
+                self.quota_refusals
+                    .with_label_values(&[quota, reason, tier])
+                    .inc();
+            }
+        }
+    }
+
+    /// Count what an LLM settlement charged: `(quota type, units)` pairs.
+    pub fn count_settled<'a>(
+        &self,
+        subject: &str,
+        charged: impl IntoIterator<Item = (&'a str, u64)>,
+    ) {
+        for (quota, units) in charged {
+            let quota = label(NameKind::QuotaType, quota);
+            self.llm_settled_units
+                .with_label_values(&[quota])
+                .inc_by(units);
+            self.count_subject_units(subject, quota, units);
+        }
+    }
+
+    fn count_subject_units(&self, subject: &str, quota: &str, units: u64) {
+        if units == 0 {
+            return;
+        }
+        let subject = self.subject_label(label(NameKind::Subject, subject));
+        self.subject_units
+            .with_label_values(&[subject, quota])
+            .inc_by(units);
+    }
+
+    /// `subject` while fewer than [`SUBJECT_SERIES_MAX`] subjects have a series, else `other`.
+    fn subject_label<'a>(&self, subject: &'a str) -> &'a str {
+        let seen = self.subjects_seen.read().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(subject) {
+            return subject;
+        }
+        let full = seen.len() >= SUBJECT_SERIES_MAX;
+        drop(seen);
+        if full {
+            return "other";
+        }
+        let mut seen = self
+            .subjects_seen
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= SUBJECT_SERIES_MAX && !seen.contains(subject) {
+            return "other";
+        }
+        seen.insert(subject.to_string());
+        subject
     }
 
     /// Bring the Kafka sink's metrics up to date.
@@ -331,5 +531,45 @@ impl Metrics {
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-subject series stop growing at the cap: later subjects add up under `other`, and
+    /// subjects already seen keep their own series.
+    #[test]
+    fn subject_series_are_capped() {
+        let m = Metrics::new().expect("metrics");
+        for i in 0..SUBJECT_SERIES_MAX + 5 {
+            m.count_decision(&format!("s{i}"), "free", "lookup", 2, None);
+        }
+        m.count_decision("s0", "free", "lookup", 1, None);
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("quota_subject_units_total{"))
+            .count();
+        assert_eq!(series, SUBJECT_SERIES_MAX + 1, "{text}");
+        assert!(text.contains("quota_subject_units_total{subject=\"other\",type=\"lookup\"} 10"));
+        assert!(text.contains("quota_subject_units_total{subject=\"s0\",type=\"lookup\"} 3"));
+    }
+
+    /// Names that break the names rule never reach a label; reasons outside the fixed set fold.
+    #[test]
+    fn labels_are_checked() {
+        let m = Metrics::new().expect("metrics");
+        m.count_decision("bad\nsubject", "t{x}", "lookup", 1, Some("weird"));
+        m.count_decision("bad\nsubject", "free", "lookup", 1, None);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "quota_refusals_total{reason=\"other\",tier=\"invalid\",type=\"lookup\"} 1"
+            )
+        );
+        assert!(text.contains("quota_subject_units_total{subject=\"invalid\",type=\"lookup\"} 1"));
+        assert!(!text.contains("bad"), "{text}");
     }
 }

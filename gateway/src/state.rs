@@ -122,28 +122,18 @@ impl AppState {
         amount: u64,
         refused: Option<&str>,
     ) {
+        self.metrics
+            .count_decision(&subject.id, &subject.tier.name, quota, amount, refused);
         let body = match refused {
-            None => {
-                self.metrics
-                    .quota_consumed
-                    .with_label_values(&[quota])
-                    .inc_by(amount);
-                EventBody::QuotaConsumed {
-                    quota: quota.into(),
-                    amount,
-                }
-            }
-            Some(reason) => {
-                self.metrics
-                    .quota_rejected
-                    .with_label_values(&[quota])
-                    .inc();
-                EventBody::QuotaRejected {
-                    quota: quota.into(),
-                    amount,
-                    reason: reason.into(),
-                }
-            }
+            None => EventBody::QuotaConsumed {
+                quota: quota.into(),
+                amount,
+            },
+            Some(reason) => EventBody::QuotaRejected {
+                quota: quota.into(),
+                amount,
+                reason: reason.into(),
+            },
         };
         let now = self.clock.now_ns();
         self.emit(subject, request_id, now, body);
@@ -193,6 +183,12 @@ impl BillingEnv for AppState {
     }
 
     fn emit_settled(&self, event: SettledEvent) {
+        if let EventBody::ReservationSettled { settlements, .. } = &event.body {
+            self.metrics.count_settled(
+                &event.subject,
+                settlements.iter().map(|s| (s.quota.as_str(), s.actual)),
+            );
+        }
         let now = self.clock.now_ns();
         self.audit.emit(event.into_audit(&self.gateway_id, now));
     }

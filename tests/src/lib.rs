@@ -464,9 +464,21 @@ impl Gateway {
     /// Start a gateway that follows `cp` (no policy file), keeping its last snapshot at
     /// `snapshot`.
     pub fn following(cp: &ControlPlane, token: &str, snapshot: &Path) -> Gateway {
+        Self::following_with(cp, token, snapshot, &Backend::Memory, &[])
+    }
+
+    /// Start a gateway that follows `cp`, counting in `backend`, with extra `gateway run`
+    /// arguments.
+    pub fn following_with(
+        cp: &ControlPlane,
+        token: &str,
+        snapshot: &Path,
+        backend: &Backend,
+        extra_args: &[&str],
+    ) -> Gateway {
         let snapshot = snapshot.to_str().expect("utf-8 path");
         let url = cp.url("");
-        let args = [
+        let mut args = vec![
             "--control-plane",
             &url,
             "--control-plane-token",
@@ -474,7 +486,8 @@ impl Gateway {
             "--control-plane-snapshot",
             snapshot,
         ];
-        Self::spawn(&Backend::Memory, None, &args, &[])
+        args.extend_from_slice(extra_args);
+        Self::spawn(backend, None, &args, &[])
     }
 
     fn spawn(
@@ -814,14 +827,24 @@ pub fn tansu_bin() -> PathBuf {
 /// partitions) is created on first start.
 pub struct Broker {
     pub port: u16,
+    /// The address clients are told to connect to (metadata): `port`, unless something such as
+    /// a TLS terminator stands in front of the broker.
+    pub advertised_port: u16,
     proc: Option<Proc>,
     dir: TempDir,
 }
 
 impl Broker {
     pub fn start() -> Broker {
+        let port = free_port();
+        Self::start_advertising(port, port)
+    }
+
+    /// Listen on `port` but send clients to `advertised_port` (where a proxy forwards to `port`).
+    pub fn start_advertising(port: u16, advertised_port: u16) -> Broker {
         let mut b = Broker {
-            port: free_port(),
+            port,
+            advertised_port,
             proc: None,
             dir: TempDir::new("tansu"),
         };
@@ -844,6 +867,7 @@ impl Broker {
     pub fn restart(&mut self) {
         self.kill();
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let proc = Proc::spawn_logged(
             Command::new(tansu_bin())
                 .current_dir(&self.dir.0)
@@ -852,7 +876,7 @@ impl Broker {
                     "--listener-url",
                     &url,
                     "--advertised-listener-url",
-                    &url,
+                    &advertised,
                 ])
                 // A relative path: tansu resolves it against its working directory.
                 .args(["--storage-engine", "sqlite://tansu.db"]),
@@ -882,14 +906,20 @@ pub struct Accounting {
 
 impl Accounting {
     pub fn start(broker: &Broker, db: &Db, batch: usize) -> Accounting {
+        Self::start_with(&broker.brokers(), db, batch, &[])
+    }
+
+    /// Start it against `brokers` with extra `control-plane accounting` arguments (TLS options).
+    pub fn start_with(brokers: &str, db: &Db, batch: usize, extra_args: &[&str]) -> Accounting {
         let mut proc = Proc::spawn(
             Command::new(bin("control-plane"))
-                .args(["accounting", "--brokers", &broker.brokers()])
+                .args(["accounting", "--brokers", brokers])
                 .args(["--database", &db.url(), "--batch", &batch.to_string()])
                 .args(["--metrics-listen", "127.0.0.1:0"])
                 // A killed consumer's partitions move to its successor after this long (the
                 // default, 45 s, would only slow the tests down).
-                .args(["--kafka-option", "session.timeout.ms=6000"]),
+                .args(["--kafka-option", "session.timeout.ms=6000"])
+                .args(extra_args),
         );
         let metrics = proc
             .wait_line("metrics listening on ")
