@@ -249,7 +249,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = Store::connect(&args.database)
         .await
         .with_context(|| format!("opening the database {}", redact(&args.database)))?;
-    control_plane::secrets::hash_stored_keys(&store).await?;
     let bootstrap = match &args.admin_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -278,6 +277,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     install_bootstrap(&state, bootstrap).await?;
+    let operator = Actor {
+        name: OPERATOR.into(),
+        role: Role::Admin,
+    };
+    apply(&state, &operator, Op::HashStoredKeys).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

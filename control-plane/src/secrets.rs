@@ -79,27 +79,6 @@ pub fn hash_plain_keys(yaml: &str) -> Result<Option<String>, RewriteError> {
     Ok(Some(out))
 }
 
-/// At start: rewrite every stored policy document that still holds plain keys (stored before
-/// keys were hashed on upload). The documents keep their version numbers.
-pub async fn hash_stored_keys(store: &crate::Store) -> Result<(), crate::store::StoreError> {
-    for (version, yaml) in store.policy_documents().await? {
-        match hash_plain_keys(&yaml) {
-            Ok(Some(hashed)) => {
-                store.rewrite_policy_document(version, &hashed).await?;
-                tracing::info!(
-                    version,
-                    "a stored policy's plain-text API keys were replaced by their hashes"
-                );
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(version, error = %e, "a stored policy may hold plain-text API keys that could not be hashed in place");
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Byte ranges of the field name `key` and of its value.
 struct Edit {
     name: (usize, usize),

@@ -725,9 +725,9 @@ impl Store {
     }
 
     /// Every stored policy document, oldest first (for the start-up rewrite of plain keys).
-    pub async fn policy_documents(&self) -> Result<Vec<(u64, String)>, StoreError> {
+    pub async fn policy_documents(w: &mut Write<'_>) -> Result<Vec<(u64, String)>, StoreError> {
         sqlx::query("SELECT version, yaml FROM policy_versions ORDER BY version")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *w.tx)
             .await?
             .iter()
             .map(|r| Ok((u(r.try_get("version")?), r.try_get("yaml")?)))
@@ -736,7 +736,7 @@ impl Store {
 
     /// Replace a stored document in place (only to remove plain-text keys from it).
     pub async fn rewrite_policy_document(
-        &self,
+        w: &mut Write<'_>,
         version: u64,
         yaml: &str,
     ) -> Result<(), StoreError> {
@@ -744,7 +744,7 @@ impl Store {
             .bind(yaml)
             .bind(crate::auth::sha256_hex(yaml.as_bytes()))
             .bind(version as i64)
-            .execute(&self.pool)
+            .execute(&mut *w.tx)
             .await?;
         Ok(())
     }

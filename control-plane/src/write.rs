@@ -57,6 +57,10 @@ pub enum Op {
     SetBootstrap {
         sha256: String,
     },
+    /// At start: stored policy documents that still hold plain keys (stored before keys were
+    /// hashed on upload) are rewritten in place, as a revision, so gateways replace their
+    /// snapshot files too.
+    HashStoredKeys,
 }
 
 /// A payment provider's webhook call.
@@ -84,7 +88,8 @@ impl Op {
             Op::CreateToken { .. }
             | Op::RevokeToken { .. }
             | Op::RotateBootstrap
-            | Op::SetBootstrap { .. } => Role::Admin,
+            | Op::SetBootstrap { .. }
+            | Op::HashStoredKeys => Role::Admin,
         }
     }
 
@@ -439,6 +444,42 @@ async fn write(
                 detail: "bootstrap token set from the environment".into(),
                 subject: None,
                 audit: credential(actor, "token", BOOTSTRAP_ID, "issued"),
+                outcome: Outcome::Deleted { revision },
+            }
+        }
+        Op::HashStoredKeys => {
+            let mut rewritten = Vec::new();
+            for (version, yaml) in Store::policy_documents(w).await? {
+                match hash_plain_keys(&yaml) {
+                    Ok(Some(hashed)) => {
+                        Store::rewrite_policy_document(w, version, &hashed).await?;
+                        rewritten.push(format!("v{version}"));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(version, error = %e, "a stored policy may hold plain-text API keys that could not be hashed in place")
+                    }
+                }
+            }
+            let Some(active) = snap.policy.as_ref().map(|p| format!("v{}", p.version)) else {
+                return Ok(Step::Done(Outcome::Deleted { revision: 0 }));
+            };
+            if rewritten.is_empty() {
+                return Ok(Step::Done(Outcome::Deleted { revision: 0 }));
+            }
+            Record {
+                kind: "policy",
+                target: active.clone(),
+                detail: format!(
+                    "plain-text API keys replaced by their hashes in {}",
+                    rewritten.join(", ")
+                ),
+                subject: None,
+                audit: EventBody::PolicyChanged {
+                    actor: actor.name.clone(),
+                    before_version: Some(active.clone()),
+                    after_version: active,
+                },
                 outcome: Outcome::Deleted { revision },
             }
         }

@@ -1330,3 +1330,48 @@ fn plain_keys_in_an_uploaded_policy_are_stored_as_hashes() {
         assert!(policy.subject_for_key("very-secret-key-1").is_some());
     });
 }
+
+#[tokio::test]
+async fn policies_stored_with_plain_keys_are_hashed_at_start_as_a_revision() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    // As an older version stored it: the key in plain text.
+    let plain =
+        format!("{POLICY}subjects:\n  - {{ key: old-plain-key-7, id: legacy, tier: pro }}\n");
+    sqlx::query("UPDATE policy_versions SET yaml = $1 WHERE version = 1")
+        .bind(&plain)
+        .execute(api.state.store.pool())
+        .await
+        .expect("update");
+    let before = api.state.store.revision().await.expect("revision");
+    let operator = control_plane::auth::Actor {
+        name: "operator".into(),
+        role: control_plane::auth::Role::Admin,
+    };
+    control_plane::write::apply(
+        &api.state,
+        &operator,
+        control_plane::write::Op::HashStoredKeys,
+    )
+    .await
+    .expect("rewrite");
+    let (_, active) = api
+        .call("GET", "/v1/policies/active", Some(ADMIN), Body::empty())
+        .await;
+    let yaml = active["yaml"].as_str().expect("yaml");
+    assert!(!yaml.contains("old-plain-key-7"), "{yaml}");
+    assert!(yaml.contains(&quota::policy::key_sha256_hex("old-plain-key-7")));
+    let after = api.state.store.revision().await.expect("revision");
+    assert_eq!(after, before + 1, "gateways get the rewritten document");
+    assert_eq!(api.state.published.borrow().revision, after);
+    // Nothing left to do: no further revision.
+    control_plane::write::apply(
+        &api.state,
+        &operator,
+        control_plane::write::Op::HashStoredKeys,
+    )
+    .await
+    .expect("rewrite");
+    assert_eq!(api.state.store.revision().await.expect("revision"), after);
+}
