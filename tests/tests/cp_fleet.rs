@@ -448,3 +448,121 @@ async fn the_cli_rotates_the_bootstrap_token_and_a_quiet_gateway_still_catches_u
     assert!(err.contains("rotated or revoked"), "{err}");
     assert!(!err.contains(&cp.admin), "the token is not echoed");
 }
+
+/// A stand-in control plane whose stream goes quiet at a stale revision (its heartbeats keep
+/// saying 1) while its revision endpoint says 2: the gateway resyncs by itself once it has been
+/// behind for longer than the threshold, and the reconnection brings revision 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_behind_a_quiet_stream_resyncs_after_the_threshold() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockUpstream::start();
+    let policy = fleet_policy(mock.addr, "");
+    let snapshot_json = move |revision: u64, tier: &str| {
+        json!({
+            "revision": revision,
+            "policy": { "version": 1, "yaml": policy },
+            "subjects": [{
+                "id": "acme", "tier": tier, "time_zone": "UTC", "enabled": true,
+                "key_sha256": [quota::policy::key_sha256_hex("stand-in-key")],
+            }],
+        })
+        .to_string()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let streams = Arc::new(AtomicUsize::new(0));
+    let served = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let streams = served.clone();
+            let snapshot_json = snapshot_json.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                if head.starts_with("GET /v1/revision") {
+                    let body = r#"{"revision":2,"published":2}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes()).await;
+                    return;
+                }
+                let (revision, tier) = if streams.fetch_add(1, Ordering::SeqCst) == 0 {
+                    (1, "free")
+                } else {
+                    (2, "pro")
+                };
+                let start = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: snapshot\nid: {revision}\ndata: {}\n\n",
+                    snapshot_json(revision, tier)
+                );
+                if conn.write_all(start.as_bytes()).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let beat = format!(
+                        "event: heartbeat\ndata: {{\"revision\":{revision},\"every_ms\":300}}\n\n"
+                    );
+                    if conn.write_all(beat.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let snaps = TempDir::new("snapshots");
+    let snapshot = snaps.0.join("gw.json");
+    let snapshot_arg = snapshot.to_str().expect("utf-8").to_string();
+    let url = format!("http://{addr}");
+    let gw = Gateway::start_with(
+        &fleet_policy(mock.addr, ""),
+        &[
+            "--control-plane",
+            &url,
+            "--control-plane-token",
+            "stand-in-token",
+            "--control-plane-snapshot",
+            &snapshot_arg,
+            "--control-plane-check-ms",
+            "100",
+            "--control-plane-resync-after-ms",
+            "400",
+        ],
+    );
+    assert!(
+        until_status(&gw, "/lookup", "stand-in-key", 200, Duration::from_secs(10)).await,
+        "revision 1 applied"
+    );
+    assert!(
+        until_status(
+            &gw,
+            "/exports/x",
+            "stand-in-key",
+            200,
+            Duration::from_secs(10)
+        )
+        .await,
+        "the gateway resynced and enforces revision 2"
+    );
+    assert!(streams.load(Ordering::SeqCst) >= 2, "it reconnected");
+    let m = metrics(&gw).await;
+    assert!(
+        metric(&m, "subscription_snapshot_refresh{result=\"resync\"}").unwrap_or(0) >= 1,
+        "the resync is counted"
+    );
+    let st = get_json(gw.api_url("/status")).await;
+    assert_eq!(st["control_plane"]["revision"], 2, "{st}");
+}
