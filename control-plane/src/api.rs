@@ -6,19 +6,18 @@
 //! policy code (refusing it with 422 and every error's line and column), commits it with the
 //! change log entry, publishes it to watching gateways and emits an audit event.
 
-use crate::auth::{Actor, BOOTSTRAP_ID, Role, random_secret, sha256_hex};
+use crate::auth::{Actor, Admin, Editor, Role, Viewer, sha256_hex};
 use crate::error::{ApiError, ErrorBody};
 use crate::state::{AppState, validate};
-use crate::store::{Change, KeyRecord, PolicyVersion, Store, SubjectRecord, TokenRecord};
+use crate::store::{Change, KeyRecord, PolicyVersion, SubjectRecord, TokenRecord};
+use crate::write::{self, Entitlement, NewKey, NewToken, Op, Outcome};
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
-use quota::audit::EventBody;
-use quota::names::{self, NameKind};
-use quota::policy::{PolicyDoc, SubjectEntry};
+use quota::policy::PolicyDoc;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -46,6 +45,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/entitlements", post(change_entitlement))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/tokens/bootstrap/rotate", post(rotate_bootstrap))
+        .route("/v1/revision", get(revision))
         .route("/v1/changes", get(list_changes))
         .route("/v1/watch", get(crate::watch::watch))
         .with_state(state)
@@ -58,9 +59,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         healthz, list_policies, create_policy, active_policy, validate_policy, diff_policies,
         get_policy, rollback_policy, list_tiers, list_subjects, get_subject, put_subject,
         delete_subject, create_key, revoke_key, change_entitlement, list_tokens, create_token,
-        revoke_token, list_changes, crate::watch::watch
+        revoke_token, rotate_bootstrap, revision, list_changes, crate::watch::watch
     ),
-    components(schemas(ErrorBody, PolicyVersion, SubjectRecord, KeyRecord, TokenRecord, Change)),
+    components(schemas(ErrorBody, PolicyVersion, SubjectRecord, KeyRecord, TokenRecord, Change, NewKey, NewToken)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -90,6 +91,20 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     axum::Json(json!({ "status": "ok", "revision": revision }))
 }
 
+/// The latest revision in the database and the one this instance serves. Gateways ask it at a
+/// fixed interval, so a quiet stream cannot hide that they are behind; an instance that finds
+/// itself behind the database publishes at once.
+#[utoipa::path(get, path = "/v1/revision", tag = "gateways", security(("bearer" = [])),
+    responses((status = 200, description = "`{\"revision\": N, \"published\": N}`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn revision(State(state): State<Arc<AppState>>, _: Viewer) -> Result<Response, ApiError> {
+    let stored = state.store.revision().await?;
+    let mut published = state.published.borrow().revision;
+    if stored > published {
+        published = state.publish().await?;
+    }
+    Ok(axum::Json(json!({ "revision": stored, "published": published })).into_response())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Policies
 
@@ -98,9 +113,8 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     responses((status = 200, body = Vec<PolicyVersion>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn list_policies(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     Ok(axum::Json(state.store.policy_history().await?).into_response())
 }
 
@@ -118,11 +132,10 @@ struct PolicyQuery {
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn create_policy(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Editor(actor): Editor,
     Query(q): Query<PolicyQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
     let yaml = yaml_body(&body)?;
     let v = put_policy(&state, &actor, yaml, q.comment.unwrap_or_default()).await?;
     Ok((StatusCode::CREATED, axum::Json(v)).into_response())
@@ -145,35 +158,13 @@ async fn put_policy(
     yaml: String,
     comment: String,
 ) -> Result<PolicyVersion, ApiError> {
-    let _write = state.write_lock.lock().await;
-    let mut snap = state.store.snapshot().await?;
-    let before = snap.policy.as_ref().map(|p| p.version);
-    let next = state
-        .store
-        .policy_history()
-        .await?
-        .first()
-        .map_or(1, |p| p.version + 1);
-    snap.policy = Some(PolicyDoc {
-        version: next,
-        yaml: yaml.clone(),
-    });
-    let compiled = validate(snap).await?;
-    let mut w = state.store.begin().await?;
-    let version =
-        Store::insert_policy(&mut w, &yaml, &compiled.version, &comment, &actor.name).await?;
-    let detail = format!("policy v{version} ({})", compiled.version);
-    Store::commit(w, "policy", &format!("v{version}"), &actor.name, &detail).await?;
-    state.publish_committed().await;
-    state.audit(
-        None,
-        EventBody::PolicyChanged {
-            actor: actor.name.clone(),
-            before_version: before.map(|v| format!("v{v}")),
-            after_version: format!("v{version}"),
-        },
-    );
-    tracing::info!(actor = %actor.name, version, label = %compiled.version, "policy version created");
+    let Outcome::Policy { version, .. } =
+        write::apply(state, actor, Op::Policy { yaml, comment }).await?
+    else {
+        return Err(ApiError::Internal(
+            "a policy write answered otherwise".into(),
+        ));
+    };
     state
         .store
         .policy(version)
@@ -186,9 +177,8 @@ async fn put_policy(
     responses((status = 200, body = PolicyVersion), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn active_policy(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     let p = state
         .store
         .active_policy()
@@ -203,10 +193,9 @@ async fn active_policy(
     responses((status = 200, body = PolicyVersion), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn get_policy(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     Ok(axum::Json(stored_version(&state, &version).await?).into_response())
 }
 
@@ -230,10 +219,9 @@ async fn stored_version(state: &AppState, version: &str) -> Result<PolicyVersion
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn validate_policy(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Editor,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
     let yaml = yaml_body(&body)?;
     let mut snap = state.store.snapshot().await?;
     let next = snap.policy.as_ref().map_or(1, |p| p.version + 1);
@@ -268,10 +256,9 @@ struct DiffQuery {
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn diff_policies(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
     Query(q): Query<DiffQuery>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     let from = stored_version(&state, &q.from).await?;
     let to = match &q.to {
         Some(v) => stored_version(&state, v).await?,
@@ -297,10 +284,9 @@ async fn diff_policies(
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn rollback_policy(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Editor(actor): Editor,
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
     let old = stored_version(&state, &version).await?;
     let comment = format!("rollback to v{}", old.version);
     let p = put_policy(&state, &actor, old.yaml.unwrap_or_default(), comment).await?;
@@ -310,11 +296,7 @@ async fn rollback_policy(
 /// The tiers of the active policy and the quota types each includes.
 #[utoipa::path(get, path = "/v1/tiers", tag = "subjects", security(("bearer" = [])),
     responses((status = 200, description = "`{\"tier\": [\"quota type\", …]}`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn list_tiers(
-    State(state): State<Arc<AppState>>,
-    actor: Actor,
-) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
+async fn list_tiers(State(state): State<Arc<AppState>>, _: Viewer) -> Result<Response, ApiError> {
     let mut snap = state.store.snapshot().await?;
     snap.subjects.clear();
     let p = validate(snap).await?;
@@ -338,9 +320,8 @@ async fn list_tiers(
     responses((status = 200, body = Vec<SubjectRecord>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn list_subjects(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     Ok(axum::Json(state.store.subjects().await?).into_response())
 }
 
@@ -349,10 +330,9 @@ async fn list_subjects(
     responses((status = 200, body = SubjectRecord), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn get_subject(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     let s = state
         .store
         .subject(&id)
@@ -380,123 +360,25 @@ struct PutSubject {
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn put_subject(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Editor(actor): Editor,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
     let req: PutSubject = json_body(&body)?;
-    check_subject_names(&id, &req.tier, req.overrides.iter().flat_map(|o| o.keys()))?;
-    let _write = state.write_lock.lock().await;
-    let mut snap = state.store.snapshot().await?;
-    require_policy(&snap)?;
-    let before = snap.subjects.iter().find(|s| s.id == id).cloned();
-    let entry = SubjectEntry {
+    let op = Op::PutSubject {
         id: id.clone(),
         tier: req.tier,
-        time_zone: req
-            .time_zone
-            .or_else(|| before.as_ref().map(|b| b.time_zone.clone()))
-            .unwrap_or_else(|| "UTC".into()),
-        enabled: req
-            .enabled
-            .or(before.as_ref().map(|b| b.enabled))
-            .unwrap_or(true),
-        overrides: req
-            .overrides
-            .or_else(|| before.as_ref().map(|b| b.overrides.clone()))
-            .unwrap_or_default(),
-        key_sha256: before
-            .as_ref()
-            .map(|b| b.key_sha256.clone())
-            .unwrap_or_default(),
+        time_zone: req.time_zone,
+        overrides: req.overrides,
+        enabled: req.enabled,
     };
-    write_subject(
-        &state,
-        &actor,
-        &mut snap,
-        entry,
-        before.map(|b| b.tier),
-        None,
-    )
-    .await?;
-    drop(_write);
+    write::apply(&state, &actor, op).await?;
     let s = state.store.subject(&id).await?;
     Ok(axum::Json(s).into_response())
 }
 
-/// A name from a request checked by the one rule of `quota::names` (subject ids, tiers and quota
-/// types end up in Redis keys, metric labels and the ledger): 400 with the reason otherwise.
-fn check_name(kind: NameKind, name: &str) -> Result<(), ApiError> {
-    names::check(kind, name).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-/// The names a subject write brings: its id, tier and the quota types it overrides.
-fn check_subject_names<'a>(
-    id: &str,
-    tier: &str,
-    overrides: impl IntoIterator<Item = &'a String>,
-) -> Result<(), ApiError> {
-    check_name(NameKind::Subject, id)?;
-    check_name(NameKind::Tier, tier)?;
-    for quota in overrides {
-        check_name(NameKind::QuotaType, quota)?;
-    }
-    Ok(())
-}
-
-fn require_policy(snap: &quota::policy::Snapshot) -> Result<(), ApiError> {
-    if snap.policy.is_none() {
-        return Err(ApiError::Conflict(
-            "upload a policy first (POST /v1/policies): a subject's tier is checked against it"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
 fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
-}
-
-/// Validate the snapshot with `entry` in place, then write it; the caller holds the write lock.
-async fn write_subject(
-    state: &AppState,
-    actor: &Actor,
-    snap: &mut quota::policy::Snapshot,
-    mut entry: SubjectEntry,
-    before_tier: Option<String>,
-    idempotency: Option<(&str, &str, serde_json::Value)>,
-) -> Result<u64, ApiError> {
-    snap.subjects.retain(|s| s.id != entry.id);
-    snap.subjects.push(entry.clone());
-    validate(snap.clone()).await?;
-    entry.key_sha256.clear();
-    let mut w = state.store.begin().await?;
-    Store::upsert_subject(&mut w, &entry, &actor.name).await?;
-    let revision = w.revision;
-    if let Some((key, request_sha, mut response)) = idempotency {
-        response["revision"] = revision.into();
-        Store::record_entitlement_request(&mut w, key, request_sha, &response.to_string()).await?;
-    }
-    let detail = format!(
-        "tier {} → {}, time zone {}, enabled {}",
-        before_tier.as_deref().unwrap_or("(new)"),
-        entry.tier,
-        entry.time_zone,
-        entry.enabled
-    );
-    Store::commit(w, "subject", &entry.id, &actor.name, &detail).await?;
-    state.publish_committed().await;
-    state.audit(
-        Some(&entry.id),
-        EventBody::EntitlementChanged {
-            actor: actor.name.clone(),
-            before_tier,
-            after_tier: entry.tier.clone(),
-        },
-    );
-    Ok(revision)
 }
 
 /// Delete a subject and its keys.
@@ -505,37 +387,11 @@ async fn write_subject(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn delete_subject(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Editor(actor): Editor,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
-    let _write = state.write_lock.lock().await;
-    let before = state.store.subject(&id).await?;
-    let mut w = state.store.begin().await?;
-    if !Store::delete_subject(&mut w, &id).await? {
-        return Err(ApiError::NotFound(format!("no subject `{id}`")));
-    }
-    Store::commit(w, "subject", &id, &actor.name, "deleted").await?;
-    state.publish_committed().await;
-    state.audit(
-        Some(&id),
-        EventBody::EntitlementChanged {
-            actor: actor.name.clone(),
-            before_tier: before.map(|b| b.tier),
-            after_tier: String::new(),
-        },
-    );
+    write::apply(&state, &actor, Op::DeleteSubject { id }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-struct NewKey {
-    id: String,
-    /// The API key. Shown this once: only its hash is stored.
-    key: String,
-    prefix: String,
-    subject: String,
-    revision: u64,
 }
 
 /// Issue an API key for a subject. The response is the only time the key is shown.
@@ -544,39 +400,14 @@ struct NewKey {
     responses((status = 201, body = NewKey), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn create_key(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Editor(actor): Editor,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
-    let _write = state.write_lock.lock().await;
-    if state.store.subject(&id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no subject `{id}`")));
-    }
-    let key = format!("tg_{}", random_secret());
-    let key_id = random_secret()[..16].to_string();
-    let prefix = key[..10].to_string();
-    let mut w = state.store.begin().await?;
-    let revision = w.revision;
-    Store::insert_key(
-        &mut w,
-        &id,
-        &key_id,
-        &quota::policy::key_sha256_hex(&key),
-        &prefix,
-        &actor.name,
-    )
-    .await?;
-    let detail = format!("key {key_id} ({prefix}…) issued");
-    Store::commit(w, "key", &id, &actor.name, &detail).await?;
-    state.publish_committed().await;
-    let body = NewKey {
-        id: key_id,
-        key,
-        prefix,
-        subject: id,
-        revision,
+    let Outcome::Key(key) = write::apply(&state, &actor, Op::IssueKey { subject: id }).await?
+    else {
+        return Err(ApiError::Internal("a key write answered otherwise".into()));
     };
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    Ok((StatusCode::CREATED, axum::Json(key)).into_response())
 }
 
 /// Revoke one of a subject's API keys.
@@ -585,19 +416,10 @@ async fn create_key(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn revoke_key(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
-    Path((id, key_id)): Path<(String, String)>,
+    Editor(actor): Editor,
+    Path((subject, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
-    let _write = state.write_lock.lock().await;
-    let mut w = state.store.begin().await?;
-    if !Store::revoke_key(&mut w, &id, &key_id).await? {
-        return Err(ApiError::NotFound(format!(
-            "subject `{id}` has no active key `{key_id}`"
-        )));
-    }
-    Store::commit(w, "key", &id, &actor.name, &format!("key {key_id} revoked")).await?;
-    state.publish_committed().await;
+    write::apply(&state, &actor, Op::RevokeKey { subject, key_id }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -612,6 +434,9 @@ struct EntitlementChange {
     idempotency_key: Option<String>,
     /// For a subject created by this call; default UTC.
     time_zone: Option<String>,
+    /// When the provider's event happened (RFC 3339). An event older than the last one applied
+    /// to the subject changes nothing and is answered `"superseded": true`.
+    event_time: Option<String>,
 }
 
 /// Set a subject's tier in one call, shaped for a payment webhook (creates the subject if new).
@@ -622,89 +447,45 @@ struct EntitlementChange {
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn change_entitlement(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Editor(actor): Editor,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Editor)?;
     let req: EntitlementChange = json_body(&body)?;
-    check_subject_names(&req.subject, &req.tier, [])?;
     let key = req.idempotency_key.clone().or_else(|| {
         headers
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    // A blank key would make every such call a replay of the first one.
-    if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-        return Err(ApiError::BadRequest(
-            "`idempotency_key` (or the Idempotency-Key header) must not be blank".into(),
-        ));
-    }
-    let request_sha = sha256_hex(
-        &serde_json::to_vec(&(&req.subject, &req.tier, &req.time_zone)).unwrap_or_default(),
-    );
-    let replay = |stored: String, sha: String| -> Result<Response, ApiError> {
-        if sha != request_sha {
-            return Err(ApiError::Conflict(
-                "this idempotency key was used for a different request".into(),
-            ));
-        }
-        let mut v: serde_json::Value = serde_json::from_str(&stored)
-            .map_err(|e| ApiError::Internal(format!("stored response: {e}")))?;
-        v["replayed"] = true.into();
-        Ok(axum::Json(v).into_response())
-    };
-    if let Some(k) = &key
-        && let Some((sha, stored)) = state.store.entitlement_request(k).await?
-    {
-        return replay(stored, sha);
-    }
-    let _write = state.write_lock.lock().await;
-    // Checked again under the lock: a retry may have raced the first call.
-    if let Some(k) = &key
-        && let Some((sha, stored)) = state.store.entitlement_request(k).await?
-    {
-        return replay(stored, sha);
-    }
-    let mut snap = state.store.snapshot().await?;
-    require_policy(&snap)?;
-    let before = snap.subjects.iter().find(|s| s.id == req.subject).cloned();
-    let entry = SubjectEntry {
-        id: req.subject.clone(),
-        tier: req.tier.clone(),
-        time_zone: before
-            .as_ref()
-            .map(|b| b.time_zone.clone())
-            .or(req.time_zone.clone())
-            .unwrap_or_else(|| "UTC".into()),
-        enabled: before.as_ref().is_none_or(|b| b.enabled),
-        overrides: before
-            .as_ref()
-            .map(|b| b.overrides.clone())
-            .unwrap_or_default(),
-        key_sha256: before
-            .as_ref()
-            .map(|b| b.key_sha256.clone())
-            .unwrap_or_default(),
-    };
-    let before_tier = before.map(|b| b.tier);
-    let response = |revision: u64| {
-        json!({
-            "subject": req.subject,
-            "before_tier": before_tier,
-            "after_tier": req.tier,
-            "revision": revision,
-            "replayed": false,
-        })
-    };
-    let idem = key
+    let event_ms = req
+        .event_time
         .as_deref()
-        .map(|k| (k, request_sha.as_str(), response(0)));
-    let revision =
-        write_subject(&state, &actor, &mut snap, entry, before_tier.clone(), idem).await?;
-    tracing::info!(actor = %actor.name, subject = %req.subject, tier = %req.tier, revision, "entitlement changed");
-    Ok(axum::Json(response(revision)).into_response())
+        .map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|d| d.timestamp_millis())
+                .map_err(|e| {
+                    ApiError::BadRequest(format!("`event_time` `{t}`: expected RFC 3339: {e}"))
+                })
+        })
+        .transpose()?;
+    let request_sha = sha256_hex(
+        &serde_json::to_vec(&(&req.subject, &req.tier, &req.time_zone, event_ms))
+            .unwrap_or_default(),
+    );
+    let op = Op::Entitlement(Entitlement {
+        subject: req.subject,
+        tier: req.tier,
+        time_zone: req.time_zone,
+        idempotency: key.map(|k| (k, request_sha)),
+        event_ms,
+    });
+    let Outcome::Entitlement(answer) = write::apply(&state, &actor, op).await? else {
+        return Err(ApiError::Internal(
+            "an entitlement write answered otherwise".into(),
+        ));
+    };
+    Ok(axum::Json(answer).into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -713,11 +494,7 @@ async fn change_entitlement(
 /// Every admin token (never the tokens themselves).
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
     responses((status = 200, body = Vec<TokenRecord>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn list_tokens(
-    State(state): State<Arc<AppState>>,
-    actor: Actor,
-) -> Result<Response, ApiError> {
-    actor.require(Role::Admin)?;
+async fn list_tokens(State(state): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     Ok(axum::Json(state.store.tokens().await?).into_response())
 }
 
@@ -730,25 +507,15 @@ struct NewTokenRequest {
     role: String,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-struct NewToken {
-    id: String,
-    name: String,
-    role: String,
-    /// Shown this once: only its hash is stored.
-    token: String,
-}
-
 /// Create a token.
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
     request_body = NewTokenRequest,
     responses((status = 201, body = NewToken), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn create_token(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Admin(actor): Admin,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Admin)?;
     let req: NewTokenRequest = json_body(&body)?;
     let role = Role::parse(&req.role).ok_or_else(|| {
         ApiError::BadRequest(format!(
@@ -756,30 +523,16 @@ async fn create_token(
             req.role
         ))
     })?;
-    if req.name.trim().is_empty() {
-        return Err(ApiError::BadRequest("`name` must not be empty".into()));
-    }
-    let id = random_secret()[..16].to_string();
-    let token = format!("tga_{id}_{}", random_secret());
-    state
-        .store
-        .put_token(
-            &id,
-            &req.name,
-            role.name(),
-            &sha256_hex(token.as_bytes()),
-            &actor.name,
-            false,
-        )
-        .await?;
-    tracing::info!(actor = %actor.name, id = %id, name = %req.name, role = role.name(), "token created");
-    let body = NewToken {
-        id,
+    let op = Op::CreateToken {
         name: req.name,
-        role: role.name().into(),
-        token,
+        role,
     };
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    let Outcome::Token(token) = write::apply(&state, &actor, op).await? else {
+        return Err(ApiError::Internal(
+            "a token write answered otherwise".into(),
+        ));
+    };
+    Ok((StatusCode::CREATED, axum::Json(token)).into_response())
 }
 
 /// Revoke a token at once.
@@ -788,20 +541,27 @@ async fn create_token(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn revoke_token(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Admin)?;
-    if id == BOOTSTRAP_ID {
-        return Err(ApiError::Conflict(
-            "the bootstrap token is set by the operator at start; change it there".into(),
-        ));
-    }
-    if !state.store.revoke_token(&id).await? {
-        return Err(ApiError::NotFound(format!("no active token `{id}`")));
-    }
-    tracing::info!(actor = %actor.name, id = %id, "token revoked");
+    write::apply(&state, &actor, Op::RevokeToken { id }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Replace the bootstrap admin token with a new one (shown once); the old one is refused from
+/// now on, also when a later start passes it in `TOLLGATE_ADMIN_TOKEN`.
+#[utoipa::path(post, path = "/v1/tokens/bootstrap/rotate", tag = "tokens", security(("bearer" = [])),
+    responses((status = 201, body = NewToken), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn rotate_bootstrap(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+) -> Result<Response, ApiError> {
+    let Outcome::Token(token) = write::apply(&state, &actor, Op::RotateBootstrap).await? else {
+        return Err(ApiError::Internal(
+            "a token write answered otherwise".into(),
+        ));
+    };
+    Ok((StatusCode::CREATED, axum::Json(token)).into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -816,10 +576,9 @@ struct ChangesQuery {
     responses((status = 200, body = Vec<Change>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn list_changes(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    _: Viewer,
     Query(q): Query<ChangesQuery>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     let limit = q.limit.unwrap_or(100).min(10_000);
     Ok(axum::Json(state.store.changes(limit).await?).into_response())
 }

@@ -109,16 +109,59 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// Who holds `token`, if it is a live token.
 pub async fn verify(state: &AppState, token: &str) -> Result<Actor, ApiError> {
-    let Some((name, role, hash)) = state.store.token(token_id(token)).await? else {
+    let Some(stored) = state.store.token(token_id(token)).await? else {
         return Err(ApiError::Unauthorized);
     };
-    if !constant_time_eq(sha256_hex(token.as_bytes()).as_bytes(), hash.as_bytes()) {
+    if !constant_time_eq(
+        sha256_hex(token.as_bytes()).as_bytes(),
+        stored.sha256.as_bytes(),
+    ) {
         return Err(ApiError::Unauthorized);
     }
-    let role = Role::parse(&role)
-        .ok_or_else(|| ApiError::Internal(format!("token `{name}` has an unknown role")))?;
+    let role = Role::parse(&stored.role).ok_or_else(|| {
+        ApiError::Internal(format!("token `{}` has an unknown role", stored.name))
+    })?;
     Ok(Actor {
-        name: format!("token:{name}"),
+        name: format!("token:{}", stored.name),
         role,
     })
 }
+
+/// Role guards as extractors: a handler that takes `Editor` runs only for an editor or admin
+/// token, and gets the caller as `.0`.
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Actor);
+
+        impl FromRequestParts<Arc<AppState>> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &Arc<AppState>,
+            ) -> Result<Self, Self::Rejection> {
+                let actor = Actor::from_request_parts(parts, state).await?;
+                actor.require($role)?;
+                Ok(Self(actor))
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// Any valid token: reads.
+    Viewer,
+    Role::Viewer
+);
+role_extractor!(
+    /// Editor or admin: policies, subjects, keys, entitlements.
+    Editor,
+    Role::Editor
+);
+role_extractor!(
+    /// Admin: tokens.
+    Admin,
+    Role::Admin
+);

@@ -1,5 +1,7 @@
 //! The API's errors: one enum, each variant one status code, every body `{error, detail}` (plus
-//! `errors`, one line each, when a policy or subject is refused).
+//! `errors`, one line each, when a policy or subject is refused). An internal error's cause (a
+//! database message, say) is logged, never sent: the client gets a fixed message and an error id
+//! that the log line carries too.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -33,7 +35,13 @@ pub struct ErrorBody {
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// Internal errors only: the id of the log line that holds the cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_id: Option<String>,
 }
+
+/// What a client is told about an internal error, whatever its cause.
+pub const INTERNAL_MESSAGE: &str = "internal error: nothing more is said here; the operator finds the cause in the control plane's log under this error id";
 
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str) {
@@ -52,17 +60,24 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(error = %self, "request failed");
-        }
+        let mut error_id = None;
+        let detail = if let Self::Internal(cause) = &self {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            tracing::error!(error_id = %id, cause = %cause, "request failed");
+            error_id = Some(id);
+            INTERNAL_MESSAGE.to_string()
+        } else {
+            self.to_string()
+        };
         let errors = match &self {
             Self::Invalid { errors, .. } => errors.clone(),
             _ => Vec::new(),
         };
         let body = ErrorBody {
             error: code,
-            detail: self.to_string(),
+            detail,
             errors,
+            error_id,
         };
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {

@@ -143,6 +143,7 @@ fn prepare(d: &Delivered) -> Result<Prepared<'_>, String> {
         ),
         EventBody::PolicyChanged { .. } => ("PolicyChanged", vec![plain("", 0, None)]),
         EventBody::EntitlementChanged { .. } => ("EntitlementChanged", vec![plain("", 0, None)]),
+        EventBody::CredentialChanged { .. } => ("CredentialChanged", vec![plain("", 0, None)]),
     };
     Ok(Prepared {
         d,

@@ -7,9 +7,11 @@ pub mod auth;
 pub mod error;
 pub mod ledger;
 pub mod reconcile;
+pub mod secrets;
 pub mod state;
 pub mod store;
 pub mod watch;
+pub mod write;
 
 pub use api::app;
 pub use state::AppState;

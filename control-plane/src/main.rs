@@ -3,14 +3,18 @@
 use anyhow::Context;
 use audit_kafka::{AccountingConsumer, ConsumerConfig, KafkaSink, KafkaSinkConfig};
 use clap::{Parser, Subcommand};
-use control_plane::auth::{BOOTSTRAP_ID, sha256_hex};
+use control_plane::auth::{Actor, BOOTSTRAP_ID, Role, sha256_hex};
 use control_plane::ledger::Ledger;
+use control_plane::write::{self, Op, Outcome};
 use control_plane::{AppState, Store};
 use quota::audit::{AuditSink, JsonlSink, NoSink};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The actor of changes made at start from the operator's configuration.
+const OPERATOR: &str = "operator";
 
 #[derive(Parser)]
 #[command(name = "control-plane", version, about = "Tollgate control plane")]
@@ -28,6 +32,34 @@ enum Command {
     Accounting(AccountingArgs),
     /// Compare the ledger's totals of a day with a gateway's live daily counters.
     Reconcile(ReconcileArgs),
+    /// Rotate or revoke the bootstrap admin token, directly in the database (for when no admin
+    /// token is at hand).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[command(subcommand)]
+    action: TokenAction,
+    /// The control plane's database: `sqlite://FILE` or `postgres://…`.
+    #[arg(
+        long,
+        global = true,
+        default_value = "sqlite://tollgate-control-plane.db"
+    )]
+    database: String,
+    /// Append the audit event of the change to this JSONL file.
+    #[arg(long, global = true)]
+    audit_log: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Replace the bootstrap token with a new one, printed once; the old one is refused from now
+    /// on (also when a later start passes it in TOLLGATE_ADMIN_TOKEN).
+    RotateBootstrap,
+    /// Revoke the bootstrap token (another admin token must exist).
+    RevokeBootstrap,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +162,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Accounting(args) => rt.block_on(accounting(args)),
+        Command::Token(args) => rt.block_on(token(args)),
         Command::Reconcile(args) => {
             let clean = rt.block_on(reconcile(args))?;
             // Non-zero when the ledger and the counters disagree (or the ledger holds messages or
@@ -224,31 +257,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
     };
-    match bootstrap {
-        Some(token) => {
-            anyhow::ensure!(
-                token.len() >= 16,
-                "the bootstrap admin token must be at least 16 characters"
-            );
-            store
-                .put_token(
-                    BOOTSTRAP_ID,
-                    "bootstrap",
-                    "admin",
-                    &sha256_hex(token.as_bytes()),
-                    "operator",
-                    true,
-                )
-                .await?;
-        }
-        None => {
-            let admins = store.tokens().await?;
-            anyhow::ensure!(
-                admins.iter().any(|t| t.role == "admin" && !t.revoked),
-                "no admin token: set TOLLGATE_ADMIN_TOKEN or pass --admin-token-file"
-            );
-        }
-    }
     let mut kafka = None;
     let audit: Box<dyn AuditSink> = match (&args.audit_log, args.audit_kafka) {
         (Some(path), _) => Box::new(JsonlSink::open(path)?),
@@ -268,6 +276,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_millis(args.heartbeat_ms.max(100)),
     )
     .await?;
+    install_bootstrap(&state, bootstrap).await?;
+    let operator = Actor {
+        name: OPERATOR.into(),
+        role: Role::Admin,
+    };
+    apply(&state, &operator, Op::HashStoredKeys).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -298,6 +312,90 @@ fn key_values(flag: &str, options: &[String]) -> anyhow::Result<Vec<(String, Str
             Ok((k.trim().to_string(), v.trim().to_string()))
         })
         .collect()
+}
+
+/// The bootstrap admin token rule. With `TOLLGATE_ADMIN_TOKEN` (or `--admin-token-file`): that
+/// token becomes the bootstrap token, unless it was rotated or revoked before (then start fails:
+/// a leaked token must not come back with a restart). Without it: a bootstrap token that came from
+/// the environment is revoked, and another admin token must exist; one rotated through the API or
+/// `control-plane token rotate-bootstrap` stays valid (its holder got it from there).
+async fn install_bootstrap(state: &AppState, token: Option<String>) -> anyhow::Result<()> {
+    let operator = Actor {
+        name: OPERATOR.into(),
+        role: Role::Admin,
+    };
+    let current = state.store.token(BOOTSTRAP_ID).await?;
+    match token {
+        Some(token) => {
+            anyhow::ensure!(
+                token.len() >= 16,
+                "the bootstrap admin token must be at least 16 characters"
+            );
+            let sha256 = sha256_hex(token.as_bytes());
+            anyhow::ensure!(
+                !state.store.is_retired(&sha256).await?,
+                "TOLLGATE_ADMIN_TOKEN holds a bootstrap token that was rotated or revoked: set a new one, or leave it unset when another admin token exists"
+            );
+            if current.is_none_or(|c| c.sha256 != sha256) {
+                apply(state, &operator, Op::SetBootstrap { sha256 }).await?;
+            }
+        }
+        None => {
+            if current.is_some_and(|c| c.created_by == OPERATOR) {
+                let revoke = Op::RevokeToken {
+                    id: BOOTSTRAP_ID.into(),
+                };
+                apply(state, &operator, revoke).await.context(
+                    "no admin token: set TOLLGATE_ADMIN_TOKEN or pass --admin-token-file",
+                )?;
+                tracing::info!(
+                    "started without TOLLGATE_ADMIN_TOKEN: the earlier bootstrap token is revoked"
+                );
+            }
+            let admins = state.store.tokens().await?;
+            anyhow::ensure!(
+                admins.iter().any(|t| t.role == "admin" && !t.revoked),
+                "no admin token: set TOLLGATE_ADMIN_TOKEN or pass --admin-token-file"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn apply(state: &AppState, actor: &Actor, op: Op) -> anyhow::Result<Outcome> {
+    write::apply(state, actor, op)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&args.database)
+        .await
+        .with_context(|| format!("opening the database {}", redact(&args.database)))?;
+    let audit: Box<dyn AuditSink> = match &args.audit_log {
+        Some(path) => Box::new(JsonlSink::open(path)?),
+        None => Box::new(NoSink),
+    };
+    let state = AppState::new(store, audit, Duration::from_secs(5)).await?;
+    let actor = Actor {
+        name: "cli".into(),
+        role: Role::Admin,
+    };
+    match args.action {
+        TokenAction::RotateBootstrap => {
+            if let Outcome::Token(t) = apply(&state, &actor, Op::RotateBootstrap).await? {
+                println!("{}", t.token);
+            }
+        }
+        TokenAction::RevokeBootstrap => {
+            let op = Op::RevokeToken {
+                id: BOOTSTRAP_ID.into(),
+            };
+            apply(&state, &actor, op).await?;
+            println!("bootstrap token revoked");
+        }
+    }
+    Ok(())
 }
 
 /// SIGINT or SIGTERM.

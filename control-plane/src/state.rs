@@ -1,5 +1,8 @@
-//! The control plane's shared state: the store, the write lock that orders revisions, the latest
-//! published snapshot that watch streams send, and the audit sink admin changes go to.
+//! The control plane's shared state: the store, the write lock that orders this process's writes,
+//! the latest published snapshot that watch streams send, and the audit sink admin changes go to.
+//! On PostgreSQL it also follows the other instances' commits (`LISTEN`, with a catch-up read
+//! whenever the listening connection is new), so a gateway following any instance gets every
+//! revision.
 
 use crate::error::ApiError;
 use crate::store::{Store, StoreError};
@@ -38,6 +41,51 @@ pub struct AppState {
 
 /// How often a change that could not be published is tried again.
 const REPUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// On a shared database, every this many ticks the latest revision is read even without news.
+const CATCH_UP_EVERY_TICKS: u64 = 4;
+
+/// Publish every revision any instance commits: `LISTEN` on the revision channel; after each
+/// (re)connect read the latest state, since notifications sent meanwhile are lost.
+async fn follow_database(state: std::sync::Weak<AppState>, url: String) {
+    use sqlx::postgres::PgListener;
+    loop {
+        let listener = match PgListener::connect(&url).await {
+            Ok(mut l) => match l.listen(crate::store::REVISION_CHANNEL).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for other instances' revisions");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to listen for other instances' revisions");
+                None
+            }
+        };
+        if let Some(mut listener) = listener {
+            loop {
+                // Catch up first: on a new connection, and after each notification (one read
+                // serves every notification that arrived meanwhile).
+                let Some(st) = state.upgrade() else { return };
+                st.publish_committed().await;
+                drop(st);
+                match listener.try_recv().await {
+                    Ok(Some(_)) => while listener.next_buffered().is_some() {},
+                    // The connection was lost; `try_recv` reconnects, then we catch up.
+                    Ok(None) => tracing::warn!("revision listener reconnecting"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "revision listener failed; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        if state.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
 
 impl AppState {
     pub async fn new(
@@ -59,17 +107,24 @@ impl AppState {
         });
         // Retries a failed publish; ends with the state (it holds only a weak reference).
         let weak = Arc::downgrade(&state);
+        let shared = state.store.postgres_url().is_some();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REPUBLISH_EVERY);
+            let mut ticks: u64 = 0;
             loop {
                 tick.tick().await;
+                ticks += 1;
                 let Some(state) = weak.upgrade() else { return };
-                if state.unpublished.load(Ordering::Relaxed) {
-                    let _write = state.write_lock.lock().await;
+                // Shared database: a periodic look as well, should a notification ever be lost.
+                let look = shared && ticks.is_multiple_of(CATCH_UP_EVERY_TICKS);
+                if state.unpublished.load(Ordering::Relaxed) || look {
                     state.publish_committed().await;
                 }
             }
         });
+        if let Some(url) = state.store.postgres_url() {
+            tokio::spawn(follow_database(Arc::downgrade(&state), url.to_string()));
+        }
         Ok(state)
     }
 

@@ -3,13 +3,15 @@
 //! PostgreSQL, chosen by the URL; the schema is created at start.
 //!
 //! Every write runs in one transaction that also appends to `changes`, whose primary key is the
-//! revision: two writers that raced for the same revision cannot both commit.
+//! revision: two writers that raced for the same revision cannot both commit. On PostgreSQL the
+//! transaction first takes an advisory lock, so any number of control-plane processes sharing the
+//! database write one at a time, and announces its revision with `NOTIFY` at commit.
 
 use crate::error::ApiError;
 use quota::policy::{PolicyDoc, Snapshot, SubjectEntry};
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
@@ -35,7 +37,19 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS entitlement_requests (
         idempotency_key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL,
         response TEXT NOT NULL, created_at_ms BIGINT NOT NULL)",
+    // The provider's time of the newest entitlement event applied per subject: an older event
+    // that arrives later must not undo it.
+    "CREATE TABLE IF NOT EXISTS entitlement_events (
+        subject_id TEXT PRIMARY KEY, event_ms BIGINT NOT NULL, revision BIGINT NOT NULL)",
+    // Hashes of bootstrap tokens that were rotated or revoked: never accepted again at start.
+    "CREATE TABLE IF NOT EXISTS retired_tokens (
+        sha256 TEXT PRIMARY KEY, retired_at_ms BIGINT NOT NULL)",
 ];
+
+/// The PostgreSQL channel a committed revision is announced on.
+pub const REVISION_CHANNEL: &str = "tollgate_revisions";
+/// The advisory lock every writer holds for its transaction (an arbitrary fixed number).
+const WRITE_LOCK_KEY: i64 = 7_467_265_310;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +62,18 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The URL, for the PostgreSQL notification listener (never logged: it may hold a password).
+    url: String,
+    postgres: bool,
+}
+
+/// A token as stored: enough to verify a presented one.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    pub name: String,
+    pub role: String,
+    pub sha256: String,
+    pub created_by: String,
 }
 
 /// A policy version as listed in its history.
@@ -116,6 +142,7 @@ pub struct Write<'a> {
     pub tx: sqlx::Transaction<'a, sqlx::Any>,
     pub revision: u64,
     pub now_ms: i64,
+    postgres: bool,
 }
 
 pub fn rfc3339_ms(ms: i64) -> String {
@@ -157,11 +184,20 @@ impl Store {
         for stmt in SCHEMA {
             sqlx::query(*stmt).execute(&pool).await?;
         }
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            postgres: url.starts_with("postgres"),
+            url,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The PostgreSQL URL when the store is shared through PostgreSQL (several instances may run).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres.then_some(self.url.as_str())
     }
 
     pub async fn revision(&self) -> Result<u64, StoreError> {
@@ -171,10 +207,19 @@ impl Store {
         Ok(u(row.try_get::<i64, _>("r")?))
     }
 
-    /// Start a write at the next revision. The caller holds the control plane's write lock, so
-    /// the revision read here is still the latest when the transaction commits.
+    /// Start a write at the next revision. The caller holds the process's write lock; on
+    /// PostgreSQL the transaction also takes the database-wide advisory lock, so the revision read
+    /// here (and everything read through the transaction) is still the latest when it commits,
+    /// whichever instance writes.
     pub async fn begin(&self) -> Result<Write<'static>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        if self.postgres {
+            // Cast: the `Any` driver cannot decode `void`.
+            sqlx::query("SELECT CAST(pg_advisory_xact_lock($1) AS TEXT) AS l")
+                .bind(WRITE_LOCK_KEY)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
         let row = sqlx::query("SELECT COALESCE(MAX(revision), 0) AS r FROM changes")
             .fetch_one(&mut *tx)
             .await?;
@@ -183,22 +228,38 @@ impl Store {
             tx,
             revision,
             now_ms: now_ms(),
+            postgres: self.postgres,
         })
     }
 
-    /// The state a gateway enforces, optionally with a change not yet written (for validation).
+    /// The state a gateway enforces.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let revision = self.revision().await?;
-        let policy = self.active_policy().await?.map(|p| PolicyDoc {
-            version: p.version,
-            yaml: p.yaml.unwrap_or_default(),
-        });
+        let mut conn = self.pool.acquire().await?;
+        Self::read_snapshot(&mut conn).await
+    }
+
+    /// The state a gateway enforces, read through `conn` (a write's transaction reads the state it
+    /// changes under its lock).
+    pub async fn read_snapshot(conn: &mut AnyConnection) -> Result<Snapshot, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(revision), 0) AS r FROM changes")
+            .fetch_one(&mut *conn)
+            .await?;
+        let revision = u(row.try_get::<i64, _>("r")?);
+        let policy = sqlx::query("SELECT * FROM policy_versions ORDER BY version DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?
+            .map(|r| policy_row(&r, true))
+            .transpose()?
+            .map(|p| PolicyDoc {
+                version: p.version,
+                yaml: p.yaml.unwrap_or_default(),
+            });
         let mut subjects = Vec::new();
         let mut hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for row in sqlx::query(
             "SELECT subject_id, sha256 FROM api_keys WHERE revoked_at_ms IS NULL ORDER BY id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?
         {
             hashes
@@ -207,7 +268,7 @@ impl Store {
                 .push(row.try_get("sha256")?);
         }
         for row in sqlx::query("SELECT * FROM subjects ORDER BY id")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?
         {
             let s = subject_row(&row)?;
@@ -437,6 +498,13 @@ impl Store {
         .bind(detail)
         .execute(&mut *w.tx)
         .await?;
+        if w.postgres {
+            // Delivered at commit to every instance listening (a number: nothing to escape).
+            let notify = format!("NOTIFY {REVISION_CHANNEL}, '{}'", w.revision);
+            sqlx::query(sqlx::AssertSqlSafe(notify))
+                .execute(&mut *w.tx)
+                .await?;
+        }
         w.tx.commit().await?;
         Ok(w.revision)
     }
@@ -461,16 +529,17 @@ impl Store {
     }
 
     /// The stored answer to an earlier webhook call with this idempotency key, and the hash of
-    /// that call's body.
+    /// that call's body; read through a write's transaction, so a retry racing the first call
+    /// (through any instance) waits for it.
     pub async fn entitlement_request(
-        &self,
+        w: &mut Write<'_>,
         key: &str,
     ) -> Result<Option<(String, String)>, StoreError> {
         let row = sqlx::query(
             "SELECT request_sha256, response FROM entitlement_requests WHERE idempotency_key = $1",
         )
         .bind(key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *w.tx)
         .await?;
         row.map(|r| Ok((r.try_get("request_sha256")?, r.try_get("response")?)))
             .transpose()
@@ -495,16 +564,81 @@ impl Store {
         Ok(())
     }
 
-    /// The role of an unrevoked token, by its id; with the stored hash to compare.
-    pub async fn token(&self, id: &str) -> Result<Option<(String, String, String)>, StoreError> {
+    /// The provider's time of the newest entitlement event applied to `subject`.
+    pub async fn entitlement_event(
+        w: &mut Write<'_>,
+        subject: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT event_ms FROM entitlement_events WHERE subject_id = $1")
+            .bind(subject)
+            .fetch_optional(&mut *w.tx)
+            .await?;
+        Ok(row.map(|r| r.try_get("event_ms")).transpose()?)
+    }
+
+    pub async fn record_entitlement_event(
+        w: &mut Write<'_>,
+        subject: &str,
+        event_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO entitlement_events (subject_id, event_ms, revision) VALUES ($1, $2, $3)
+             ON CONFLICT (subject_id) DO UPDATE SET event_ms = $2, revision = $3",
+        )
+        .bind(subject)
+        .bind(event_ms)
+        .bind(w.revision as i64)
+        .execute(&mut *w.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// An unrevoked token by its id.
+    pub async fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Self::token_on(&mut conn, id).await
+    }
+
+    async fn token_on(
+        conn: &mut AnyConnection,
+        id: &str,
+    ) -> Result<Option<StoredToken>, StoreError> {
         let row = sqlx::query(
-            "SELECT name, role, sha256 FROM admin_tokens WHERE id = $1 AND revoked_at_ms IS NULL",
+            "SELECT name, role, sha256, created_by FROM admin_tokens
+             WHERE id = $1 AND revoked_at_ms IS NULL",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
-        row.map(|r| Ok((r.try_get("name")?, r.try_get("role")?, r.try_get("sha256")?)))
-            .transpose()
+        row.map(|r| {
+            Ok(StoredToken {
+                name: r.try_get("name")?,
+                role: r.try_get("role")?,
+                sha256: r.try_get("sha256")?,
+                created_by: r.try_get("created_by")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// An unrevoked token, read through a write's transaction.
+    pub async fn live_token(
+        w: &mut Write<'_>,
+        id: &str,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        Self::token_on(&mut w.tx, id).await
+    }
+
+    /// How many unrevoked admin tokens there are besides `except`.
+    pub async fn other_admins(w: &mut Write<'_>, except: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM admin_tokens
+             WHERE role = 'admin' AND revoked_at_ms IS NULL AND id <> $1",
+        )
+        .bind(except)
+        .fetch_one(&mut *w.tx)
+        .await?;
+        Ok(u(row.try_get::<i64, _>("n")?))
     }
 
     pub async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -525,10 +659,11 @@ impl Store {
             .collect()
     }
 
-    /// Insert a token; with `replace`, one with the same id is replaced (the bootstrap token is
-    /// re-written at every start). Without it an id clash is an error, never a silent takeover.
+    /// Insert a token; with `replace`, one with the same id is replaced (the bootstrap token).
+    /// Without it an id clash is an error, never a silent takeover.
+    #[allow(clippy::too_many_arguments)]
     pub async fn put_token(
-        &self,
+        w: &mut Write<'_>,
         id: &str,
         name: &str,
         role: &str,
@@ -539,7 +674,8 @@ impl Store {
         let sql = if replace {
             "INSERT INTO admin_tokens (id, name, role, sha256, created_by, created_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET name = $2, role = $3, sha256 = $4, revoked_at_ms = NULL"
+             ON CONFLICT (id) DO UPDATE SET name = $2, role = $3, sha256 = $4, created_by = $5,
+                created_at_ms = $6, revoked_at_ms = NULL"
         } else {
             "INSERT INTO admin_tokens (id, name, role, sha256, created_by, created_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6)"
@@ -550,21 +686,67 @@ impl Store {
             .bind(role)
             .bind(sha256)
             .bind(actor)
-            .bind(now_ms())
-            .execute(&self.pool)
+            .bind(w.now_ms)
+            .execute(&mut *w.tx)
             .await?;
         Ok(())
     }
 
-    pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+    pub async fn revoke_token(w: &mut Write<'_>, id: &str) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE admin_tokens SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL",
         )
-        .bind(now_ms())
+        .bind(w.now_ms)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *w.tx)
         .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Remember a bootstrap token's hash as retired: it is refused at every later start.
+    pub async fn retire(w: &mut Write<'_>, sha256: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO retired_tokens (sha256, retired_at_ms) VALUES ($1, $2)
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(sha256)
+        .bind(w.now_ms)
+        .execute(&mut *w.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn is_retired(&self, sha256: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM retired_tokens WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    /// Every stored policy document, oldest first (for the start-up rewrite of plain keys).
+    pub async fn policy_documents(w: &mut Write<'_>) -> Result<Vec<(u64, String)>, StoreError> {
+        sqlx::query("SELECT version, yaml FROM policy_versions ORDER BY version")
+            .fetch_all(&mut *w.tx)
+            .await?
+            .iter()
+            .map(|r| Ok((u(r.try_get("version")?), r.try_get("yaml")?)))
+            .collect()
+    }
+
+    /// Replace a stored document in place (only to remove plain-text keys from it).
+    pub async fn rewrite_policy_document(
+        w: &mut Write<'_>,
+        version: u64,
+        yaml: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE policy_versions SET yaml = $1, sha256 = $2 WHERE version = $3")
+            .bind(yaml)
+            .bind(crate::auth::sha256_hex(yaml.as_bytes()))
+            .bind(version as i64)
+            .execute(&mut *w.tx)
+            .await?;
+        Ok(())
     }
 }
 

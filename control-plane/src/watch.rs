@@ -3,7 +3,7 @@
 //! revision as it is committed, and a heartbeat carrying the current revision when idle. Snapshots
 //! are whole, so a gateway that missed revisions only needs the latest one.
 
-use crate::auth::{Actor, Role};
+use crate::auth::Viewer;
 use crate::error::ApiError;
 use crate::state::{AppState, Published};
 use axum::body::Body;
@@ -53,11 +53,10 @@ fn heartbeat(revision: u64, every: std::time::Duration) -> Bytes {
         (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn watch(
     State(state): State<Arc<AppState>>,
-    actor: Actor,
+    Viewer(actor): Viewer,
     headers: HeaderMap,
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, ApiError> {
-    actor.require(Role::Viewer)?;
     // Checked again every heartbeat interval, whatever is sent: a revoked token stops receiving.
     let token = crate::auth::bearer(&headers)
         .unwrap_or_default()

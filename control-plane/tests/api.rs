@@ -85,17 +85,15 @@ async fn api_with(pg: bool, audit: Box<dyn quota::audit::AuditSink>) -> Api {
         ("sqlite::memory:".to_string(), None)
     };
     let store = Store::connect(&url).await.expect("store");
-    store
-        .put_token(
-            "bootstrap",
-            "bootstrap",
-            "admin",
-            &control_plane::auth::sha256_hex(ADMIN.as_bytes()),
-            "test",
-            true,
-        )
-        .await
-        .expect("token");
+    // As an operator's earlier start left it (outside the write path: no revision, no event).
+    sqlx::query(
+        "INSERT INTO admin_tokens (id, name, role, sha256, created_by, created_at_ms)
+         VALUES ('bootstrap', 'bootstrap', 'admin', $1, 'test', 0)",
+    )
+    .bind(control_plane::auth::sha256_hex(ADMIN.as_bytes()))
+    .execute(store.pool())
+    .await
+    .expect("token");
     let state = AppState::new(store, audit, Duration::from_millis(200))
         .await
         .expect("state");
@@ -668,7 +666,7 @@ async fn tokens_and_keys_never_reach_the_logs() {
         .await;
     let text = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
     assert!(
-        text.contains("policy version created"),
+        text.contains("change committed"),
         "logs were captured: {text}"
     );
     for secret in [ADMIN, editor.as_str(), key["key"].as_str().expect("key")] {
@@ -999,4 +997,381 @@ async fn unreadable_messages_are_kept_once_sqlite() {
 #[tokio::test]
 async fn unreadable_messages_are_kept_once_postgres() {
     unreadable_messages_are_kept(true).await;
+}
+
+#[tokio::test]
+async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    let event = |tier: &str, at: &str, id: &str| json!({ "subject": "acme", "tier": tier, "event_time": at, "idempotency_key": id });
+    let (s, b) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("free", "2026-12-01T10:00:00Z", "e1"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // The upgrade happened at 10:05 and arrives first…
+    let (s, up) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("pro", "2026-12-01T10:05:00Z", "e3"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+    assert_eq!(up["superseded"], false);
+    // …then the provider delivers an older downgrade (10:02) late.
+    let (s, late) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("free", "2026-12-01T10:02:00Z", "e2"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{late}");
+    assert_eq!(late["superseded"], true, "{late}");
+    assert_eq!(late["after_tier"], "pro", "{late}");
+    assert_eq!(late["revision"], up["revision"], "nothing was written");
+    let (_, subject) = api
+        .call("GET", "/v1/subjects/acme", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(subject["tier"], "pro", "the newer upgrade stands");
+    // Its retry gets the same answer; a newer event still applies.
+    let (_, again) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("free", "2026-12-01T10:02:00Z", "e2"),
+        )
+        .await;
+    assert_eq!(again["superseded"], true);
+    assert_eq!(again["replayed"], true);
+    let (_, newer) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("free", "2026-12-01T11:00:00Z", "e4"),
+        )
+        .await;
+    assert_eq!(newer["superseded"], false, "{newer}");
+    assert_eq!(newer["after_tier"], "free");
+    let (s, b) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("pro", "yesterday", "e5"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+}
+
+#[tokio::test]
+async fn every_kind_of_write_is_in_the_change_log_and_an_audit_event_with_its_actor() {
+    use quota::audit::EventBody;
+    let events = Arc::new(Collect::default());
+    let api = api_with(false, Box::new(events.clone())).await;
+    let editor = api.token("editor").await;
+    let editor_id = editor.split('_').nth(1).expect("id").to_string();
+    api.call("POST", "/v1/policies", Some(&editor), Body::from(POLICY))
+        .await;
+    api.json(
+        "PUT",
+        "/v1/subjects/acme",
+        &editor,
+        json!({ "tier": "free" }),
+    )
+    .await;
+    api.json(
+        "POST",
+        "/v1/entitlements",
+        &editor,
+        json!({ "subject": "acme", "tier": "pro" }),
+    )
+    .await;
+    let (_, key) = api
+        .call(
+            "POST",
+            "/v1/subjects/acme/keys",
+            Some(&editor),
+            Body::empty(),
+        )
+        .await;
+    let key_id = key["id"].as_str().expect("key id");
+    let (s, _) = api
+        .call(
+            "DELETE",
+            &format!("/v1/subjects/acme/keys/{key_id}"),
+            Some(&editor),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .call("DELETE", "/v1/subjects/acme", Some(&editor), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .call(
+            "DELETE",
+            &format!("/v1/tokens/{editor_id}"),
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, changes) = api
+        .call("GET", "/v1/changes", Some(ADMIN), Body::empty())
+        .await;
+    let mut log: Vec<(String, String, String)> = changes
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap_or_default().to_string(),
+                c["actor"].as_str().unwrap_or_default().to_string(),
+                c["detail"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    log.reverse();
+    let kinds: Vec<(&str, &str)> = log
+        .iter()
+        .map(|(k, a, _)| (k.as_str(), a.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("token", "token:bootstrap"),
+            ("policy", "token:editor"),
+            ("subject", "token:editor"),
+            ("subject", "token:editor"),
+            ("key", "token:editor"),
+            ("key", "token:editor"),
+            ("subject", "token:editor"),
+            ("token", "token:bootstrap"),
+        ],
+        "{log:?}"
+    );
+    assert!(
+        log[4].2.ends_with("issued") && log[5].2.ends_with("revoked"),
+        "{log:?}"
+    );
+    let got: Vec<(String, String)> = events
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| match &e.body {
+            EventBody::PolicyChanged { actor, .. } => ("policy".into(), actor.clone()),
+            EventBody::EntitlementChanged { actor, .. } => ("subject".into(), actor.clone()),
+            EventBody::CredentialChanged {
+                actor,
+                credential,
+                action,
+                ..
+            } => (format!("{credential} {action}"), actor.clone()),
+            other => (format!("{other:?}"), String::new()),
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("token issued", "token:bootstrap"),
+        ("policy", "token:editor"),
+        ("subject", "token:editor"),
+        ("subject", "token:editor"),
+        ("api_key issued", "token:editor"),
+        ("api_key revoked", "token:editor"),
+        ("subject", "token:editor"),
+        ("token revoked", "token:bootstrap"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn the_bootstrap_token_is_rotated_and_revoked() {
+    let api = api(false).await;
+    let (s, rotated) = api
+        .call(
+            "POST",
+            "/v1/tokens/bootstrap/rotate",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{rotated}");
+    let new = rotated["token"].as_str().expect("token").to_string();
+    let (s, _) = api
+        .call("GET", "/v1/tokens", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "the old bootstrap token is dead"
+    );
+    let (s, _) = api
+        .call("GET", "/v1/tokens", Some(&new), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::OK, "the new one works");
+    let retired = control_plane::auth::sha256_hex(ADMIN.as_bytes());
+    assert!(api.state.store.is_retired(&retired).await.expect("store"));
+    // The only admin token cannot be revoked (nobody could manage tokens any more)…
+    let (s, b) = api
+        .call("DELETE", "/v1/tokens/bootstrap", Some(&new), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    // …but once another admin exists it can.
+    let (s, other) = api
+        .json(
+            "POST",
+            "/v1/tokens",
+            &new,
+            json!({ "name": "ops", "role": "admin" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let other = other["token"].as_str().expect("token").to_string();
+    let (s, _) = api
+        .call(
+            "DELETE",
+            "/v1/tokens/bootstrap",
+            Some(&other),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .call("GET", "/v1/tokens", Some(&new), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (_, changes) = api
+        .call("GET", "/v1/changes", Some(&other), Body::empty())
+        .await;
+    let details: Vec<&str> = changes
+        .as_array()
+        .expect("changes")
+        .iter()
+        .filter_map(|c| c["detail"].as_str())
+        .collect();
+    assert!(details.contains(&"bootstrap token rotated"), "{details:?}");
+    assert!(
+        details.contains(&"token `bootstrap` revoked"),
+        "{details:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_internal_error_answers_a_fixed_message_and_an_id_found_in_the_log() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let api = api(false).await;
+    // The database goes away under the running API.
+    api.state.store.pool().close().await;
+    let (s, b) = api
+        .call("GET", "/v1/subjects", Some(ADMIN), Body::empty())
+        .await;
+    // Verifying the token needs the database too: whichever step fails, the answer is the same.
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    assert_eq!(b["error"], "internal");
+    assert_eq!(b["detail"], control_plane::error::INTERNAL_MESSAGE);
+    let id = b["error_id"].as_str().expect("error id");
+    let text = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
+    let line = text
+        .lines()
+        .find(|l| l.contains(id))
+        .expect("the id is in the log");
+    assert!(line.contains("cause"), "{line}");
+    assert!(!b.to_string().to_lowercase().contains("pool"), "{b}");
+}
+
+#[test]
+fn plain_keys_in_an_uploaded_policy_are_stored_as_hashes() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let api = api(false).await;
+        let with_key = format!(
+            "{POLICY}subjects:\n  - {{ key: very-secret-key-1, id: filed, tier: pro }}  # a note\n"
+        );
+        let (s, b) = api
+            .call("POST", "/v1/policies", Some(ADMIN), Body::from(with_key))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let (_, active) = api
+            .call("GET", "/v1/policies/active", Some(ADMIN), Body::empty())
+            .await;
+        let yaml = active["yaml"].as_str().expect("yaml");
+        assert!(!yaml.contains("very-secret-key-1"), "{yaml}");
+        assert!(
+            yaml.contains(&quota::policy::key_sha256_hex("very-secret-key-1")),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("# a note"),
+            "the document is otherwise as written"
+        );
+        let snap = api.state.store.snapshot().await.expect("snapshot");
+        let policy = snap.compile(&[]).expect("compiles");
+        use quota::policy::EntitlementSource;
+        assert!(policy.subject_for_key("very-secret-key-1").is_some());
+    });
+}
+
+#[tokio::test]
+async fn policies_stored_with_plain_keys_are_hashed_at_start_as_a_revision() {
+    let api = api(false).await;
+    api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
+        .await;
+    // As an older version stored it: the key in plain text.
+    let plain =
+        format!("{POLICY}subjects:\n  - {{ key: old-plain-key-7, id: legacy, tier: pro }}\n");
+    sqlx::query("UPDATE policy_versions SET yaml = $1 WHERE version = 1")
+        .bind(&plain)
+        .execute(api.state.store.pool())
+        .await
+        .expect("update");
+    let before = api.state.store.revision().await.expect("revision");
+    let operator = control_plane::auth::Actor {
+        name: "operator".into(),
+        role: control_plane::auth::Role::Admin,
+    };
+    control_plane::write::apply(
+        &api.state,
+        &operator,
+        control_plane::write::Op::HashStoredKeys,
+    )
+    .await
+    .expect("rewrite");
+    let (_, active) = api
+        .call("GET", "/v1/policies/active", Some(ADMIN), Body::empty())
+        .await;
+    let yaml = active["yaml"].as_str().expect("yaml");
+    assert!(!yaml.contains("old-plain-key-7"), "{yaml}");
+    assert!(yaml.contains(&quota::policy::key_sha256_hex("old-plain-key-7")));
+    let after = api.state.store.revision().await.expect("revision");
+    assert_eq!(after, before + 1, "gateways get the rewritten document");
+    assert_eq!(api.state.published.borrow().revision, after);
+    // Nothing left to do: no further revision.
+    control_plane::write::apply(
+        &api.state,
+        &operator,
+        control_plane::write::Op::HashStoredKeys,
+    )
+    .await
+    .expect("rewrite");
+    assert_eq!(api.state.store.revision().await.expect("revision"), after);
 }

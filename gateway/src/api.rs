@@ -249,7 +249,8 @@ async fn status(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "subjects": policy.subjects().count(),
         },
         "control_plane": state.control_plane.as_ref().map(|l| json!({
-            "url": l.url,
+            "url": l.url(),
+            "urls": l.urls,
             "connected": !l.unreachable(),
             "revision": l.applied(),
             "latest_revision": l.latest(),

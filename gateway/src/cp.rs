@@ -1,8 +1,12 @@
 //! Following the control plane: a long-lived watch stream (server-sent events) that delivers the
 //! full snapshot on connect and each new revision after it. A snapshot newer than the enforced one
 //! is compiled and swapped in, then written to disk so a restart while the control plane is away
-//! starts from it. Reconnects with capped exponential backoff; a stream silent for three
-//! heartbeats is treated as dead. The token is never logged.
+//! starts from it. Several URLs name instances sharing one database: when the followed one fails
+//! the next is tried at once, with capped exponential backoff only after a full round. A stream
+//! silent for three heartbeats is treated as dead. Independently, the revision is checked at a
+//! fixed interval (`GET /v1/revision`): a gateway behind for longer than a threshold, however
+//! quiet its stream, reconnects and so gets the latest snapshot. The snapshot file is readable by
+//! its owner only; the token is never logged.
 
 use crate::reload::rebuild;
 use crate::state::AppState;
@@ -10,8 +14,9 @@ use futures_util::StreamExt;
 use quota::policy::Snapshot;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::sync::Notify;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -22,9 +27,15 @@ const SILENCE: Duration = Duration::from_secs(15);
 const MAX_EVENT: usize = 256 << 20;
 
 pub struct Link {
-    /// Base URL, without a trailing slash.
-    pub url: String,
+    /// Base URLs, without a trailing slash: instances of one control plane.
+    pub urls: Vec<String>,
+    /// The instance followed now (an index into `urls`).
+    current: AtomicUsize,
     token: String,
+    check_every: Duration,
+    resync_after: Duration,
+    /// Set by the periodic check: the stream reconnects.
+    resync: Notify,
     pub snapshot_path: PathBuf,
     connected: AtomicBool,
     /// The revision enforced now.
@@ -50,14 +61,25 @@ enum StreamError {
     Silent(Duration),
     #[error("an event larger than {MAX_EVENT} bytes")]
     TooLarge,
+    #[error("behind the control plane's revision for too long: resyncing")]
+    Resync,
 }
 
 impl Link {
-    pub fn new(url: &str, token: String, snapshot_path: PathBuf) -> Self {
+    pub fn new(cfg: &crate::server::ControlPlaneConfig) -> Self {
         Self {
-            url: url.trim_end_matches('/').to_string(),
-            token,
-            snapshot_path,
+            urls: cfg
+                .urls
+                .iter()
+                .map(|u| u.trim().trim_end_matches('/').to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
+            current: AtomicUsize::new(0),
+            token: cfg.token.clone(),
+            check_every: cfg.check_every,
+            resync_after: cfg.resync_after,
+            resync: Notify::new(),
+            snapshot_path: cfg.snapshot.clone(),
             connected: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             latest: AtomicU64::new(0),
@@ -74,6 +96,20 @@ impl Link {
     /// otherwise keys this gateway does not know may exist at the control plane.
     pub fn unreachable(&self) -> bool {
         !self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The instance followed now.
+    pub fn url(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        self.urls.get(i).map_or("", String::as_str)
+    }
+
+    /// Follow the next instance; true when that starts a new round through all of them.
+    fn next_url(&self) -> bool {
+        let n = self.urls.len().max(1);
+        let next = (self.current.load(Ordering::Relaxed) + 1) % n;
+        self.current.store(next, Ordering::Relaxed);
+        next == 0
     }
 
     pub fn applied(&self) -> u64 {
@@ -110,11 +146,19 @@ pub fn read_disk_snapshot(path: &Path) -> Option<Snapshot> {
     }
 }
 
-/// Replace the file atomically: a crash leaves the old snapshot or the new one, never half.
+/// Replace the file atomically: a crash leaves the old snapshot or the new one, never half. Mode
+/// 0600: it names every subject and its key hashes.
 fn write_disk_snapshot(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    // A leftover from a crash may have other permissions: start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -126,6 +170,7 @@ pub async fn follow(state: Arc<AppState>) {
         return;
     };
     publish_revisions(&state, link);
+    tokio::spawn(check_revision(state.clone()));
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut connected = false;
@@ -135,13 +180,86 @@ pub async fn follow(state: Arc<AppState>) {
         if connected {
             backoff = BACKOFF_MIN;
         }
-        if let Err(e) = result {
-            tracing::warn!(url = %link.url, error = %e, retry_in_ms = backoff.as_millis() as u64, "control-plane stream down");
+        let url = link.url().to_string();
+        // Another instance next (when there are several); the backoff grows once per round.
+        let new_round = link.next_url();
+        match result {
+            Err(StreamError::Resync) => {
+                tracing::warn!(url = %url, next = %link.url(), "resyncing with the control plane");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(url = %url, next = %link.url(), error = %e, retry_in_ms = backoff.as_millis() as u64, "control-plane stream down")
+            }
+            Ok(()) => {}
         }
         // Jitter, so a fleet does not reconnect in lockstep after an outage.
         let jitter = Duration::from_millis(u64::from(uuid::Uuid::now_v7().as_bytes()[15]) % 50);
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if new_round || connected {
+            tokio::time::sleep(backoff + jitter).await;
+            if new_round {
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        } else {
+            tokio::time::sleep(jitter).await;
+        }
+    }
+}
+
+/// Ask the followed instance for its revision at a fixed interval; when this gateway has been
+/// behind it for longer than the threshold, force a resync. Failures to ask are left to the
+/// stream, which notices an unreachable control plane by itself.
+async fn check_revision(state: Arc<AppState>) {
+    let Some(link) = state.control_plane.as_ref() else {
+        return;
+    };
+    #[derive(serde::Deserialize)]
+    struct Rev {
+        revision: u64,
+    }
+    let mut tick = tokio::time::interval(link.check_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut behind_since: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let asked = link
+            .http
+            .get(format!("{}/v1/revision", link.url()))
+            .bearer_auth(&link.token)
+            .timeout(link.check_every)
+            .send()
+            .await;
+        let theirs = match asked {
+            Ok(r) if r.status().is_success() => match r.json::<Rev>().await {
+                Ok(rev) => rev.revision,
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        link.latest.fetch_max(theirs, Ordering::Relaxed);
+        let drift = link.latest().saturating_sub(link.applied());
+        state.metrics.snapshot_drift.set(drift as i64);
+        publish_revisions(&state, link);
+        if theirs <= link.applied() {
+            behind_since = None;
+            continue;
+        }
+        let since = *behind_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= link.resync_after {
+            tracing::warn!(
+                theirs,
+                ours = link.applied(),
+                behind_ms = since.elapsed().as_millis() as u64,
+                "behind the control plane for too long; resyncing"
+            );
+            state
+                .metrics
+                .snapshot_refresh
+                .with_label_values(&["resync"])
+                .inc();
+            link.resync.notify_one();
+            behind_since = None;
+        }
     }
 }
 
@@ -150,7 +268,7 @@ async fn stream_once(
     link: &Link,
     connected: &mut bool,
 ) -> Result<(), StreamError> {
-    let url = format!("{}/v1/watch?since={}", link.url, link.applied());
+    let url = format!("{}/v1/watch?since={}", link.url(), link.applied());
     let resp = link
         .http
         .get(&url)
@@ -163,7 +281,7 @@ async fn stream_once(
     }
     *connected = true;
     state.metrics.control_plane_connected.set(1);
-    tracing::info!(url = %link.url, since = link.applied(), "following the control plane");
+    tracing::info!(url = %link.url(), since = link.applied(), "following the control plane");
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut scanned: usize = 0;
@@ -172,7 +290,11 @@ async fn stream_once(
     // ones are pushed live, and their delay is the propagation time.
     let mut live = false;
     loop {
-        let chunk = match tokio::time::timeout(silence, body.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(silence, body.next()) => next,
+            _ = link.resync.notified() => return Err(StreamError::Resync),
+        };
+        let chunk = match next {
             Err(_) => return Err(StreamError::Silent(silence)),
             Ok(None) => return Err(StreamError::Closed),
             Ok(Some(chunk)) => chunk?,
@@ -294,6 +416,7 @@ fn publish_revisions(state: &AppState, link: &Link) {
 /// Apply a snapshot event; true when it became the enforced policy.
 async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bool {
     let m = &state.metrics;
+    let arrived = std::time::Instant::now();
     let snap: Snapshot = match serde_json::from_slice(&data) {
         Ok(s) => s,
         Err(e) => {
@@ -310,7 +433,7 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bo
     }
     let revision = snap.revision;
     let st = state.clone();
-    let actor = format!("control-plane:{}", link.url);
+    let actor = format!("control-plane:{}", link.url());
     let applied = tokio::task::spawn_blocking(move || {
         rebuild(&st, &actor, |s| s.snapshot = Some(snap)).is_ok()
     })
@@ -323,6 +446,8 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bo
     link.applied.store(revision, Ordering::Relaxed);
     m.snapshot_refresh.with_label_values(&["applied"]).inc();
     m.control_plane_applied_at.set(unix_ms() as f64 / 1000.0);
+    m.snapshot_refresh_seconds
+        .observe(arrived.elapsed().as_secs_f64());
     tracing::info!(revision, "control-plane snapshot applied");
     let path = link.snapshot_path.clone();
     let written = tokio::task::spawn_blocking(move || write_disk_snapshot(&path, &data)).await;

@@ -25,8 +25,18 @@ struct RunArgs {
     #[arg(long, required_unless_present = "control_plane")]
     config: Option<PathBuf>,
     /// Follow this control plane (`http://HOST:PORT`): policies and entitlements pushed live.
-    #[arg(long, value_name = "URL")]
-    control_plane: Option<String>,
+    /// Repeat it (or give a comma list) for instances sharing one database: the gateway fails
+    /// over between them.
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    control_plane: Vec<String>,
+    /// How often the enforced revision is checked against the control plane, even while the
+    /// stream is quiet.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    control_plane_check_ms: u64,
+    /// Resync (reconnect, to another instance when there are several) after being behind the
+    /// control plane this long.
+    #[arg(long, value_name = "MS", default_value_t = 10000)]
+    control_plane_resync_after_ms: u64,
     /// Token for the control plane (viewer role is enough).
     #[arg(long, env = "TOLLGATE_CONTROL_PLANE_TOKEN", hide_env_values = true)]
     control_plane_token: Option<String>,
@@ -156,6 +166,8 @@ fn main() -> ExitCode {
             let RunArgs {
                 config,
                 control_plane,
+                control_plane_check_ms,
+                control_plane_resync_after_ms,
                 control_plane_token,
                 control_plane_snapshot,
                 listen,
@@ -231,19 +243,21 @@ fn main() -> ExitCode {
             });
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let control_plane = match (control_plane, control_plane_token) {
-                (Some(url), Some(token)) => Some(gateway::server::ControlPlaneConfig {
-                    url,
+            let control_plane = match (control_plane.is_empty(), control_plane_token) {
+                (false, Some(token)) => Some(gateway::server::ControlPlaneConfig {
+                    urls: control_plane,
                     token,
                     snapshot: control_plane_snapshot,
+                    check_every: std::time::Duration::from_millis(control_plane_check_ms.max(100)),
+                    resync_after: std::time::Duration::from_millis(control_plane_resync_after_ms),
                 }),
-                (Some(_), None) => {
+                (false, None) => {
                     eprintln!(
                         "gateway: --control-plane needs --control-plane-token (or TOLLGATE_CONTROL_PLANE_TOKEN)"
                     );
                     return ExitCode::FAILURE;
                 }
-                (None, _) => None,
+                (true, _) => None,
             };
             let cfg = RunConfig {
                 config,

@@ -47,8 +47,10 @@ pub struct Metrics {
     pub guardrail_actions: IntCounterVec,
     audit_events: IntCounter,
     audit_dropped: IntCounter,
-    /// Control-plane snapshots received, by result (applied, stale, rejected).
+    /// Control-plane snapshots received, by result (applied, stale, rejected), and resyncs.
     pub snapshot_refresh: IntCounterVec,
+    /// Seconds from a snapshot's arrival to its enforcement (decode, compile, swap).
+    pub snapshot_refresh_seconds: Histogram,
     /// Revisions the enforced snapshot is behind the control plane's latest.
     pub snapshot_drift: IntGauge,
     /// 1 while the control-plane watch stream is connected.
@@ -230,7 +232,7 @@ impl Metrics {
         let snapshot_refresh = IntCounterVec::new(
             Opts::new(
                 "subscription_snapshot_refresh",
-                "Control-plane snapshots received, by result: applied, stale (not newer), rejected",
+                "Control-plane snapshots received, by result: applied, stale (not newer), rejected; resync: reconnections forced by the periodic revision check",
             ),
             &["result"],
         )?;
@@ -242,7 +244,17 @@ impl Metrics {
             "control_plane_connected",
             "1 while the watch stream to the control plane is up",
         )?;
+        let snapshot_refresh_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "subscription_snapshot_refresh_seconds",
+                "Seconds from a control-plane snapshot's arrival to its enforcement",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
         registry.register(Box::new(snapshot_refresh.clone()))?;
+        registry.register(Box::new(snapshot_refresh_seconds.clone()))?;
         registry.register(Box::new(snapshot_drift.clone()))?;
         registry.register(Box::new(control_plane_connected.clone()))?;
         let kafka = [
@@ -333,7 +345,7 @@ impl Metrics {
         registry.register(Box::new(control_plane_revision.clone()))?;
         registry.register(Box::new(control_plane_applied_at.clone()))?;
         registry.register(Box::new(control_plane_propagation.clone()))?;
-        for r in ["applied", "stale", "rejected"] {
+        for r in ["applied", "stale", "rejected", "resync"] {
             snapshot_refresh.with_label_values(&[r]);
         }
         backend_state.set(1);
@@ -378,6 +390,7 @@ impl Metrics {
             audit_events,
             audit_dropped,
             snapshot_refresh,
+            snapshot_refresh_seconds,
             snapshot_drift,
             control_plane_connected,
             kafka,

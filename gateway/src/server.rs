@@ -52,7 +52,12 @@ pub struct TlsConfig {
 }
 
 pub struct ControlPlaneConfig {
-    pub url: String,
+    /// One or more instances sharing one database; the gateway fails over between them.
+    pub urls: Vec<String>,
+    /// How often the revision is checked against the control plane, stream or no stream.
+    pub check_every: std::time::Duration,
+    /// Resync when behind the control plane for this long.
+    pub resync_after: std::time::Duration,
     pub token: String,
     /// The last snapshot applied, kept to start from while the control plane is unreachable.
     pub snapshot: PathBuf,
@@ -100,8 +105,7 @@ pub fn build_state(
     if let Some(path) = &config {
         sources.file = read_sources(path).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     }
-    let link =
-        control_plane.map(|c| crate::cp::Link::new(&c.url, c.token.clone(), c.snapshot.clone()));
+    let link = control_plane.map(crate::cp::Link::new);
     let mut policy = sources
         .compile()
         .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;

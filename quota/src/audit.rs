@@ -72,6 +72,15 @@ pub enum EventBody {
         before_tier: Option<String>,
         after_tier: String,
     },
+    /// An API key or admin token issued, revoked or rotated (never the secret itself).
+    CredentialChanged {
+        actor: String,
+        /// `api_key` or `token`.
+        credential: String,
+        id: String,
+        /// `issued`, `revoked` or `rotated`.
+        action: String,
+    },
 }
 
 impl AuditEvent {

@@ -464,20 +464,26 @@ impl Gateway {
     /// Start a gateway that follows `cp` (no policy file), keeping its last snapshot at
     /// `snapshot`.
     pub fn following(cp: &ControlPlane, token: &str, snapshot: &Path) -> Gateway {
-        Self::following_with(cp, token, snapshot, &Backend::Memory, &[])
+        Self::following_urls(&[cp.url("")], token, snapshot)
     }
 
-    /// Start a gateway that follows `cp`, counting in `backend`, with extra `gateway run`
-    /// arguments.
+    /// Start a gateway that follows the control-plane instances at `urls`, in that order of
+    /// preference.
+    pub fn following_urls(urls: &[String], token: &str, snapshot: &Path) -> Gateway {
+        Self::following_with(urls, token, snapshot, &Backend::Memory, &[])
+    }
+
+    /// Start a gateway that follows the control-plane instances at `urls`, counting in
+    /// `backend`, with extra `gateway run` arguments.
     pub fn following_with(
-        cp: &ControlPlane,
+        urls: &[String],
         token: &str,
         snapshot: &Path,
         backend: &Backend,
         extra_args: &[&str],
     ) -> Gateway {
         let snapshot = snapshot.to_str().expect("utf-8 path");
-        let url = cp.url("");
+        let url = urls.join(",");
         let mut args = vec![
             "--control-plane",
             &url,
@@ -676,6 +682,21 @@ impl ControlPlane {
             addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             admin: format!("admin-{}", unique_prefix()),
             db_url: db.url(),
+            log: dir.0.join("stderr.log"),
+            proc: None,
+            _dir: dir,
+        };
+        cp.restart();
+        cp
+    }
+
+    /// Another instance on the same database with the same bootstrap token.
+    pub fn another(&self) -> ControlPlane {
+        let dir = TempDir::new("cp");
+        let mut cp = ControlPlane {
+            addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            admin: self.admin.clone(),
+            db_url: self.db_url.clone(),
             log: dir.0.join("stderr.log"),
             proc: None,
             _dir: dir,

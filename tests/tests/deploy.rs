@@ -227,7 +227,7 @@ async fn every_dashboard_and_alert_metric_is_exported() {
     let spool = dir.0.join("spool");
     let brokers = broker.brokers();
     let gw = Gateway::following_with(
-        &cp,
+        &[cp.url("")],
         &token,
         &dir.0.join("snapshot.json"),
         &Backend::shared_redis(),
