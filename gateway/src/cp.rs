@@ -8,15 +8,15 @@
 //! quiet its stream, reconnects and so gets the latest snapshot. The snapshot file is readable by
 //! its owner only; the token is never logged.
 
+use crate::link::Link;
 use crate::reload::rebuild;
 use crate::state::AppState;
 use futures_util::StreamExt;
 use quota::policy::Snapshot;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -25,29 +25,6 @@ const SILENCE: Duration = Duration::from_secs(15);
 /// Largest event accepted (a snapshot of a few hundred thousand subjects fits): a peer that never
 /// ends an event cannot grow the buffer without bound.
 const MAX_EVENT: usize = 256 << 20;
-
-pub struct Link {
-    /// Base URLs, without a trailing slash: instances of one control plane.
-    pub urls: Vec<String>,
-    /// The instance followed now (an index into `urls`).
-    current: AtomicUsize,
-    token: String,
-    check_every: Duration,
-    resync_after: Duration,
-    /// Set by the periodic check: the stream reconnects.
-    resync: Notify,
-    pub snapshot_path: PathBuf,
-    connected: AtomicBool,
-    /// The revision enforced now.
-    applied: AtomicU64,
-    /// The newest revision the control plane has announced.
-    latest: AtomicU64,
-    /// Set while the control plane announces an older revision than the one enforced (its
-    /// database was restored?): keys it issued since then are unknown here.
-    behind: AtomicBool,
-    /// The client of the control plane's API (never used for proxied traffic).
-    http: reqwest::Client,
-}
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -63,68 +40,6 @@ enum StreamError {
     TooLarge,
     #[error("behind the control plane's revision for too long: resyncing")]
     Resync,
-}
-
-impl Link {
-    pub fn new(cfg: &crate::server::ControlPlaneConfig) -> Self {
-        Self {
-            urls: cfg
-                .urls
-                .iter()
-                .map(|u| u.trim().trim_end_matches('/').to_string())
-                .filter(|u| !u.is_empty())
-                .collect(),
-            current: AtomicUsize::new(0),
-            token: cfg.token.clone(),
-            check_every: cfg.check_every,
-            resync_after: cfg.resync_after,
-            resync: Notify::new(),
-            snapshot_path: cfg.snapshot.clone(),
-            connected: AtomicBool::new(false),
-            applied: AtomicU64::new(0),
-            latest: AtomicU64::new(0),
-            behind: AtomicBool::new(false),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .connect_timeout(std::time::Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
-        }
-    }
-
-    /// True unless a stream is up and this gateway enforces the latest revision it announced:
-    /// otherwise keys this gateway does not know may exist at the control plane.
-    pub fn unreachable(&self) -> bool {
-        !self.connected.load(Ordering::Relaxed)
-    }
-
-    /// The instance followed now.
-    pub fn url(&self) -> &str {
-        let i = self.current.load(Ordering::Relaxed);
-        self.urls.get(i).map_or("", String::as_str)
-    }
-
-    /// Follow the next instance; true when that starts a new round through all of them.
-    fn next_url(&self) -> bool {
-        let n = self.urls.len().max(1);
-        let next = (self.current.load(Ordering::Relaxed) + 1) % n;
-        self.current.store(next, Ordering::Relaxed);
-        next == 0
-    }
-
-    pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
-    }
-
-    pub fn latest(&self) -> u64 {
-        self.latest.load(Ordering::Relaxed)
-    }
-
-    /// Record a snapshot enforced at start (from disk).
-    pub fn set_applied(&self, revision: u64) {
-        self.applied.store(revision, Ordering::Relaxed);
-        self.latest.fetch_max(revision, Ordering::Relaxed);
-    }
 }
 
 /// Read the snapshot a previous run wrote; `None` (with a warning) when it is missing or damaged.

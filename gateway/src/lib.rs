@@ -7,6 +7,7 @@ pub mod api;
 pub mod cp;
 pub mod guardrail;
 pub mod headers;
+pub mod link;
 pub mod llm;
 pub mod metrics;
 pub mod proxy;

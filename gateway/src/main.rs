@@ -244,7 +244,7 @@ fn main() -> ExitCode {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let control_plane = match (control_plane.is_empty(), control_plane_token) {
-                (false, Some(token)) => Some(gateway::server::ControlPlaneConfig {
+                (false, Some(token)) => Some(gateway::link::ControlPlaneConfig {
                     urls: control_plane,
                     token,
                     snapshot: control_plane_snapshot,

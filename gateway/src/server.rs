@@ -22,7 +22,7 @@ use std::time::Duration;
 pub struct RunConfig {
     /// The policy file or directory; optional when following a control plane.
     pub config: Option<PathBuf>,
-    pub control_plane: Option<ControlPlaneConfig>,
+    pub control_plane: Option<crate::link::ControlPlaneConfig>,
     pub listen: SocketAddr,
     pub api_listen: SocketAddr,
     /// The bearer token of the API listener's private endpoints (`/check`, `/status`).
@@ -51,18 +51,6 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-pub struct ControlPlaneConfig {
-    /// One or more instances sharing one database; the gateway fails over between them.
-    pub urls: Vec<String>,
-    /// How often the revision is checked against the control plane, stream or no stream.
-    pub check_every: std::time::Duration,
-    /// Resync when behind the control plane for this long.
-    pub resync_after: std::time::Duration,
-    pub token: String,
-    /// The last snapshot applied, kept to start from while the control plane is unreachable.
-    pub snapshot: PathBuf,
-}
-
 pub struct AuditConfig {
     /// Append audit events to this JSONL file; `None`: no audit log.
     pub log: Option<PathBuf>,
@@ -76,7 +64,7 @@ pub struct AuditConfig {
 /// With Redis, must run inside the Tokio runtime that will drive the Redis connection.
 pub fn build_state(
     config: Option<PathBuf>,
-    control_plane: Option<&ControlPlaneConfig>,
+    control_plane: Option<&crate::link::ControlPlaneConfig>,
     clock: Clock,
     redis: Option<&RedisConfig>,
     leases: Option<LeaseConfig>,
@@ -105,7 +93,7 @@ pub fn build_state(
     if let Some(path) = &config {
         sources.file = read_sources(path).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     }
-    let link = control_plane.map(crate::cp::Link::new);
+    let link = control_plane.map(crate::link::Link::new);
     let mut policy = sources
         .compile()
         .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;

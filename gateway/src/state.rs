@@ -23,7 +23,7 @@ pub struct AppState {
     /// What the enforced policy is compiled from.
     pub sources: std::sync::Mutex<Sources>,
     /// The link to the control plane, when the gateway follows one.
-    pub control_plane: Option<crate::cp::Link>,
+    pub control_plane: Option<crate::link::Link>,
     pub clock: Clock,
     /// Subjects over the cost guardrail's threshold.
     pub guardrail: crate::guardrail::Tripped,
