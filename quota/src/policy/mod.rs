@@ -3,10 +3,10 @@
 
 pub mod dto;
 mod load;
-mod snapshot;
+mod wire;
 
 pub use load::{PolicyError, PolicyErrors, load_path, parse_layered, parse_sources, read_sources};
-pub use snapshot::{PolicyDoc, Snapshot, SubjectEntry};
+pub use wire::{PolicyDoc, Snapshot, SubjectEntry};
 
 use crate::calendar::CalendarPeriod;
 use crate::limiter::Limit;
@@ -47,7 +47,7 @@ impl Default for FailurePolicy {
     }
 }
 
-/// A whole, validated policy snapshot.
+/// A whole, validated policy, compiled: what a gateway enforces.
 #[derive(Debug)]
 pub struct Policy {
     /// The author's label (`version:`), or `unversioned`.

@@ -1,5 +1,5 @@
-//! The control plane's state as a gateway receives it: one policy document and the subjects'
-//! entitlements, at a revision. The control plane validates every change by compiling the
+//! The control plane's wire format: its state as a gateway receives it, one policy document and
+//! the subjects' entitlements at a revision. The control plane validates every change by compiling the
 //! snapshot it would publish with the same function a gateway applies it with, so a snapshot that
 //! reaches a gateway always compiles.
 
