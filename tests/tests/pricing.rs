@@ -406,10 +406,7 @@ async fn a_price_book_change_is_enforced_without_touching_the_policy() {
     let tmp = s.book.with_extension("tmp");
     std::fs::write(
         &tmp,
-        PRICE_BOOK.replace(
-            "embedding_per_million: 0.02",
-            "embedding_per_million: 300000",
-        ),
+        PRICE_BOOK.replace("embedding_per_million: 0.02", "embedding_per_million: 300"),
     )
     .expect("write");
     std::fs::rename(&tmp, &s.book).expect("replace the price book");
@@ -426,7 +423,7 @@ async fn a_price_book_change_is_enforced_without_touching_the_policy() {
     assert_eq!(
         spend_of(&settled(&s.audit)["e2"]),
         3_000,
-        "10 tokens at 300000 per million"
+        "10 tokens at 300 per million: 3,000 micros"
     );
 }
 
