@@ -551,7 +551,7 @@ async fn forward(
         }
     };
     if let Some(e) = client_gone {
-        let drain = Drain::Stream(meter);
+        let drain = Drain::Stream(Box::new(meter));
         return drain_then_settle(state, ex, drain, bill, llm, req.prompt_tokens, e);
     }
     ex.done().await;
@@ -713,7 +713,7 @@ async fn quota_covers(
 
 /// What a drained response is metered with.
 enum Drain {
-    Stream(StreamMeter),
+    Stream(Box<StreamMeter>),
     Json(JsonBody, String),
 }
 

@@ -94,9 +94,9 @@ struct Req {
 /// The mixed workload: request `i` of 200.
 fn request(i: usize) -> Req {
     let tokens = (5 + (i * 7) % 40).to_string();
-    let stream = i % 2 == 0;
+    let stream = i.is_multiple_of(2);
     // Some streams are left by their client after a few chunks (the gateway drains them).
-    let cut_after = (stream && i % 5 == 0).then_some(2 + i % 3);
+    let cut_after = (stream && i.is_multiple_of(5)).then_some(2 + i % 3);
     let prompt = "tell me about the rate limits of the gateway and how it bills the tokens";
     let mut headers = vec![
         ("x-mock-tokens", tokens),
@@ -108,7 +108,7 @@ fn request(i: usize) -> Req {
             headers.push(("x-mock-reasoning-tokens", ((i * 5) % 13).to_string()));
             let mut b = json!({ "model": "gpt-4o-2024-08-06", "stream": stream, "max_tokens": 300,
                 "messages": [{ "role": "user", "content": prompt }] });
-            if i % 4 == 0 {
+            if i.is_multiple_of(4) {
                 b["stream_options"] = json!({ "include_usage": true });
             }
             ("/v1/chat/completions", b, &GPT, false)
