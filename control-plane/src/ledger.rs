@@ -124,6 +124,7 @@ fn prepare(d: &Delivered) -> Result<Prepared<'_>, String> {
         EventBody::ReservationSettled {
             attempt_id,
             settlements,
+            ..
         } => (
             "ReservationSettled",
             settlements

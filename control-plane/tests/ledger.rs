@@ -246,6 +246,7 @@ async fn amounts_past_the_bigint_range_are_dead_lettered_not_clamped() {
                     actual,
                     refunded: 0,
                 }],
+                usage: None,
             },
         )
     };

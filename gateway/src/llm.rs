@@ -111,7 +111,7 @@ pub async fn serve(
             return Ok(false);
         }
         let msg = format!(
-            "`{path}` is not an endpoint this route meters (chat completions, completions, messages); the route must list it in `unmetered_paths` to forward it"
+            "`{path}` is not an endpoint this route meters (chat completions, completions, responses, embeddings, messages); the route must list it in `unmetered_paths` to forward it"
         );
         respond_json(
             session,
@@ -170,7 +170,14 @@ pub async fn serve(
             return Ok(true);
         }
     };
-    let price = policy.price(&req.model);
+    // Embeddings are input only, at the model's embedding price.
+    let price = policy.price(&req.model).map(|p| {
+        if endpoint.has_output() {
+            p
+        } else {
+            p.for_embeddings()
+        }
+    });
     if llm.spend_quota.is_some() && price.is_none() {
         let msg = format!(
             "no price for model `{}`; add it (or `default`) under `models`",
@@ -190,6 +197,7 @@ pub async fn serve(
     // when it asked for nothing. The upstream is asked for exactly what is reserved.
     let cap = llm.max_output_tokens.unwrap_or(MAX_OUTPUT_TOKENS);
     let max_out = match req.max_tokens {
+        _ if !endpoint.has_output() => 0,
         Some(asked) if asked > cap && !llm.clamp_max_output => {
             let msg = format!(
                 "`{}` is {asked}; this route allows at most {cap} output tokens",
@@ -212,7 +220,7 @@ pub async fn serve(
         (&route.quota, route.cost),
         (&llm.tokens_quota, req.prompt_tokens.saturating_add(max_out)),
     ];
-    let money = price.map(|p| p.cost_micros(req.prompt_tokens, max_out));
+    let money = price.map(|p| p.reserve_micros(req.prompt_tokens, max_out));
     if let (Some(q), Some(m)) = (&llm.spend_quota, money) {
         reserve.push((q, m));
     }
@@ -256,10 +264,12 @@ pub async fn serve(
     );
     ctx.decision = Some(decision);
     let body = Arc::try_unwrap(body).unwrap_or_else(|b| (*b).clone());
-    forward(
-        state, session, ctx, route, llm, policy, req, max_out, body, bill,
-    )
-    .await?;
+    let call = Call {
+        endpoint,
+        req,
+        max_out,
+    };
+    forward(state, session, ctx, route, llm, policy, call, body, bill).await?;
     Ok(true)
 }
 
@@ -362,6 +372,14 @@ fn frame_unsized(session: &mut Session, out: &mut ResponseHeader) -> pingora::Re
     Ok(())
 }
 
+/// What a metered call asks for, once admitted.
+struct Call {
+    endpoint: Endpoint,
+    req: LlmRequest,
+    /// The output ceiling reserved (0 for embeddings).
+    max_out: u64,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &Arc<AppState>,
@@ -370,15 +388,24 @@ async fn forward(
     route: &Route,
     llm: &Arc<LlmRoute>,
     policy: &Policy,
-    req: LlmRequest,
-    max_out: u64,
+    call: Call,
     body: Vec<u8>,
     bill: Bill,
 ) -> pingora::Result<()> {
+    let Call {
+        endpoint,
+        req,
+        max_out,
+    } = call;
     let rid = ctx.request_id.clone();
-    let inject = llm.provider == Provider::OpenAi && req.stream && !req.include_usage;
+    // Chat and completions streams report usage only when asked; Responses streams always do.
+    let inject = llm.provider == Provider::OpenAi
+        && matches!(endpoint, Endpoint::Chat | Endpoint::Completions)
+        && req.stream
+        && !req.include_usage;
     let changes = Rewrite {
-        max_tokens: (req.max_tokens != Some(max_out)).then_some((req.max_tokens_field, max_out)),
+        max_tokens: (endpoint.has_output() && req.max_tokens != Some(max_out))
+            .then_some((req.max_tokens_field, max_out)),
         include_usage: inject,
     };
     let body = if changes.max_tokens.is_some() || changes.include_usage {
@@ -481,7 +508,11 @@ async fn forward(
     let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
     // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
     let ceiling = if llm.cut_overrun { max_out } else { u64::MAX };
-    let mut guard = OutputCeiling::new(llm.provider, &req.model, ceiling);
+    let mut guard = if endpoint == Endpoint::Responses {
+        OutputCeiling::for_responses(&req.model, ceiling)
+    } else {
+        OutputCeiling::new(llm.provider, &req.model, ceiling)
+    };
     let mut overrun_check_at = max_out;
     let mut metered: Vec<Bytes> = Vec::new();
     let mut pending: Vec<Bytes> = Vec::new();
@@ -529,7 +560,7 @@ async fn forward(
         }
     };
     if let Some(e) = client_gone {
-        let drain = Drain::Stream(meter);
+        let drain = Drain::Stream(Box::new(meter));
         return drain_then_settle(state, ex, drain, bill, llm, req.prompt_tokens, e);
     }
     ex.done().await;
@@ -545,9 +576,11 @@ async fn forward(
             }])
             .inc();
         tracing::info!(request_id = %rid, reserved = max_out, delivered = guard.delivered(), ?reason, "stream cut by the gateway");
+        // The input as reported (kinds included), the output the client received.
         Usage {
-            prompt: meter.usage(req.prompt_tokens).prompt,
             completion: guard.delivered(),
+            reasoning: 0,
+            ..meter.usage(req.prompt_tokens)
         }
     } else {
         meter.flush(&mut metered);
@@ -611,10 +644,7 @@ async fn relay_json(
     let usage = match body.usage(llm.provider, &req.model, req.prompt_tokens) {
         Some(u) if complete => u,
         // Cut or too large to read: the prompt, and the reservation's output at most.
-        _ => Usage {
-            prompt: req.prompt_tokens,
-            completion: 0,
-        },
+        _ => Usage::plain(req.prompt_tokens, 0),
     };
     bill.settle(usage, true).await;
     if complete {
@@ -692,7 +722,7 @@ async fn quota_covers(
 
 /// What a drained response is metered with.
 enum Drain {
-    Stream(StreamMeter),
+    Stream(Box<StreamMeter>),
     Json(JsonBody, String),
 }
 
@@ -745,10 +775,7 @@ fn drain_then_settle(
             Drain::Json(b, model) => b
                 .usage(provider, model, prompt_estimate)
                 .filter(|_| complete)
-                .unwrap_or(Usage {
-                    prompt: prompt_estimate,
-                    completion: 0,
-                }),
+                .unwrap_or(Usage::plain(prompt_estimate, 0)),
         };
         bill.settle(usage, true).await;
         ex.done().await;

@@ -92,15 +92,22 @@ pub async fn watch(state: Arc<AppState>) -> Result<(), notify::Error> {
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let is_dir = path.is_dir();
-    let file = path.clone();
+    // The files the policy reads: itself (or its directory's files) and the price books they
+    // include (`models_file`), which may live elsewhere. Books named later are watched from the
+    // next start.
+    let files: Vec<std::path::PathBuf> = read_sources(&path)
+        .map(|s| s.into_iter().map(|(n, _)| n.into()).collect())
+        .unwrap_or_default();
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .chain(std::iter::once(&path))
+        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+        .collect();
     // Only the policy's own files count: other files in the directory (logs, the snapshot) change
     // all the time.
     let relevant = move |p: &std::path::Path| {
-        if is_dir {
-            p.extension().is_some_and(|e| e == "yaml" || e == "yml")
-        } else {
-            p.file_name() == file.file_name()
-        }
+        (is_dir && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            || p.file_name().is_some_and(|n| names.iter().any(|m| m == n))
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(e) = event
@@ -110,16 +117,23 @@ pub async fn watch(state: Arc<AppState>) -> Result<(), notify::Error> {
             let _ = tx.send(());
         }
     })?;
-    // Watch the directory that holds the file: editors replace files by renaming, which a watch on
-    // the file itself would lose.
-    let dir = if path.is_dir() {
-        path.clone()
-    } else {
-        path.parent()
+    // Watch the directories that hold the files: editors replace files by renaming, which a watch
+    // on the file itself would lose.
+    let parent = |p: &std::path::Path| -> std::path::PathBuf {
+        p.parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| ".".into(), |p| p.to_path_buf())
     };
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let mut dirs = vec![if is_dir { path.clone() } else { parent(&path) }];
+    for f in &files {
+        let d = parent(f);
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    for d in &dirs {
+        watcher.watch(d, RecursiveMode::NonRecursive)?;
+    }
     while rx.recv().await.is_some() {
         tokio::time::sleep(SETTLE).await;
         while rx.try_recv().is_ok() {}

@@ -201,7 +201,7 @@ impl BillingEnv for AppState {
         if outcome == Outcome::Charged {
             m.llm_tokens
                 .with_label_values(&["prompt"])
-                .inc_by(usage.prompt);
+                .inc_by(usage.input());
             m.llm_tokens
                 .with_label_values(&["completion"])
                 .inc_by(usage.completion);

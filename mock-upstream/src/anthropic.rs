@@ -20,11 +20,25 @@ use crate::tokens;
 struct Usage {
     input_tokens: u64,
     output_tokens: u64,
+    #[serde(flatten)]
+    cache: Cache,
+}
+
+/// Cache counts, reported only when the request asked for them (as Anthropic leaves them out
+/// for prompts without cache control on older models).
+#[derive(Serialize, Clone, Copy)]
+struct Cache {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_read_input_tokens: Option<u64>,
 }
 
 #[derive(Serialize)]
 struct OutputUsage {
     output_tokens: u64,
+    #[serde(flatten)]
+    cache: Cache,
 }
 
 #[derive(Serialize)]
@@ -142,6 +156,14 @@ pub(crate) async fn messages(
     };
     let (tokens, truncated) = call.faults.output_tokens(max_tokens);
     call.guard.plan(&model, stream, prompt_tokens, tokens);
+    let (cache_write, cache_read) = (call.faults.cache_write, call.faults.cache_read);
+    let cache = Cache {
+        cache_creation_input_tokens: (cache_write > 0).then_some(cache_write),
+        cache_read_input_tokens: (cache_read > 0).then_some(cache_read),
+    };
+    if !call.faults.omit_usage {
+        call.guard.kinds(0, cache_write, cache_read, 0);
+    }
     let call = match call.forced_status().await {
         Ok(call) => call,
         Err(response) => return response,
@@ -163,6 +185,7 @@ pub(crate) async fn messages(
             usage: (!omit_usage).then_some(Usage {
                 input_tokens: prompt_tokens,
                 output_tokens: tokens,
+                cache,
             }),
         };
         return call.answer_json(tokens, &body).await;
@@ -182,6 +205,7 @@ pub(crate) async fn messages(
                 usage: (!omit_usage).then_some(Usage {
                     input_tokens: prompt_tokens,
                     output_tokens: 1,
+                    cache,
                 }),
             },
         }
@@ -200,8 +224,10 @@ pub(crate) async fn messages(
                 stop_reason,
                 stop_sequence: None,
             },
+            // The final counts repeat the cache counts, as current Anthropic streams do.
             usage: (!omit_usage).then_some(OutputUsage {
                 output_tokens: tokens,
+                cache,
             }),
         }
         .frame(),

@@ -1,5 +1,6 @@
 //! Faults a test asks for, per request, by header or query parameter (the
-//! header wins): delay, cut, forced status, missing usage, output length.
+//! header wins): delay, cut, forced status, missing usage, output length, and the token kinds
+//! to report besides input and output (cached input, cache writes and reads, reasoning).
 
 use std::time::Duration;
 
@@ -13,6 +14,15 @@ pub const STATUS: (&str, &str) = ("x-mock-status", "status");
 pub const OMIT_USAGE: (&str, &str) = ("x-mock-omit-usage", "omit_usage");
 pub const TOKENS: (&str, &str) = ("x-mock-tokens", "tokens");
 pub const IGNORE_MAX_TOKENS: (&str, &str) = ("x-mock-ignore-max-tokens", "ignore_max_tokens");
+/// OpenAI: prompt tokens reported as cached (at most the prompt).
+pub const CACHED_TOKENS: (&str, &str) = ("x-mock-cached-tokens", "cached_tokens");
+/// Anthropic: `cache_creation_input_tokens` to report.
+pub const CACHE_WRITE: (&str, &str) = ("x-mock-cache-write", "cache_write");
+/// Anthropic: `cache_read_input_tokens` to report.
+pub const CACHE_READ: (&str, &str) = ("x-mock-cache-read", "cache_read");
+/// OpenAI: reasoning tokens, reported on top of the visible output (which they are part of in
+/// `completion_tokens`/`output_tokens`).
+pub const REASONING_TOKENS: (&str, &str) = ("x-mock-reasoning-tokens", "reasoning_tokens");
 
 /// Output tokens when neither the fault nor `max_tokens` says otherwise.
 pub const DEFAULT_TOKENS: u64 = 20;
@@ -33,6 +43,10 @@ pub struct Faults {
     pub tokens: Option<u64>,
     /// Behave like an upstream that does not honour `max_tokens`.
     pub ignore_max_tokens: bool,
+    pub cached_tokens: u64,
+    pub cache_write: u64,
+    pub cache_read: u64,
+    pub reasoning_tokens: u64,
 }
 
 impl Faults {
@@ -83,6 +97,20 @@ impl Faults {
         {
             return Err(format!("{}: at most {MAX_TOKENS}", TOKENS.1));
         }
+        let count = |names: (&str, &str)| -> Result<u64, String> {
+            let n = lookup(names)?
+                .map(|(name, v)| parse_u64(&name, &v))
+                .transpose()?
+                .unwrap_or(0);
+            if n > MAX_TOKENS {
+                return Err(format!("{}: at most {MAX_TOKENS}", names.1));
+            }
+            Ok(n)
+        };
+        let cached_tokens = count(CACHED_TOKENS)?;
+        let cache_write = count(CACHE_WRITE)?;
+        let cache_read = count(CACHE_READ)?;
+        let reasoning_tokens = count(REASONING_TOKENS)?;
         Ok(Self {
             delay,
             cut_after,
@@ -90,6 +118,10 @@ impl Faults {
             omit_usage,
             tokens,
             ignore_max_tokens,
+            cached_tokens,
+            cache_write,
+            cache_read,
+            reasoning_tokens,
         })
     }
 

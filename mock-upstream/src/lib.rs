@@ -24,6 +24,7 @@ pub mod faults;
 mod llm;
 mod openai;
 mod plain;
+mod responses;
 mod sse;
 pub mod stats;
 pub mod tls;
@@ -73,6 +74,8 @@ fn provider_api() -> Router<Arc<MockState>> {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(responses::responses))
+        .route("/v1/embeddings", post(responses::embeddings))
 }
 
 /// Serve `app` on an already bound listener until the server fails.

@@ -23,14 +23,37 @@ struct Usage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<Cached>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_tokens_details: Option<Reasoning>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Cached {
+    pub cached_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Reasoning {
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
-    fn new(prompt: u64, completion: u64) -> Self {
+    /// `prompt` includes `cached`; the reported output is the visible `completion` plus
+    /// `reasoning`, as OpenAI counts them.
+    fn new(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> Self {
+        let completion = completion + reasoning;
         Self {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            prompt_tokens_details: (cached > 0).then_some(Cached {
+                cached_tokens: cached,
+            }),
+            completion_tokens_details: (reasoning > 0).then_some(Reasoning {
+                reasoning_tokens: reasoning,
+            }),
         }
     }
 }
@@ -97,6 +120,8 @@ struct Plan {
     omit_usage: bool,
     prompt_tokens: u64,
     tokens: u64,
+    cached: u64,
+    reasoning: u64,
     finish_reason: &'static str,
 }
 
@@ -120,6 +145,11 @@ impl Plan {
         let (tokens, truncated) = call.faults.output_tokens(max_tokens);
         let omit_usage = call.faults.omit_usage;
         call.guard.plan(&model, stream, prompt_tokens, tokens);
+        let cached = call.faults.cached_tokens.min(prompt_tokens);
+        let reasoning = call.faults.reasoning_tokens;
+        if !omit_usage {
+            call.guard.kinds(cached, 0, 0, reasoning);
+        }
         Ok(Self {
             id: format!("{prefix}{request_id}"),
             created: now_unix(),
@@ -129,12 +159,14 @@ impl Plan {
             omit_usage,
             prompt_tokens,
             tokens,
+            cached,
+            reasoning,
             finish_reason: if truncated { "length" } else { "stop" },
         })
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.tokens)
+        Usage::new(self.prompt_tokens, self.tokens, self.cached, self.reasoning)
     }
 
     /// `usage` field of ordinary stream chunks.

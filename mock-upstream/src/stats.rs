@@ -45,6 +45,18 @@ pub struct RequestRecord {
     pub client_disconnected: bool,
     /// How many requests arrived with this id (retries reuse the id).
     pub attempts: u64,
+    /// Token kinds reported in the usage besides input and output (0 when none). OpenAI:
+    /// `cached_tokens` is part of `prompt_tokens`, `reasoning_tokens` comes on top of
+    /// `tokens_sent` in the reported output. Anthropic: cache writes and reads are not part of
+    /// `prompt_tokens` (its `input_tokens`).
+    #[serde(default)]
+    pub cached_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
 }
 
 /// Body of `GET /_mock/requests`.
@@ -169,6 +181,10 @@ impl MockState {
                 cut: false,
                 client_disconnected: false,
                 attempts,
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+                cache_read_tokens: 0,
+                reasoning_tokens: 0,
             },
         );
         attempts
@@ -213,6 +229,16 @@ impl StatsGuard {
             r.stream = stream;
             r.prompt_tokens = prompt_tokens;
             r.completion_tokens_planned = planned;
+        });
+    }
+
+    /// The token kinds the usage reports besides input and output.
+    pub(crate) fn kinds(&self, cached: u64, cache_write: u64, cache_read: u64, reasoning: u64) {
+        self.update(|r| {
+            r.cached_tokens = cached;
+            r.cache_write_tokens = cache_write;
+            r.cache_read_tokens = cache_read;
+            r.reasoning_tokens = reasoning;
         });
     }
 

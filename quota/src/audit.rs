@@ -46,6 +46,32 @@ pub struct Settlement {
     pub refunded: u64,
 }
 
+/// The tokens an LLM call used, per kind (see `llm::Usage`): the kinds are disjoint, `output`
+/// includes `reasoning`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub cache_read: u64,
+    pub output: u64,
+    pub reasoning: u64,
+}
+
+impl From<crate::llm::Usage> for TokenUsage {
+    fn from(u: crate::llm::Usage) -> Self {
+        TokenUsage {
+            input: u.prompt,
+            cached_input: u.cached_input,
+            cache_write: u.cache_write,
+            cache_read: u.cache_read,
+            output: u.completion,
+            reasoning: u.reasoning,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum EventBody {
@@ -61,6 +87,10 @@ pub enum EventBody {
     ReservationSettled {
         attempt_id: String,
         settlements: Vec<Settlement>,
+        /// The tokens per kind the amounts were computed from (absent in events written before
+        /// it was added).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<TokenUsage>,
     },
     PolicyChanged {
         actor: String,

@@ -258,3 +258,78 @@ fn overlay_subjects_replace_base_subjects_with_the_same_id_or_key() {
     // Without the layering the same texts conflict.
     assert!(quota::policy::parse_sources(&sources(&[BASE, overlay])).is_err());
 }
+
+#[test]
+fn a_price_book_is_included_by_path_and_its_errors_point_into_it() {
+    let dir = std::env::temp_dir().join(format!("tollgate-price-book-{}", std::process::id()));
+    let books = dir.join("books");
+    std::fs::create_dir_all(&books).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "models_file: ./books/prices.yaml\n\
+         upstreams:\n  u: { address: '127.0.0.1:9' }\n\
+         routes:\n  - { name: chat, match: { path_prefix: /v1 }, upstream: u, quota: requests,\n      llm: { provider: openai, tokens: tokens, spend: spend } }\n\
+         tiers:\n  t:\n    requests: { daily: 10 }\n    tokens: { daily: 10 }\n    spend: { daily: 10 }\n",
+    )
+    .unwrap();
+    let book = books.join("prices.yaml");
+    std::fs::write(
+        &book,
+        "models:\n  gpt-4o: { input_per_million: 2.5, cached_input_per_million: 1.25, output_per_million: 10 }\n",
+    )
+    .unwrap();
+    let p = load_path(&policy).expect("policy with its price book");
+    let price = p
+        .price("gpt-4o-2024-08-06")
+        .expect("a dated name is priced by its base entry");
+    assert_eq!(
+        (
+            price.input_micros_per_m,
+            price.cached_input_micros_per_m,
+            price.cache_write_micros_per_m
+        ),
+        (2_500_000, 1_250_000, 2_500_000),
+        "cache writes default to the input price"
+    );
+
+    std::fs::write(
+        &book,
+        "models:\n  gpt-4o: { input_per_million: 2.5, output_per_million: 10 }\n  o3: { input_per_million: 2, output_per_million: 8, cached_input_per_million: -1 }\n",
+    )
+    .unwrap();
+    let err = load_path(&policy)
+        .expect_err("a negative price")
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}:3:7: models.o3.cached_input_per_million: expected a price of 0 or more per million tokens, got -1",
+            book.display()
+        )
+    );
+
+    std::fs::write(&book, "models: {}\ntiers:\n  x:\n    a: { daily: 1 }\n").unwrap();
+    let err = load_path(&policy)
+        .expect_err("limits in a price book")
+        .to_string();
+    assert!(
+        err.contains(
+            "books/prices.yaml:1:1: tiers: a price book (`models_file`) holds only `models`"
+        ),
+        "{err}"
+    );
+
+    std::fs::remove_file(&book).unwrap();
+    let err = load_path(&policy)
+        .expect_err("a missing price book")
+        .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{}:1:14: models_file: cannot read the price book",
+            policy.display()
+        )),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

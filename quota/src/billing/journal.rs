@@ -306,6 +306,15 @@ struct Record {
     actual: Vec<(String, u64)>,
     prompt_tokens: u64,
     completion_tokens: u64,
+    // Kinds added later: absent in records written before them.
+    #[serde(default)]
+    cached_input_tokens: u64,
+    #[serde(default)]
+    cache_write_tokens: u64,
+    #[serde(default)]
+    cache_read_tokens: u64,
+    #[serde(default)]
+    reasoning_tokens: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -364,6 +373,10 @@ impl Record {
             actual: named(&s.actual),
             prompt_tokens: s.usage.prompt,
             completion_tokens: s.usage.completion,
+            cached_input_tokens: s.usage.cached_input,
+            cache_write_tokens: s.usage.cache_write,
+            cache_read_tokens: s.usage.cache_read,
+            reasoning_tokens: s.usage.reasoning,
         }
     }
 
@@ -407,6 +420,10 @@ impl Record {
             usage: Usage {
                 prompt: self.prompt_tokens,
                 completion: self.completion_tokens,
+                cached_input: self.cached_input_tokens,
+                cache_write: self.cache_write_tokens,
+                cache_read: self.cache_read_tokens,
+                reasoning: self.reasoning_tokens,
             },
             deferred: true,
         })

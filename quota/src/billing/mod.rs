@@ -29,8 +29,8 @@ pub use ticket::{Reserved, Ticket};
 
 use crate::audit::{AuditEvent, EventBody};
 use crate::engine::{Decision, Engine};
-use crate::llm::Usage;
 use crate::llm::price::Price;
+use crate::llm::{TokenKinds, Usage};
 use crate::policy::{FailureMode, FailurePolicy, LlmRoute, Route};
 use crate::storage::Storage;
 use chrono_tz::Tz;
@@ -121,6 +121,8 @@ pub struct Tariff {
     pub route_quota: Arc<str>,
     pub route_cost: u64,
     pub tokens_quota: Arc<str>,
+    /// The token kinds the token quota counts.
+    pub tokens_count: TokenKinds,
     /// The money quota and the model's price, when the route has a budget.
     pub spend: Option<(Arc<str>, Price)>,
 }
@@ -132,6 +134,7 @@ impl Tariff {
             route_quota: route.quota.clone(),
             route_cost: route.cost,
             tokens_quota: llm.tokens_quota.clone(),
+            tokens_count: llm.tokens_count,
             spend: llm.spend_quota.clone().zip(price),
         }
     }
@@ -144,10 +147,10 @@ impl Tariff {
                 self.route_quota.clone(),
                 if answered { self.route_cost } else { 0 },
             ),
-            (self.tokens_quota.clone(), usage.total()),
+            (self.tokens_quota.clone(), usage.counted(self.tokens_count)),
         ];
         if let Some((q, p)) = &self.spend {
-            v.push((q.clone(), p.cost_micros(usage.prompt, usage.completion)));
+            v.push((q.clone(), p.cost(&usage)));
         }
         v
     }

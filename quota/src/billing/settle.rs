@@ -56,6 +56,7 @@ impl Settlement {
             body: EventBody::ReservationSettled {
                 attempt_id: self.attempt_id.clone(),
                 settlements,
+                usage: Some(self.usage.into()),
             },
         }
     }

@@ -136,6 +136,7 @@ impl<St: Storage> Env<St> {
                 EventBody::ReservationSettled {
                     attempt_id,
                     settlements,
+                    ..
                 } => (attempt_id, settlements),
                 other => panic!("not a settlement: {other:?}"),
             })
@@ -228,10 +229,7 @@ async fn used<St: Storage>(env: &Env<St>, p: &Policy) -> (u64, u64, u64) {
 
 /// The lines of an event for `usage` when the upstream `answered`.
 fn lines(usage: Usage, answered: bool) -> Vec<Line> {
-    let reserved_money = money(Usage {
-        prompt: PROMPT,
-        completion: MAX_OUT,
-    });
+    let reserved_money = money(Usage::plain(PROMPT, MAX_OUT));
     let line = |quota: &str, reserved: u64, actual: u64| Line {
         quota: quota.into(),
         reserved,
@@ -327,20 +325,10 @@ async fn a_completed_call_is_charged_its_usage_with_one_event() {
     let ticket = reserve(&env, &p, "a1").await;
     assert_eq!(
         used(&env, &p).await,
-        (
-            1,
-            PROMPT + MAX_OUT,
-            money(Usage {
-                prompt: PROMPT,
-                completion: MAX_OUT
-            })
-        ),
+        (1, PROMPT + MAX_OUT, money(Usage::plain(PROMPT, MAX_OUT))),
         "the worst case is held while the call runs"
     );
-    let usage = Usage {
-        prompt: 12,
-        completion: 30,
-    };
+    let usage = Usage::plain(12, 30);
     assert_eq!(ticket.settle(usage, true).await, Outcome::Charged);
     assert_eq!(used(&env, &p).await, (1, 42, money(usage)));
     assert_eq!(env.settled(), vec![("a1".into(), lines(usage, true))]);
@@ -380,13 +368,7 @@ async fn a_client_gone_is_billed_the_usage_the_drain_read() {
     let ticket = reserve(&env, &p, "a1").await;
     // Gone after the first word; the upstream is read to its end and reports its usage.
     let usage = drained(1, 1 << 20);
-    assert_eq!(
-        usage,
-        Usage {
-            prompt: 11,
-            completion: 3
-        }
-    );
+    assert_eq!(usage, Usage::plain(11, 3));
     assert_eq!(ticket.settle(usage, true).await, Outcome::Charged);
     assert_eq!(used(&env, &p).await, (1, 14, money(usage)));
     assert_eq!(env.settled(), vec![("a1".into(), lines(usage, true))]);
@@ -417,10 +399,7 @@ async fn a_drain_stopped_at_its_limit_bills_the_text_it_counted() {
 async fn a_settlement_delivered_twice_charges_once_with_one_event() {
     let p = policy();
     let env = Env::new(MemoryStore::new(), Deferred::in_memory());
-    let usage = Usage {
-        prompt: 12,
-        completion: 30,
-    };
+    let usage = Usage::plain(12, 30);
     let first = reserve(&env, &p, "a1").await;
     // The same attempt delivered again (a retried message): a second ticket for it.
     let again = Ticket::new(
@@ -453,10 +432,7 @@ async fn an_answer_lost_in_transit_is_charged_once_with_one_event() {
     let store = Flaky::default();
     let env = Env::new(store.clone(), Deferred::in_memory());
     tokio::spawn(run_deferred(env.clone()));
-    let usage = Usage {
-        prompt: 12,
-        completion: 30,
-    };
+    let usage = Usage::plain(12, 30);
     let ticket = reserve(&env, &p, "a1").await;
     // Applied, but the answer times out: the retry finds it settled, and still records it.
     store.0.lose_answers.store(1, Ordering::SeqCst);
@@ -474,15 +450,8 @@ async fn a_store_down_defers_to_the_journal_and_applies_in_order_when_back() {
     let journal = TempJournal::new("down");
     let store = Flaky::default();
     let env = Env::new(store.clone(), Deferred::open(&journal.0).unwrap());
-    let usages = [(1, 30), (2, 5), (3, 0)].map(|(i, completion)| {
-        (
-            format!("a{i}"),
-            Usage {
-                prompt: 12,
-                completion,
-            },
-        )
-    });
+    let usages = [(1, 30), (2, 5), (3, 0)]
+        .map(|(i, completion)| (format!("a{i}"), Usage::plain(12, completion)));
     let mut tickets = Vec::new();
     for (attempt, _) in &usages {
         tickets.push(reserve(&env, &p, attempt).await);
@@ -534,10 +503,7 @@ async fn the_journal_is_applied_after_a_restart() {
     let p = policy();
     let journal = TempJournal::new("restart");
     let store = Flaky::default();
-    let usage = Usage {
-        prompt: 12,
-        completion: 30,
-    };
+    let usage = Usage::plain(12, 30);
     let events_before = {
         let env = Env::new(store.clone(), Deferred::open(&journal.0).unwrap());
         let (t1, t2) = (reserve(&env, &p, "a1").await, reserve(&env, &p, "a2").await);
@@ -629,10 +595,7 @@ async fn a_ticket_dropped_unsettled_settles_the_prompt() {
     let env = Env::new(MemoryStore::new(), Deferred::in_memory());
     drop(reserve(&env, &p, "a1").await);
     until("the settlement on drop", || !env.outcomes().is_empty()).await;
-    let prompt = Usage {
-        prompt: PROMPT,
-        completion: 0,
-    };
+    let prompt = Usage::plain(PROMPT, 0);
     assert_eq!(
         used(&env, &p).await,
         (0, PROMPT, money(prompt)),

@@ -89,10 +89,7 @@ impl<E: BillingEnv> Drop for Ticket<E> {
         if self.settled {
             return;
         }
-        let usage = Usage {
-            prompt: self.prompt_estimate,
-            completion: 0,
-        };
+        let usage = Usage::plain(self.prompt_estimate, 0);
         let s = self.settlement(usage, false);
         tracing::debug!(attempt = %s.attempt_id, "ticket dropped unsettled; settling the prompt");
         match tokio::runtime::Handle::try_current() {

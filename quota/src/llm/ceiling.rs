@@ -33,6 +33,8 @@ pub enum CutReason {
 #[derive(Debug)]
 pub struct OutputCeiling {
     provider: Provider,
+    /// The stream is a Responses API stream: its text is in `…delta` events' `delta`.
+    responses: bool,
     model: String,
     max_output: u64,
     /// The current incomplete event.
@@ -54,6 +56,7 @@ impl OutputCeiling {
     pub fn new(provider: Provider, model: &str, max_output: u64) -> Self {
         Self {
             provider,
+            responses: false,
             model: model.to_string(),
             max_output,
             held: BytesMut::new(),
@@ -63,6 +66,14 @@ impl OutputCeiling {
             delivered: 0,
             precise: false,
             cut: None,
+        }
+    }
+
+    /// A ceiling for an OpenAI Responses API stream.
+    pub fn for_responses(model: &str, max_output: u64) -> Self {
+        Self {
+            responses: true,
+            ..Self::new(Provider::OpenAi, model, max_output)
         }
     }
 
@@ -117,10 +128,18 @@ impl OutputCeiling {
         }
     }
 
+    fn keys(&self) -> &'static [memmem::Finder<'static>] {
+        if self.responses {
+            responses_keys()
+        } else {
+            text_keys(self.provider)
+        }
+    }
+
     /// Count one complete event; false when it would pass the ceiling, so it must not be sent.
     fn admit(&mut self, event: &[u8]) -> bool {
         // Escaped length (quotes excluded) bounds the text's bytes, hence its tokens.
-        let raw_len: u64 = text_pieces(self.provider, event)
+        let raw_len: u64 = text_pieces(self.keys(), event)
             .map(|p| p.len().saturating_sub(2) as u64)
             .sum();
         if raw_len == 0 {
@@ -130,7 +149,8 @@ impl OutputCeiling {
             let bound = self.bound.saturating_add(raw_len);
             if bound <= self.max_output {
                 self.bound = bound;
-                append_pieces(&mut self.kept, text_pieces(self.provider, event));
+                let keys = self.keys();
+                append_pieces(&mut self.kept, text_pieces(keys, event));
                 return true;
             }
             self.delivered = tokens::count(&self.model, &decode_pieces(&self.kept));
@@ -138,7 +158,7 @@ impl OutputCeiling {
             self.precise = true;
         }
         let mut array = Vec::with_capacity(raw_len as usize + 8);
-        append_pieces(&mut array, text_pieces(self.provider, event));
+        append_pieces(&mut array, text_pieces(self.keys(), event));
         let n = tokens::count(&self.model, &decode_pieces(&array));
         if self.delivered.saturating_add(n) > self.max_output {
             return false;
@@ -206,18 +226,29 @@ fn text_keys(provider: Provider) -> &'static [memmem::Finder<'static>] {
     }
 }
 
+/// Responses API streams: only the deltas (`…done` events and `response.completed` repeat the
+/// whole text).
+fn responses_keys() -> &'static [memmem::Finder<'static>] {
+    static KEYS: LazyLock<Vec<memmem::Finder<'static>>> =
+        LazyLock::new(|| finders(&[b"\"delta\":"]));
+    &KEYS
+}
+
 fn finders(needles: &[&'static [u8]]) -> Vec<memmem::Finder<'static>> {
     needles.iter().map(|n| memmem::Finder::new(*n)).collect()
 }
 
 /// The escaped text strings (quotes included) of one event's `data:` lines, every occurrence of
 /// every text field (several choices, several content blocks).
-fn text_pieces<'a>(provider: Provider, event: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+fn text_pieces<'a>(
+    keys: &'static [memmem::Finder<'static>],
+    event: &'a [u8],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
     event
         .split(|&b| b == b'\n')
         .filter_map(data_payload)
         .flat_map(move |data| {
-            text_keys(provider).iter().flat_map(move |key| {
+            keys.iter().flat_map(move |key| {
                 key.find_iter(data)
                     .filter_map(move |at| json_string_at(&data[at + key.needle().len()..]))
             })

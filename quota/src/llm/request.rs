@@ -15,6 +15,10 @@ pub enum Endpoint {
     Completions,
     /// Anthropic `…/messages`.
     Messages,
+    /// OpenAI Responses API `…/responses`.
+    Responses,
+    /// OpenAI `…/embeddings`: input only, billed at the embedding price.
+    Embeddings,
     /// `…/count_tokens`: free at the provider, generates nothing.
     CountTokens,
     /// Anything else (batches, files, models…): cannot be metered as one call.
@@ -29,16 +33,21 @@ impl Endpoint {
             _ if path.ends_with("/count_tokens") => Endpoint::CountTokens,
             Provider::OpenAi if path.ends_with("/chat/completions") => Endpoint::Chat,
             Provider::OpenAi if path.ends_with("/completions") => Endpoint::Completions,
+            Provider::OpenAi if path.ends_with("/responses") => Endpoint::Responses,
+            Provider::OpenAi if path.ends_with("/embeddings") => Endpoint::Embeddings,
             Provider::Anthropic if path.ends_with("/messages") => Endpoint::Messages,
             _ => Endpoint::Other,
         }
     }
 
+    /// Whether calls to this endpoint are metered in tokens (reserved, then settled).
     pub fn generates(self) -> bool {
-        matches!(
-            self,
-            Endpoint::Chat | Endpoint::Completions | Endpoint::Messages
-        )
+        !matches!(self, Endpoint::CountTokens | Endpoint::Other)
+    }
+
+    /// Whether the response has output tokens (embeddings have none).
+    pub fn has_output(self) -> bool {
+        self != Endpoint::Embeddings
     }
 }
 
@@ -46,7 +55,8 @@ impl Endpoint {
 pub struct LlmRequest {
     pub model: String,
     pub stream: bool,
-    /// `max_completion_tokens` or `max_tokens` (OpenAI), `max_tokens` (Anthropic).
+    /// `max_completion_tokens` or `max_tokens` (OpenAI chat), `max_output_tokens` (Responses),
+    /// `max_tokens` (completions, Anthropic).
     pub max_tokens: Option<u64>,
     /// The field the client's output limit was in (the one a ceiling rewrites).
     pub max_tokens_field: &'static str,
@@ -127,6 +137,9 @@ fn parse_with(
             // OpenAI's current name for chat; older OpenAI-compatible servers accept it too.
             None => (uint("max_tokens")?, "max_tokens"),
         },
+        (_, Endpoint::Responses) => (uint("max_output_tokens")?, "max_output_tokens"),
+        // Embeddings produce no output.
+        (_, Endpoint::Embeddings) => (None, "max_tokens"),
         _ => (uint("max_tokens")?, "max_tokens"),
     };
     let include_usage = obj
@@ -139,14 +152,41 @@ fn parse_with(
             .and_then(Value::as_array)
             .ok_or_else(|| RequestError::Invalid(format!("`{field}` must be an array of messages")))
     };
+    let responses_input = || -> Result<&Value, RequestError> {
+        match obj.get("input") {
+            Some(v @ (Value::String(_) | Value::Array(_))) => Ok(v),
+            _ => Err(RequestError::Invalid(
+                "`input` must be a string or an array of input items".into(),
+            )),
+        }
+    };
     let prompt_tokens = match (provider, endpoint) {
         _ if !count => {
             // Still check the shape, as the counting path does.
-            if endpoint != Endpoint::Completions {
-                array("messages")?;
+            match endpoint {
+                Endpoint::Completions => {}
+                Endpoint::Responses => {
+                    responses_input()?;
+                }
+                Endpoint::Embeddings => {
+                    tokens::embeddings_input(&model, obj.get("input"), false)
+                        .map_err(RequestError::Invalid)?;
+                }
+                _ => {
+                    array("messages")?;
+                }
             }
             0
         }
+        (_, Endpoint::Responses) => tokens::openai_responses_prompt(
+            &model,
+            obj.get("instructions"),
+            responses_input()?,
+            obj.get("tools"),
+            image_tokens.unwrap_or(tokens::OPENAI_IMAGE_TOKENS),
+        ),
+        (_, Endpoint::Embeddings) => tokens::embeddings_input(&model, obj.get("input"), true)
+            .map_err(RequestError::Invalid)?,
         (Provider::Anthropic, _) => tokens::anthropic_prompt(
             &model,
             obj.get("system"),
@@ -300,6 +340,40 @@ mod tests {
     }
 
     #[test]
+    fn responses_and_embeddings_requests() {
+        let body = br#"{"model":"gpt-4o","stream":true,"max_output_tokens":64,"instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hello there"}]},{"type":"function_call_output","call_id":"c","output":"42"}]}"#;
+        let r = parse(Provider::OpenAi, Endpoint::Responses, body, None).unwrap();
+        assert_eq!(
+            (r.stream, r.max_tokens, r.max_tokens_field),
+            (true, Some(64), "max_output_tokens")
+        );
+        assert!(r.prompt_tokens > 8, "{}", r.prompt_tokens);
+        let plain = br#"{"model":"gpt-4o","input":"hello there"}"#;
+        assert!(parse(Provider::OpenAi, Endpoint::Responses, plain, None).is_ok());
+        let bad = br#"{"model":"gpt-4o","input":3}"#;
+        assert!(parse(Provider::OpenAi, Endpoint::Responses, bad, None).is_err());
+        for (input, tokens) in [
+            (r#""the of and""#, 3),
+            (r#"["the of", "and"]"#, 3),
+            ("[1, 2, 3, 4]", 4),
+            ("[[1, 2], [3]]", 3),
+        ] {
+            let body = format!(r#"{{"model":"text-embedding-3-small","input":{input}}}"#);
+            let r = parse(
+                Provider::OpenAi,
+                Endpoint::Embeddings,
+                body.as_bytes(),
+                None,
+            )
+            .unwrap();
+            assert_eq!((r.prompt_tokens, r.max_tokens), (tokens, None), "{input}");
+        }
+        let bad = br#"{"model":"e","input":[{"a":1}]}"#;
+        assert!(parse(Provider::OpenAi, Endpoint::Embeddings, bad, None).is_err());
+        assert!(parse_uncounted(Provider::OpenAi, Endpoint::Embeddings, bad).is_err());
+    }
+
+    #[test]
     fn endpoints_are_told_apart_by_their_last_segments() {
         use Endpoint::*;
         for (p, path, want) in [
@@ -307,6 +381,9 @@ mod tests {
             (Provider::OpenAi, "/api/v1/chat/completions", Chat),
             (Provider::OpenAi, "/v1/completions", Completions),
             (Provider::OpenAi, "/v1/batches", Other),
+            (Provider::OpenAi, "/v1/responses", Responses),
+            (Provider::OpenAi, "/v1/embeddings", Embeddings),
+            (Provider::Anthropic, "/v1/responses", Other),
             (Provider::Anthropic, "/v1/messages", Messages),
             (
                 Provider::Anthropic,

@@ -26,7 +26,6 @@
 use super::{Provider, Usage, tokens};
 use bytes::{Bytes, BytesMut};
 use memchr::{memchr, memmem};
-use serde::Deserialize;
 
 /// Longest line (pass-through) or event (strip mode) the meter reads: 1 MiB. Real SSE events are
 /// a few hundred bytes; only a broken or hostile upstream sends more before a line end.
@@ -77,8 +76,7 @@ pub struct StreamMeter {
     start: u64,
     /// Stream offset of the line or event that overflowed; nothing from there on was read.
     overflow_at: Option<u64>,
-    prompt: Option<u64>,
-    completion: Option<u64>,
+    reported: Reported,
     /// Generated text as a JSON array of the still-escaped string pieces (`["a","b"`), decoded
     /// only if the upstream never reports usage: most streams never pay for decoding.
     text: Vec<u8>,
@@ -91,48 +89,62 @@ pub struct StreamMeter {
     searched: u64,
 }
 
-#[derive(Deserialize)]
-struct OaChunk {
-    #[serde(default)]
-    choices: Vec<OaChoice>,
-    usage: Option<OaUsage>,
+/// Usage as an upstream reported it, in its own terms, each kind when it was reported.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Reported {
+    /// OpenAI `prompt_tokens`/`input_tokens` (cached ones included); Anthropic `input_tokens`
+    /// (cache writes and reads excluded).
+    input: Option<u64>,
+    /// `completion_tokens`/`output_tokens` (reasoning included).
+    output: Option<u64>,
+    /// OpenAI `prompt_tokens_details.cached_tokens` / `input_tokens_details.cached_tokens`.
+    cached: Option<u64>,
+    /// Anthropic `cache_creation_input_tokens`.
+    cache_write: Option<u64>,
+    /// Anthropic `cache_read_input_tokens`.
+    cache_read: Option<u64>,
+    /// OpenAI `completion_tokens_details.reasoning_tokens` / `output_tokens_details.reasoning_tokens`.
+    reasoning: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct OaChoice {
-    delta: Option<OaDelta>,
-    /// Legacy completions stream `text` instead of a delta.
-    text: Option<String>,
-}
+impl Reported {
+    /// Take the counts of one `usage` object (a later report of a kind replaces an earlier one:
+    /// Anthropic's counts are cumulative).
+    fn merge(&mut self, u: &serde_json::Value) {
+        if !u.is_object() {
+            return;
+        }
+        let first = |names: &[&str]| names.iter().find_map(|n| u[*n].as_u64());
+        let detail = |objs: [&str; 2], field: &str| objs.iter().find_map(|o| u[*o][field].as_u64());
+        self.input = first(&["prompt_tokens", "input_tokens"]).or(self.input);
+        self.output = first(&["completion_tokens", "output_tokens"]).or(self.output);
+        self.cached = detail(
+            ["prompt_tokens_details", "input_tokens_details"],
+            "cached_tokens",
+        )
+        .or(self.cached);
+        self.cache_write = first(&["cache_creation_input_tokens"]).or(self.cache_write);
+        self.cache_read = first(&["cache_read_input_tokens"]).or(self.cache_read);
+        self.reasoning = detail(
+            ["completion_tokens_details", "output_tokens_details"],
+            "reasoning_tokens",
+        )
+        .or(self.reasoning);
+    }
 
-#[derive(Deserialize)]
-struct OaDelta {
-    content: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OaUsage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct AnEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    message: Option<AnMessage>,
-    usage: Option<AnUsage>,
-}
-
-#[derive(Deserialize)]
-struct AnMessage {
-    usage: Option<AnUsage>,
-}
-
-#[derive(Deserialize)]
-struct AnUsage {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+    /// The usage per kind: cached tokens taken out of the input they are part of (OpenAI), the
+    /// prompt estimate for an input never reported, `completion` as given.
+    fn usage(&self, prompt_estimate: u64, completion: u64) -> Usage {
+        let cached = self.cached.unwrap_or(0);
+        Usage {
+            prompt: self.input.unwrap_or(prompt_estimate).saturating_sub(cached),
+            cached_input: cached,
+            cache_write: self.cache_write.unwrap_or(0),
+            cache_read: self.cache_read.unwrap_or(0),
+            completion,
+            reasoning: self.reasoning.unwrap_or(0).min(completion),
+        }
+    }
 }
 
 impl StreamMeter {
@@ -162,8 +174,7 @@ impl StreamMeter {
             scanned_to: 0,
             start: 0,
             overflow_at: None,
-            prompt: None,
-            completion: None,
+            reported: Reported::default(),
             text: Vec::new(),
             text_dropped: 0,
             finished: false,
@@ -352,31 +363,29 @@ impl StreamMeter {
                     self.finished = true;
                     return false;
                 }
+                if finder!(b"\"type\":\"response.").find(data).is_some() {
+                    self.on_responses_event(data);
+                    return false;
+                }
                 if finder!(b"\"usage\":{").find(data).is_none() {
                     self.keep_text(data, finder!(b"\"content\":"));
                     self.keep_text(data, finder!(b"\"text\":"));
                     return false;
                 }
-                let Ok(c) = serde_json::from_slice::<OaChunk>(data) else {
+                let Ok(c) = serde_json::from_slice::<serde_json::Value>(data) else {
                     return false;
                 };
-                for ch in &c.choices {
-                    if let Some(t) = ch
-                        .delta
-                        .as_ref()
-                        .and_then(|d| d.content.as_deref())
-                        .or(ch.text.as_deref())
-                    {
+                let choices = c["choices"].as_array().map_or(&[][..], Vec::as_slice);
+                for ch in choices {
+                    if let Some(t) = ch["delta"]["content"].as_str().or(ch["text"].as_str()) {
                         self.push_text(t);
                     }
                 }
-                match c.usage {
-                    Some(u) => {
-                        self.prompt = u.prompt_tokens.or(self.prompt);
-                        self.completion = u.completion_tokens.or(self.completion);
-                        c.choices.is_empty()
-                    }
-                    None => false,
+                if c["usage"].is_object() {
+                    self.reported.merge(&c["usage"]);
+                    choices.is_empty()
+                } else {
+                    false
                 }
             }
             Provider::Anthropic => {
@@ -387,28 +396,47 @@ impl StreamMeter {
                     self.keep_text(data, finder!(b"\"text\":"));
                     return false;
                 }
-                let Ok(e) = serde_json::from_slice::<AnEvent>(data) else {
+                let Ok(e) = serde_json::from_slice::<serde_json::Value>(data) else {
                     return false;
                 };
-                match e.kind.as_str() {
+                match e["type"].as_str().unwrap_or("") {
                     "message_start" => {
-                        if let Some(u) = e.message.and_then(|m| m.usage) {
-                            self.prompt = u.input_tokens.or(self.prompt);
-                        }
+                        // Its output count is provisional (1): the real one comes with
+                        // `message_delta`, and a stream cut before that counts its text.
+                        let output = self.reported.output;
+                        self.reported.merge(&e["message"]["usage"]);
+                        self.reported.output = output;
                     }
-                    // Cumulative output tokens of the message so far.
-                    "message_delta" => {
-                        if let Some(u) = e.usage {
-                            self.completion = u.output_tokens.or(self.completion);
-                            self.prompt = u.input_tokens.or(self.prompt);
-                        }
-                    }
+                    // Cumulative counts of the message so far (cache counts when present).
+                    "message_delta" => self.reported.merge(&e["usage"]),
                     "message_stop" => self.finished = true,
                     _ => {}
                 }
                 false
             }
         }
+    }
+
+    /// One event of a Responses API stream: text deltas are kept, the final event
+    /// (`response.completed`, `response.failed`, `response.incomplete`) carries the usage and
+    /// ends the stream. Other events (`…done` events repeat the whole text) are not read.
+    fn on_responses_event(&mut self, data: &[u8]) {
+        if finder!(b".delta\"").find(data).is_some() {
+            self.keep_text(data, finder!(b"\"delta\":"));
+            return;
+        }
+        let last = [
+            finder!(b"\"type\":\"response.completed\""),
+            finder!(b"\"type\":\"response.failed\""),
+            finder!(b"\"type\":\"response.incomplete\""),
+        ];
+        if !last.iter().any(|f| f.find(data).is_some()) {
+            return;
+        }
+        if let Ok(e) = serde_json::from_slice::<serde_json::Value>(data) {
+            self.reported.merge(&e["response"]["usage"]);
+        }
+        self.finished = true;
     }
 
     fn push_text(&mut self, t: &str) {
@@ -429,7 +457,7 @@ impl StreamMeter {
 
     /// Whether the upstream reported the output tokens itself.
     pub fn reported(&self) -> bool {
-        self.completion.is_some()
+        self.reported.output.is_some()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -452,14 +480,12 @@ impl StreamMeter {
     /// counted: the kept text with the tokenizer, what was not kept or not read (text past the
     /// text limit, the stream from an overflow on) at [`BYTES_PER_TOKEN`], rounded up.
     pub fn usage(&self, prompt_estimate: u64) -> Usage {
-        Usage {
-            prompt: self.prompt.unwrap_or(prompt_estimate),
-            completion: self.completion.unwrap_or_else(|| {
-                let unread = self.overflow_at.map_or(0, |at| self.bytes - at);
-                tokens::count(&self.model, &self.received_text())
-                    + (self.text_dropped + unread).div_ceil(BYTES_PER_TOKEN)
-            }),
-        }
+        let completion = self.reported.output.unwrap_or_else(|| {
+            let unread = self.overflow_at.map_or(0, |at| self.bytes - at);
+            tokens::count(&self.model, &self.received_text())
+                + (self.text_dropped + unread).div_ceil(BYTES_PER_TOKEN)
+        });
+        self.reported.usage(prompt_estimate, completion)
     }
 }
 
@@ -536,22 +562,13 @@ fn remove_usage_null(event: Bytes) -> Bytes {
     }
 }
 
-/// Usage in a complete (non-streamed) JSON response; text counted when usage is missing.
-pub fn json_usage(provider: Provider, model: &str, body: &[u8], prompt_estimate: u64) -> Usage {
+/// Usage in a complete (non-streamed) JSON response (chat, completions, Responses API,
+/// embeddings, Anthropic messages); the text counted when usage is missing.
+pub fn json_usage(_provider: Provider, model: &str, body: &[u8], prompt_estimate: u64) -> Usage {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let u = &v["usage"];
-    let field = |names: [&str; 2]| names.iter().find_map(|n| u[*n].as_u64());
-    let (prompt, completion) = match provider {
-        Provider::OpenAi => (
-            field(["prompt_tokens", "input_tokens"]),
-            field(["completion_tokens", "output_tokens"]),
-        ),
-        Provider::Anthropic => (
-            field(["input_tokens", "prompt_tokens"]),
-            field(["output_tokens", "completion_tokens"]),
-        ),
-    };
-    let completion = completion.unwrap_or_else(|| {
+    let mut r = Reported::default();
+    r.merge(&v["usage"]);
+    let completion = r.output.unwrap_or_else(|| {
         let mut text = String::new();
         for c in v["choices"].as_array().into_iter().flatten() {
             text.push_str(
@@ -564,12 +581,15 @@ pub fn json_usage(provider: Provider, model: &str, body: &[u8], prompt_estimate:
         for c in v["content"].as_array().into_iter().flatten() {
             text.push_str(c["text"].as_str().unwrap_or(""));
         }
+        // Responses API: the output items' text parts.
+        for item in v["output"].as_array().into_iter().flatten() {
+            for c in item["content"].as_array().into_iter().flatten() {
+                text.push_str(c["text"].as_str().unwrap_or(""));
+            }
+        }
         tokens::count(model, &text)
     });
-    Usage {
-        prompt: prompt.unwrap_or(prompt_estimate),
-        completion,
-    }
+    r.usage(prompt_estimate, completion)
 }
 
 #[cfg(test)]
@@ -608,13 +628,7 @@ mod tests {
             let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o-mini", false);
             let forwarded = run(&mut m, &openai_stream(true), step);
             assert_eq!(forwarded, openai_stream(true), "pass-through is untouched");
-            assert_eq!(
-                m.usage(0),
-                Usage {
-                    prompt: 11,
-                    completion: 3
-                }
-            );
+            assert_eq!(m.usage(0), Usage::plain(11, 3));
             assert!(m.finished() && m.reported());
         }
     }
@@ -629,13 +643,7 @@ mod tests {
                 openai_stream(false),
                 "exactly the stream without usage"
             );
-            assert_eq!(
-                m.usage(0),
-                Usage {
-                    prompt: 11,
-                    completion: 3
-                }
-            );
+            assert_eq!(m.usage(0), Usage::plain(11, 3));
         }
     }
 
@@ -645,14 +653,7 @@ mod tests {
         let cut = &openai_stream(false)[..150];
         run(&mut m, cut, 10);
         assert!(!m.reported());
-        assert_eq!(
-            m.usage(42),
-            Usage {
-                prompt: 42,
-                completion: 1
-            },
-            "one full delta received"
-        );
+        assert_eq!(m.usage(42), Usage::plain(42, 1), "one full delta received");
     }
 
     #[test]
@@ -661,13 +662,7 @@ mod tests {
         let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o-mini", true);
         let out = run(&mut m, &s, 7);
         assert_eq!(out, openai_stream(false).replace("\n\n", "\r\n\r\n"));
-        assert_eq!(
-            m.usage(0),
-            Usage {
-                prompt: 11,
-                completion: 3
-            }
-        );
+        assert_eq!(m.usage(0), Usage::plain(11, 3));
     }
 
     #[test]
@@ -678,13 +673,7 @@ mod tests {
                  event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let mut m = StreamMeter::new(Provider::Anthropic, "claude-3-5-haiku", true);
         assert_eq!(run(&mut m, s, 3), s, "Anthropic streams are never altered");
-        assert_eq!(
-            m.usage(0),
-            Usage {
-                prompt: 25,
-                completion: 7
-            }
-        );
+        assert_eq!(m.usage(0), Usage::plain(25, 7));
         assert!(m.finished());
     }
 
@@ -693,18 +682,123 @@ mod tests {
         let body = br#"{"choices":[{"message":{"content":" the of"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#;
         assert_eq!(
             json_usage(Provider::OpenAi, "gpt-4o", body, 0),
-            Usage {
-                prompt: 9,
-                completion: 2
-            }
+            Usage::plain(9, 2)
         );
         let body = br#"{"content":[{"type":"text","text":" the of and"}]}"#;
         assert_eq!(
             json_usage(Provider::Anthropic, "claude", body, 5),
-            Usage {
-                prompt: 5,
-                completion: 3
+            Usage::plain(5, 3)
+        );
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    fn run(meter: &mut StreamMeter, s: &str, step: usize) {
+        let mut out = Vec::new();
+        for piece in s.as_bytes().chunks(step) {
+            meter.feed(Bytes::copy_from_slice(piece), &mut out);
+        }
+        meter.flush(&mut out);
+    }
+
+    #[test]
+    fn openai_cached_and_reasoning_tokens_are_their_own_kinds() {
+        let s = "data: {\"choices\":[{\"delta\":{\"content\":\" the\"}}]}\n\n\
+                 data: {\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":30,\
+                 \"prompt_tokens_details\":{\"cached_tokens\":64},\"completion_tokens_details\":{\"reasoning_tokens\":12}}}\n\n\
+                 data: [DONE]\n\n";
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        run(&mut m, s, 9);
+        let u = m.usage(0);
+        assert_eq!(
+            (u.prompt, u.cached_input, u.completion, u.reasoning),
+            (36, 64, 30, 12),
+            "cached out of the input, reasoning inside the output"
+        );
+        assert_eq!(u.total(), 130);
+    }
+
+    #[test]
+    fn anthropic_cache_writes_and_reads_come_on_top_of_the_input() {
+        let s = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"cache_creation_input_tokens\":300,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n\
+                 event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" the\"}}\n\n\
+                 event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9,\"cache_read_input_tokens\":50}}\n\n\
+                 event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut m = StreamMeter::new(Provider::Anthropic, "claude", false);
+        run(&mut m, s, 11);
+        let u = m.usage(0);
+        assert_eq!(
+            (u.prompt, u.cache_write, u.cache_read, u.completion),
+            (20, 300, 50, 9)
+        );
+    }
+
+    fn responses_stream(last: &str, with_usage: bool) -> String {
+        let mut s = String::from(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"usage\":null}}\n\n",
+        );
+        for w in [" the", " of", " and"] {
+            s += &format!(
+                "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"item_id\":\"m\",\"delta\":\"{w}\"}}\n\n"
+            );
+        }
+        s += "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"text\":\" the of and\"}\n\n";
+        let usage = if with_usage {
+            "{\"input_tokens\":40,\"input_tokens_details\":{\"cached_tokens\":8},\"output_tokens\":10,\"output_tokens_details\":{\"reasoning_tokens\":7}}"
+        } else {
+            "null"
+        };
+        s + &format!(
+            "event: {last}\ndata: {{\"type\":\"{last}\",\"response\":{{\"output\":[{{\"content\":[{{\"text\":\" the of and\"}}]}}],\"usage\":{usage}}}}}\n\n"
+        )
+    }
+
+    #[test]
+    fn responses_streams_are_billed_from_their_last_event() {
+        for last in [
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ] {
+            for step in [1, 13, 4096] {
+                let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+                run(&mut m, &responses_stream(last, true), step);
+                assert!(m.finished() && m.reported(), "{last}");
+                let u = m.usage(0);
+                assert_eq!(
+                    (u.prompt, u.cached_input, u.completion, u.reasoning),
+                    (32, 8, 10, 7),
+                    "{last} step {step}"
+                );
             }
+        }
+        // Without usage: the deltas, counted once (not the `done` events that repeat them).
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        run(&mut m, &responses_stream("response.completed", false), 7);
+        assert_eq!(m.usage(5), Usage::plain(5, 3));
+    }
+
+    #[test]
+    fn plain_responses_and_embeddings_usage() {
+        let body = br#"{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":" the"}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":2},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":4}}}"#;
+        let u = json_usage(Provider::OpenAi, "gpt-4o", body, 0);
+        assert_eq!(
+            (u.prompt, u.cached_input, u.completion, u.reasoning),
+            (10, 2, 5, 4)
+        );
+        let body = br#"{"object":"list","data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":7,"total_tokens":7}}"#;
+        assert_eq!(
+            json_usage(Provider::OpenAi, "e", body, 0),
+            Usage::plain(7, 0)
+        );
+        let body = br#"{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":3,"cache_creation_input_tokens":10,"cache_read_input_tokens":20,"output_tokens":2}}"#;
+        let u = json_usage(Provider::Anthropic, "claude", body, 0);
+        assert_eq!(
+            (u.prompt, u.cache_write, u.cache_read, u.completion),
+            (3, 10, 20, 2)
         );
     }
 }
@@ -781,10 +875,7 @@ mod bound_tests {
             let unread = (s.len() - huge_from) as u64;
             assert_eq!(
                 m.usage(7),
-                Usage {
-                    prompt: 7,
-                    completion: 1 + unread.div_ceil(BYTES_PER_TOKEN)
-                },
+                Usage::plain(7, 1 + unread.div_ceil(BYTES_PER_TOKEN)),
                 "the delta before by the tokenizer, the rest by bytes (strip: {strip})"
             );
         }
@@ -800,13 +891,7 @@ mod bound_tests {
         let mut m = StreamMeter::new(Provider::Anthropic, "claude", false);
         assert!(feed_all(&mut m, &s, 100_000) == s);
         assert!(m.overflowed());
-        assert_eq!(
-            m.usage(0),
-            Usage {
-                prompt: 25,
-                completion: 9
-            }
-        );
+        assert_eq!(m.usage(0), Usage::plain(25, 9));
     }
 
     #[test]

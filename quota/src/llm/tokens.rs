@@ -184,6 +184,94 @@ pub fn openai_chat_prompt(
     p.tokens(model)
 }
 
+/// Prompt tokens of an OpenAI Responses API request: `instructions`, the `input` (a string, or
+/// items: messages with text or image parts, function calls and their outputs, anything else
+/// in serialized form), tool definitions; 3 per item plus 3, as for chat.
+pub fn openai_responses_prompt(
+    model: &str,
+    instructions: Option<&Value>,
+    input: &Value,
+    tools: Option<&Value>,
+    image_tokens: u64,
+) -> u64 {
+    let mut p = Prompt {
+        fixed: 3,
+        ..Prompt::default()
+    };
+    if let Some(Value::String(s)) = instructions {
+        p.text.push_str(s);
+        p.text.push('\n');
+    }
+    match input {
+        Value::String(s) => p.text.push_str(s),
+        Value::Array(items) => {
+            p.fixed = p
+                .fixed
+                .saturating_add(3u64.saturating_mul(items.len() as u64));
+            for item in items {
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                match (kind, item) {
+                    (_, Value::String(s)) => p.text.push_str(s),
+                    ("message", _) => {
+                        if let Some(r) = item.get("role").and_then(Value::as_str) {
+                            p.text.push_str(r);
+                            p.text.push(' ');
+                        }
+                        if let Some(c) = item.get("content") {
+                            p.content(c, image_tokens, true);
+                        }
+                    }
+                    ("function_call", _) => {
+                        p.json(&item["name"]);
+                        p.json(&item["arguments"]);
+                    }
+                    ("function_call_output", _) => p.json(&item["output"]),
+                    _ => p.json(item),
+                }
+            }
+        }
+        other => p.json(other),
+    }
+    if let Some(t) = tools {
+        p.json(t);
+    }
+    p.tokens(model)
+}
+
+/// Input tokens of an embeddings request: `input` as a string, an array of strings, an array of
+/// token ids or an array of such arrays (ids count one each). `count: false` checks the shape
+/// only (0).
+pub fn embeddings_input(model: &str, input: Option<&Value>, count: bool) -> Result<u64, String> {
+    let invalid = || {
+        "`input` must be a string, an array of strings, an array of token ids or an array of token id arrays"
+            .to_string()
+    };
+    let text = |s: &str| if count { self::count(model, s) } else { 0 };
+    let ids = |a: &[Value]| -> Result<u64, String> {
+        if a.iter().all(Value::is_u64) {
+            Ok(a.len() as u64)
+        } else {
+            Err(invalid())
+        }
+    };
+    match input {
+        Some(Value::String(s)) => Ok(text(s)),
+        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => ids(items),
+        Some(Value::Array(items)) => items.iter().try_fold(0u64, |n, item| {
+            let t = match item {
+                Value::String(s) => text(s),
+                Value::Array(a) => ids(a)?,
+                _ => return Err(invalid()),
+            };
+            Ok(n.saturating_add(t))
+        }),
+        _ => Err(invalid()),
+    }
+}
+
 /// Prompt tokens of an Anthropic messages request: system prompt, message contents (text,
 /// images, documents, tool use and results), tool definitions and the tool-use system prompt.
 pub fn anthropic_prompt(

@@ -27,6 +27,9 @@ pub struct PolicyFile {
     /// Prices of LLM models, per million tokens; a `default` entry prices unknown models.
     #[serde(default)]
     pub models: BTreeMap<String, Spanned<ModelDto>>,
+    /// A price book: a YAML file holding only `models:`, path relative to this file. Its entries
+    /// join this file's `models`.
+    pub models_file: Option<Spanned<String>>,
     /// The tier given to keys the gateway cannot look up while its control plane is unreachable;
     /// without one such keys get 503 and a `Retry-After`.
     pub guest_tier: Option<Spanned<String>>,
@@ -51,6 +54,26 @@ fn default_threshold() -> f64 {
 pub struct ModelDto {
     pub input_per_million: f64,
     pub output_per_million: f64,
+    /// OpenAI cached prompt tokens (default: the input price).
+    pub cached_input_per_million: Option<f64>,
+    /// Anthropic cache writes (default: the input price).
+    pub cache_write_per_million: Option<f64>,
+    /// Anthropic cache reads (default: `cached_input_per_million`, else the input price).
+    pub cache_read_per_million: Option<f64>,
+    /// Input of embeddings calls (default: the input price).
+    pub embedding_per_million: Option<f64>,
+}
+
+/// A token kind, as `llm.tokens_count` names it.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKindDto {
+    Input,
+    CachedInput,
+    CacheWrite,
+    CacheRead,
+    /// Output, reasoning included.
+    Output,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +90,8 @@ pub struct LlmRouteDto {
     pub provider: ProviderDto,
     /// Quota type counting prompt + completion tokens.
     pub tokens: Spanned<String>,
+    /// The token kinds `tokens` counts (default: all of them, every input kind and the output).
+    pub tokens_count: Option<Spanned<Vec<TokenKindDto>>>,
     /// Quota type counting money in micro-units (1e-6 of the currency), priced by `models`.
     pub spend: Option<Spanned<String>>,
     /// Output tokens reserved when a request gives no `max_tokens`.

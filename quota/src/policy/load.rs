@@ -4,7 +4,7 @@
 
 use super::dto::{
     FailureModeDto, LlmRouteDto, OverMaxDto, OverrunDto, PeriodDto, PolicyFile, ProviderDto,
-    QuotaDto, RouteDto, SubjectDto, UpstreamDto,
+    QuotaDto, RouteDto, SubjectDto, TokenKindDto, UpstreamDto,
 };
 use super::{
     FailureMode, LimitSpec, LlmRoute, Policy, QuotaLimits, RatePeriod, Route, Subject, Tier,
@@ -12,7 +12,8 @@ use super::{
 };
 use crate::calendar::CalendarPeriod;
 use crate::llm::Provider;
-use crate::llm::price::Price;
+use crate::llm::TokenKinds;
+use crate::llm::price::{Price, PriceList};
 use crate::names::NameKind;
 use chrono_tz::Tz;
 use serde_saphyr::{Location, Spanned};
@@ -106,7 +107,52 @@ pub fn read_sources(path: &Path) -> Result<Vec<(String, String)>, PolicyErrors> 
             }
         }
     }
+    // Price books the files include, read once each (a book inside a policy directory is one of
+    // its files already).
+    let mut errors = Vec::new();
+    for i in 0..sources.len() {
+        let Some((book, at)) = models_file_of(&sources[i].0, &sources[i].1) else {
+            continue;
+        };
+        let name = book.display().to_string();
+        if sources.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        match std::fs::read_to_string(&book) {
+            Ok(text) => sources.push((name, text)),
+            Err(e) => errors.push(PolicyError::At {
+                file: sources[i].0.clone(),
+                line: at.line() as u32,
+                column: at.column() as u32,
+                path: "models_file".into(),
+                message: format!("cannot read the price book `{name}`: {e}"),
+            }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
     Ok(sources)
+}
+
+/// The price book policy file `name` includes (`models_file:`), resolved against the file's
+/// directory, and where it is named. `None` when there is none or the file does not parse (its
+/// parse reports that).
+fn models_file_of(name: &str, text: &str) -> Option<(std::path::PathBuf, Location)> {
+    #[derive(serde::Deserialize)]
+    struct Includes {
+        models_file: Option<Spanned<String>>,
+    }
+    let inc: Includes = serde_saphyr::from_str(text).ok()?;
+    let m = inc.models_file?;
+    Some((resolve_book(name, &m.value), m.referenced))
+}
+
+/// `book` relative to the directory of policy file `name` (absolute paths as they are), with
+/// `.` segments dropped so that the same file always gets the same name.
+fn resolve_book(name: &str, book: &str) -> std::path::PathBuf {
+    let dir = Path::new(name).parent().unwrap_or(Path::new(""));
+    dir.join(book).components().collect()
 }
 
 /// Build a policy from named YAML texts (a file name or any label used in error messages).
@@ -132,6 +178,7 @@ pub fn parse_layered(
             Err(e) => errors.push(e),
         }
     }
+    check_price_books(&parsed, &mut errors);
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
@@ -141,6 +188,55 @@ pub fn parse_layered(
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
     Builder::default().build(parsed, hash, overlay_from)
+}
+
+/// Every `models_file` names a source that was read as a price book, and a price book holds
+/// prices only (operators update it without touching limits).
+fn check_price_books(parsed: &[(&str, PolicyFile)], errors: &mut Vec<PolicyError>) {
+    let mut books = HashSet::new();
+    for (name, doc) in parsed {
+        let Some(m) = &doc.models_file else { continue };
+        let book = resolve_book(name, &m.value).display().to_string();
+        if !parsed.iter().any(|(n, _)| *n == book) {
+            errors.push(PolicyError::At {
+                file: name.to_string(),
+                line: m.referenced.line() as u32,
+                column: m.referenced.column() as u32,
+                path: "models_file".into(),
+                message: format!(
+                    "the price book `{book}` was not loaded: `models_file` is read only from policy files on disk"
+                ),
+            });
+        }
+        books.insert(book);
+    }
+    for (name, doc) in parsed {
+        if !books.contains(*name) {
+            continue;
+        }
+        let other = [
+            ("upstreams", doc.upstreams.is_empty()),
+            ("routes", doc.routes.is_empty()),
+            ("tiers", doc.tiers.is_empty()),
+            ("subjects", doc.subjects.is_empty()),
+            ("guardrail", doc.guardrail.is_none()),
+            ("guest_tier", doc.guest_tier.is_none()),
+            ("failure_mode", doc.failure_mode.is_none()),
+            ("local_share", doc.local_share.is_none()),
+            ("models_file", doc.models_file.is_none()),
+        ]
+        .into_iter()
+        .find(|(_, empty)| !empty);
+        if let Some((field, _)) = other {
+            errors.push(PolicyError::At {
+                file: name.to_string(),
+                line: 1,
+                column: 1,
+                path: field.into(),
+                message: "a price book (`models_file`) holds only `models` (and `version`)".into(),
+            });
+        }
+    }
 }
 
 fn parse_file(name: &str, text: &str) -> Result<PolicyFile, PolicyError> {
@@ -505,12 +601,26 @@ impl<'a> Builder<'a> {
             ) {
                 continue;
             }
-            if !valid(m.value.input_per_million) || !valid(m.value.output_per_million) {
+            let d = &m.value;
+            let bad = [
+                ("input_per_million", Some(d.input_per_million)),
+                ("output_per_million", Some(d.output_per_million)),
+                ("cached_input_per_million", d.cached_input_per_million),
+                ("cache_write_per_million", d.cache_write_per_million),
+                ("cache_read_per_million", d.cache_read_per_million),
+                ("embedding_per_million", d.embedding_per_million),
+            ]
+            .into_iter()
+            .find(|(_, v)| v.is_some_and(|v| !valid(v)));
+            if let Some((field, v)) = bad {
                 self.err(
                     file,
                     m.referenced,
-                    format!("models.{name}"),
-                    "expected prices of 0 or more per million tokens",
+                    format!("models.{name}.{field}"),
+                    format!(
+                        "expected a price of 0 or more per million tokens, got {}",
+                        v.unwrap_or_default()
+                    ),
                 );
             } else if self.models.iter().any(|(n, _)| n == name) {
                 self.err(
@@ -520,8 +630,14 @@ impl<'a> Builder<'a> {
                     format!("model `{name}` is priced twice"),
                 );
             } else {
-                let price =
-                    Price::from_per_million(m.value.input_per_million, m.value.output_per_million);
+                let price = Price::from_list(PriceList {
+                    input: d.input_per_million,
+                    output: d.output_per_million,
+                    cached_input: d.cached_input_per_million,
+                    cache_write: d.cache_write_per_million,
+                    cache_read: d.cache_read_per_million,
+                    embedding: d.embedding_per_million,
+                });
                 self.models.push((name.clone(), price));
             }
         }
@@ -1006,6 +1122,16 @@ impl<'a> Builder<'a> {
                 );
             }
         }
+        if let Some(kinds) = &l.tokens_count
+            && kinds.value.is_empty()
+        {
+            self.err(
+                file,
+                kinds.referenced,
+                format!("{path}.llm.tokens_count"),
+                "expected at least one token kind (input, cached_input, cache_write, cache_read, output)",
+            );
+        }
         if l.max_output_tokens == Some(0) {
             self.err(
                 file,
@@ -1034,6 +1160,18 @@ impl<'a> Builder<'a> {
                 ProviderDto::Anthropic => Provider::Anthropic,
             },
             tokens_quota: l.tokens.value.as_str().into(),
+            tokens_count: match &l.tokens_count {
+                None => TokenKinds::ALL,
+                Some(kinds) => kinds.value.iter().fold(TokenKinds::NONE, |k, d| {
+                    k.with(match d {
+                        TokenKindDto::Input => TokenKinds::INPUT,
+                        TokenKindDto::CachedInput => TokenKinds::CACHED_INPUT,
+                        TokenKindDto::CacheWrite => TokenKinds::CACHE_WRITE,
+                        TokenKindDto::CacheRead => TokenKinds::CACHE_READ,
+                        TokenKindDto::Output => TokenKinds::OUTPUT,
+                    })
+                }),
+            },
             spend_quota: l.spend.as_ref().map(|s| s.value.as_str().into()),
             default_max_tokens: l.default_max_tokens,
             max_body_bytes: l.max_body_bytes,

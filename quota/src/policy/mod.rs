@@ -409,6 +409,8 @@ impl Route {
 pub struct LlmRoute {
     pub provider: Provider,
     pub tokens_quota: Arc<str>,
+    /// The token kinds `tokens_quota` counts.
+    pub tokens_count: crate::llm::TokenKinds,
     pub spend_quota: Option<Arc<str>>,
     pub default_max_tokens: u64,
     pub max_body_bytes: u64,
