@@ -262,6 +262,9 @@ impl Gw {
                 .arg(&policy_file)
                 .args(["--listen", &addr.to_string(), "--api-listen", "127.0.0.1:0"])
                 .args(["--threads", "1"])
+                // Each gateway its own settlement journal: two cannot share one.
+                .arg("--settlement-journal")
+                .arg(dir.join(format!("{name}.journal")))
                 .args(extra),
             Some(&log),
         );
