@@ -249,11 +249,15 @@ async fn seeded() -> (ControlPlane, Db, TempDir) {
 fn audit_log() -> String {
     let now = chrono::Utc::now();
     let day = now.format("%Y-%m-%d").to_string();
+    // Within the last minute, but today (UTC) even just after midnight: the top tables and the
+    // daily limits are of today.
+    let midnight = now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let base = (now - chrono::Duration::seconds(60)).max(midnight);
     let mut out = String::new();
     let mut n = 0u64;
     let mut line = |subject: &str, body: Value| {
         n += 1;
-        let at = now - chrono::Duration::seconds(30 + n as i64);
+        let at = base + chrono::Duration::milliseconds(50 * n as i64);
         let mut e = json!({
             "event_id": format!("0190a000-0000-7000-8000-{n:012}"),
             "schema_version": 1,

@@ -198,22 +198,24 @@ impl FromRequestParts<Arc<Console>> for Signed {
     }
 }
 
-/// The checks of every state-changing request: its CSRF token and origin, then the role.
+/// The checks of every state-changing request: its CSRF token and origin, then the role. The
+/// refusal, when there is one.
 fn check_post(
     who: &Signed,
     csrf: Option<&str>,
     headers: &HeaderMap,
     role: Role,
-) -> Result<(), Response> {
+) -> Option<Response> {
     if !session::csrf_ok(&who.csrf, csrf, headers) {
-        return Err(forbidden(
+        return Some(forbidden(
             Some(who),
             "the form's CSRF token is missing or wrong (or it was sent from another site)",
         ));
     }
     who.actor
         .require(role)
-        .map_err(|_| forbidden(Some(who), &format!("this needs the `{}` role", role.name())))
+        .err()
+        .map(|_| forbidden(Some(who), &format!("this needs the `{}` role", role.name())))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Viewer) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Viewer) {
         return r;
     }
     c.sessions.close(&who.id);
@@ -539,7 +541,7 @@ async fn change_tier(
     Path(id): Path<String>,
     Form(f): Form<TierForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
         return r;
     }
     let op = Op::Entitlement(Entitlement {
@@ -562,7 +564,7 @@ async fn issue_key(
     Path(id): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
         return r;
     }
     match write::apply(&c.state, &who.actor, Op::IssueKey { subject: id }).await {
@@ -582,7 +584,7 @@ async fn revoke_key(
     Path((id, key)): Path<(String, String)>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
         return r;
     }
     let op = Op::RevokeKey {
@@ -686,7 +688,7 @@ async fn policy_validate(
     headers: HeaderMap,
     Form(f): Form<PolicyForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
         return r;
     }
     let yaml = normalize(&f.yaml);
@@ -707,7 +709,7 @@ async fn policy_publish(
     headers: HeaderMap,
     Form(f): Form<PolicyForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
         return r;
     }
     let yaml = normalize(&f.yaml);
@@ -746,7 +748,7 @@ async fn policy_rollback(
     Path(version): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
+    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
         return r;
     }
     match api::rollback(&c.state, &who.actor, &version).await {

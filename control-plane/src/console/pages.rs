@@ -123,11 +123,10 @@ fn top_table(id: &str, title: &str, unit: &str, rows: &[Top], money: bool) -> Ma
     }
 }
 
-pub fn overview(
-    who: &Signed,
-    range: Range,
-    data: Option<&(Overview, (Vec<Top>, Vec<Top>))>,
-) -> Markup {
+/// The overview's charts and today's top subjects (by spend, by refusals).
+pub type OverviewData = (Overview, (Vec<Top>, Vec<Top>));
+
+pub fn overview(who: &Signed, range: Range, data: Option<&OverviewData>) -> Markup {
     layout(
         "Overview",
         Some(who),
