@@ -5,12 +5,16 @@
 //!
 //! Every query is bounded by a time range read through an index that holds all the columns it
 //! needs (see `Ledger::new`), and returns at most one row per bucket, type, quota and reason (or
-//! a fixed number of rows), whatever the ledger's size. `occurred_at` is RFC 3339 in UTC with a
-//! fixed width, so a prefix of it is a time bucket and comparing strings compares times.
+//! a fixed number of rows), whatever the ledger's size. The 30-day charts read their 29 closed
+//! days at most every few minutes (kept in memory) and only today's rows on every view.
+//! `occurred_at` is RFC 3339 in UTC with a fixed width, so a prefix of it is a time bucket and
+//! comparing strings compares times.
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{AnyPool, Row};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
 
 /// A chart's time range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +142,7 @@ impl Kinds {
 }
 
 /// A ledger group: bucket, event type, quota, reason, rows, summed delta.
+#[derive(Clone)]
 struct Group {
     bucket: String,
     kind: String,
@@ -157,6 +162,22 @@ fn sum(r: &sqlx::any::AnyRow) -> Result<i128, sqlx::Error> {
     Ok((i128::from(hi) << 32) + i128::from(lo))
 }
 
+/// Results of the closed days of 30-day charts (they change only when late events are ingested),
+/// by subject, first day and today, with when they were read. Bounded: cleared when full.
+type ClosedDays = HashMap<(Option<String>, String, String), (Instant, Vec<Group>)>;
+static CLOSED_DAYS: Mutex<Option<ClosedDays>> = Mutex::new(None);
+/// How long closed days are served from memory: late events show within this time.
+const CLOSED_DAYS_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+const CLOSED_DAYS_MAX: usize = 1024;
+
+/// Drop the closed days kept in memory (the next 30-day charts read the ledger again).
+pub fn forget_closed_days() {
+    let mut guard = CLOSED_DAYS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *guard = None;
+}
+
 async fn groups(
     pool: &AnyPool,
     range: Range,
@@ -166,11 +187,59 @@ async fn groups(
     let labels = range.buckets(now);
     let (len, _, _) = range.shape();
     let since = labels.first().cloned().unwrap_or_default();
-    let filter = if subject.is_some() {
-        "subject = $2 AND occurred_at >= $1"
-    } else {
-        "occurred_at >= $1"
+    let current = labels.last().cloned().unwrap_or_default();
+    if range != Range::Month {
+        return Ok((labels, query(pool, len, &since, None, subject).await?));
+    }
+    // 30 days: the 29 closed days from memory when read lately, today always from the ledger.
+    let key = (subject.map(str::to_string), since.clone(), current.clone());
+    let cached = {
+        let guard = CLOSED_DAYS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard
+            .as_ref()
+            .and_then(|m| m.get(&key))
+            .filter(|(at, _)| at.elapsed() < CLOSED_DAYS_TTL)
+            .map(|(_, g)| g.clone())
     };
+    let mut all = match cached {
+        Some(g) => g,
+        None => {
+            let g = query(pool, len, &since, Some(&current), subject).await?;
+            let mut guard = CLOSED_DAYS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let m = guard.get_or_insert_with(HashMap::new);
+            if m.len() >= CLOSED_DAYS_MAX {
+                m.clear();
+            }
+            m.insert(key, (Instant::now(), g.clone()));
+            g
+        }
+    };
+    all.extend(query(pool, len, &current, None, subject).await?);
+    Ok((labels, all))
+}
+
+/// Groups of rows from `since` (and before `until`), of everyone or one subject.
+async fn query(
+    pool: &AnyPool,
+    len: usize,
+    since: &str,
+    until: Option<&str>,
+    subject: Option<&str>,
+) -> Result<Vec<Group>, sqlx::Error> {
+    let mut filter = String::from("occurred_at >= $1");
+    let mut n = 1;
+    if until.is_some() {
+        n += 1;
+        filter.push_str(&format!(" AND occurred_at < ${n}"));
+    }
+    if subject.is_some() {
+        n += 1;
+        filter = format!("subject = ${n} AND {filter}");
+    }
     // Only fixed text goes into the SQL: the bucket width is one of three numbers.
     let sql = format!(
         "SELECT SUBSTR(occurred_at, 1, {len}) AS bucket, type, quota, COALESCE(reason, '') AS reason,
@@ -179,12 +248,15 @@ async fn groups(
          WHERE {filter} AND type IN ('QuotaConsumed', 'QuotaRejected', 'ReservationSettled')
          GROUP BY SUBSTR(occurred_at, 1, {len}), type, quota, COALESCE(reason, '')"
     );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since);
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since.to_string());
+    if let Some(u) = until {
+        q = q.bind(u.to_string());
+    }
     if let Some(s) = subject {
         q = q.bind(s.to_string());
     }
-    let rows = q.fetch_all(pool).await?;
-    let groups = rows
+    q.fetch_all(pool)
+        .await?
         .iter()
         .map(|r| {
             Ok(Group {
@@ -196,8 +268,7 @@ async fn groups(
                 sum: sum(r)?,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok((labels, groups))
+        .collect()
 }
 
 /// The overview's four charts.
