@@ -192,8 +192,7 @@ async fn token(cp: &ControlPlane, name: &str, role: &str) -> (String, String) {
 
 /// The control plane with the test policy, subjects `acme` (free) and `bob` (pro) with a key
 /// each, and an audit log of their traffic ingested into the ledger.
-async fn seeded() -> (ControlPlane, Db, TempDir) {
-    let db = Db::sqlite();
+async fn seeded(db: Db) -> (ControlPlane, Db, TempDir) {
     let cp = ControlPlane::start(&db);
     let (s, b) = cp
         .call(
@@ -325,7 +324,7 @@ fn series_total(page: &str, chart: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_roles_csrf_and_sessions() {
-    let (cp, _db, _dir) = seeded().await;
+    let (cp, _db, _dir) = seeded(Db::sqlite()).await;
     let base = format!("http://{}", cp.addr);
     // Signed out: pages send to the sign-in page, posts are refused.
     let r = http()
@@ -622,8 +621,18 @@ async fn console_roles_csrf_and_sessions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_charts_match_the_ledger_and_gateways_are_listed() {
-    let (cp, _db, dir) = seeded().await;
+async fn console_charts_match_the_ledger_and_gateways_are_listed_sqlite() {
+    charts(Db::sqlite(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_charts_match_the_ledger_and_gateways_are_listed_postgres() {
+    charts(Db::postgres(), false).await;
+}
+
+/// The charts against what was ingested, the gateways page, then (`with_browser`) the browser.
+async fn charts(db: Db, with_browser: bool) {
+    let (cp, _db, dir) = seeded(db).await;
     let (viewer_token, _) = token(&cp, "gateways", "viewer").await;
     let viewer = sign_in(&cp, &viewer_token).await;
     for range in ["hour", "day", "30d"] {
@@ -709,7 +718,9 @@ async fn console_charts_match_the_ledger_and_gateways_are_listed() {
         "{row}"
     );
     drop(stream);
-    browser(&cp, &viewer_token, &dir).await;
+    if with_browser {
+        browser(&cp, &viewer_token, &dir).await;
+    }
 }
 
 /// The browser test, when Chromium, its driver and Selenium are installed (`scripts/setup
