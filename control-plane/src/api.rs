@@ -152,7 +152,7 @@ fn yaml_body(body: &Bytes) -> Result<String, ApiError> {
     Ok(text.to_string())
 }
 
-async fn put_policy(
+pub(crate) async fn put_policy(
     state: &AppState,
     actor: &Actor,
     yaml: String,
@@ -200,7 +200,10 @@ async fn get_policy(
 }
 
 /// A stored policy version named by `v3` or `3`.
-async fn stored_version(state: &AppState, version: &str) -> Result<PolicyVersion, ApiError> {
+pub(crate) async fn stored_version(
+    state: &AppState,
+    version: &str,
+) -> Result<PolicyVersion, ApiError> {
     let v: u64 = version
         .trim_start_matches('v')
         .parse()
@@ -223,6 +226,12 @@ async fn validate_policy(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let yaml = yaml_body(&body)?;
+    Ok(axum::Json(dry_run(&state, yaml).await?).into_response())
+}
+
+/// The dry run of a policy document against the current subjects (the validate endpoint's, and
+/// the console editor's): what it would enforce, or every error with its line and column.
+pub(crate) async fn dry_run(state: &AppState, yaml: String) -> Result<serde_json::Value, ApiError> {
     let mut snap = state.store.snapshot().await?;
     let next = snap.policy.as_ref().map_or(1, |p| p.version + 1);
     snap.policy = Some(PolicyDoc {
@@ -232,13 +241,12 @@ async fn validate_policy(
     let p = validate(snap).await?;
     let mut tiers: Vec<&String> = p.tiers.keys().collect();
     tiers.sort();
-    Ok(axum::Json(json!({
+    Ok(json!({
         "valid": true,
         "label": p.version,
         "routes": p.routes.iter().map(|r| &*r.name).collect::<Vec<_>>(),
         "tiers": tiers,
     }))
-    .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -259,9 +267,19 @@ async fn diff_policies(
     _: Viewer,
     Query(q): Query<DiffQuery>,
 ) -> Result<Response, ApiError> {
-    let from = stored_version(&state, &q.from).await?;
-    let to = match &q.to {
-        Some(v) => stored_version(&state, v).await?,
+    let (from, to, diff) = diff(&state, &q.from, q.to.as_deref()).await?;
+    Ok(axum::Json(json!({ "from": from, "to": to, "diff": diff })).into_response())
+}
+
+/// The unified diff from version `from` to `to` (the active one when `None`).
+pub(crate) async fn diff(
+    state: &AppState,
+    from: &str,
+    to: Option<&str>,
+) -> Result<(u64, u64, String), ApiError> {
+    let from = stored_version(state, from).await?;
+    let to = match to {
+        Some(v) => stored_version(state, v).await?,
         None => state
             .store
             .active_policy()
@@ -273,7 +291,7 @@ async fn diff_policies(
         .unified_diff()
         .header(&format!("v{}", from.version), &format!("v{}", to.version))
         .to_string();
-    Ok(axum::Json(json!({ "from": from.version, "to": to.version, "diff": diff })).into_response())
+    Ok((from.version, to.version, diff))
 }
 
 /// Make an older version's document active again, as a new version (history only grows, so
@@ -287,19 +305,26 @@ async fn rollback_policy(
     Editor(actor): Editor,
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
-    let old = stored_version(&state, &version).await?;
-    let comment = format!("rollback to v{}", old.version);
-    let p = put_policy(&state, &actor, old.yaml.unwrap_or_default(), comment).await?;
+    let p = rollback(&state, &actor, &version).await?;
     Ok((StatusCode::CREATED, axum::Json(p)).into_response())
+}
+
+/// Restore `version`'s document as a new version.
+pub(crate) async fn rollback(
+    state: &AppState,
+    actor: &Actor,
+    version: &str,
+) -> Result<PolicyVersion, ApiError> {
+    let old = stored_version(state, version).await?;
+    let comment = format!("rollback to v{}", old.version);
+    put_policy(state, actor, old.yaml.unwrap_or_default(), comment).await
 }
 
 /// The tiers of the active policy and the quota types each includes.
 #[utoipa::path(get, path = "/v1/tiers", tag = "subjects", security(("bearer" = [])),
     responses((status = 200, description = "`{\"tier\": [\"quota type\", …]}`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn list_tiers(State(state): State<Arc<AppState>>, _: Viewer) -> Result<Response, ApiError> {
-    let mut snap = state.store.snapshot().await?;
-    snap.subjects.clear();
-    let p = validate(snap).await?;
+    let p = active_compiled(&state).await?;
     let tiers: BTreeMap<&str, Vec<&str>> = p
         .tiers
         .iter()
@@ -310,6 +335,14 @@ async fn list_tiers(State(state): State<Arc<AppState>>, _: Viewer) -> Result<Res
         })
         .collect();
     Ok(axum::Json(tiers).into_response())
+}
+
+/// The active policy compiled without the control plane's subjects (its tiers, routes, quota
+/// types), as the tiers endpoint and the console read it.
+pub(crate) async fn active_compiled(state: &AppState) -> Result<quota::policy::Policy, ApiError> {
+    let mut snap = state.store.snapshot().await?;
+    snap.subjects.clear();
+    validate(snap).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,12 +4,16 @@
 
 pub mod api;
 pub mod auth;
+pub mod console;
 pub mod error;
+pub mod gateways;
+pub mod ingest;
 pub mod ledger;
 pub mod reconcile;
 pub mod secrets;
 pub mod state;
 pub mod store;
+pub mod usage;
 pub mod watch;
 pub mod write;
 

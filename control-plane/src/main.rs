@@ -32,6 +32,9 @@ enum Command {
     Accounting(AccountingArgs),
     /// Compare the ledger's totals of a day with a gateway's live daily counters.
     Reconcile(ReconcileArgs),
+    /// Read gateways' JSONL audit logs (`gateway --audit-log FILE`) into the `quota_audit` ledger,
+    /// as the accounting consumer does from Kafka (a line read twice changes nothing).
+    Ingest(IngestArgs),
     /// Rotate or revoke the bootstrap admin token, directly in the database (for when no admin
     /// token is at hand).
     Token(TokenArgs),
@@ -60,6 +63,17 @@ enum TokenAction {
     RotateBootstrap,
     /// Revoke the bootstrap token (another admin token must exist).
     RevokeBootstrap,
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// A gateway's JSONL audit log; repeatable.
+    #[arg(long = "audit-log", required = true)]
+    audit_logs: Vec<PathBuf>,
+    /// The ledger: `sqlite://FILE` or `postgres://…` (the console reads the control plane's
+    /// database unless `serve --ledger` names another).
+    #[arg(long, default_value = "sqlite://tollgate-control-plane.db")]
+    database: String,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +156,16 @@ struct ServeArgs {
     /// Interval of heartbeats on idle watch streams.
     #[arg(long, default_value_t = 5000)]
     heartbeat_ms: u64,
+    /// The ledger the console charts (`quota_audit`, as the accounting consumer writes it):
+    /// default the control plane's own database.
+    #[arg(long)]
+    ledger: Option<String>,
+    /// Follow a gateway's JSONL audit log into the ledger (one machine, no Kafka); repeatable.
+    #[arg(long = "ingest-audit-log", value_name = "FILE")]
+    ingest_audit_logs: Vec<PathBuf>,
+    /// How long a console sign-in lasts.
+    #[arg(long, default_value_t = 480)]
+    console_session_minutes: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -163,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Accounting(args) => rt.block_on(accounting(args)),
         Command::Token(args) => rt.block_on(token(args)),
+        Command::Ingest(args) => rt.block_on(ingest(args)),
         Command::Reconcile(args) => {
             let clean = rt.block_on(reconcile(args))?;
             // Non-zero when the ledger and the counters disagree (or the ledger holds messages or
@@ -177,6 +202,35 @@ async fn ledger(url: &str) -> anyhow::Result<Ledger> {
         .await
         .with_context(|| format!("opening the database {}", redact(url)))?;
     Ok(Ledger::new(store.pool().clone()).await?)
+}
+
+async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let ledger = ledger(&args.database).await?;
+    for path in &args.audit_logs {
+        let mut offset = 0;
+        let mut total = control_plane::ingest::Ingested::default();
+        // A large file is read in chunks; go on until a call reads nothing more.
+        loop {
+            let done = control_plane::ingest::ingest_file(&ledger, path, offset).await?;
+            total.lines += done.lines;
+            total.written.inserted += done.written.inserted;
+            total.written.dead_lettered += done.written.dead_lettered;
+            total.unreadable += done.unreadable;
+            if done.offset == offset {
+                break;
+            }
+            offset = done.offset;
+        }
+        println!(
+            "{}: {} lines, {} new events, {} unreadable, {} dead letters",
+            path.display(),
+            total.lines,
+            total.written.inserted,
+            total.unreadable,
+            total.written.dead_lettered
+        );
+    }
+    Ok(())
 }
 
 async fn accounting(args: AccountingArgs) -> anyhow::Result<()> {
@@ -282,18 +336,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         role: Role::Admin,
     };
     apply(&state, &operator, Op::HashStoredKeys).await?;
+    let ledger = match &args.ledger {
+        Some(url) => ledger(url).await?,
+        None => Ledger::new(state.store.pool().clone()).await?,
+    };
+    if !args.ingest_audit_logs.is_empty() {
+        tokio::spawn(control_plane::ingest::follow(
+            ledger.clone(),
+            args.ingest_audit_logs.clone(),
+            Duration::from_secs(1),
+        ));
+    }
+    let console = control_plane::console::Console::new(
+        state.clone(),
+        Some(ledger),
+        Duration::from_secs(args.console_session_minutes.max(1) * 60),
+    );
+    let app = control_plane::app(state.clone()).merge(control_plane::console::router(console));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    println!("control plane listening on {}", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    println!("control plane listening on {local}");
+    println!("console: http://{local}/console");
     tracing::info!(revision = state.published.borrow().revision, "serving");
     let closing = state.closing.clone();
-    let server =
-        axum::serve(listener, control_plane::app(state)).with_graceful_shutdown(async move {
-            stop_signal().await;
-            // Watch streams never end by themselves; end them so the server can drain.
-            closing.send_replace(true);
-        });
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stop_signal().await;
+        // Watch streams never end by themselves; end them so the server can drain.
+        closing.send_replace(true);
+    });
     server.await?;
     if let Some(k) = kafka {
         k.shutdown(Duration::from_secs(3)).await?;

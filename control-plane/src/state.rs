@@ -35,6 +35,8 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// Set when the process stops: watch streams end so the server can drain.
     pub closing: watch::Sender<bool>,
+    /// The gateways following this instance (its open watch streams).
+    pub gateways: crate::gateways::Registry,
     /// A committed change is not published yet (the store failed when it was read back).
     unpublished: AtomicBool,
 }
@@ -103,6 +105,7 @@ impl AppState {
             source: "control-plane".into(),
             heartbeat,
             closing: watch::channel(false).0,
+            gateways: crate::gateways::Registry::default(),
             unpublished: AtomicBool::new(false),
         });
         // Retries a failed publish; ends with the state (it holds only a weak reference).

@@ -67,7 +67,19 @@ pub async fn watch(
     let mut sent = q.since.unwrap_or(0);
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     tracing::info!(actor = %actor.name, since = sent, "gateway watching");
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .take(120)
+        .collect::<String>();
     tokio::spawn(async move {
+        let id = state.gateways.opened(&actor.name, &agent, sent);
+        let _registered = crate::gateways::Registered {
+            registry: &state.gateways,
+            id,
+        };
         let mut tick = tokio::time::interval(every);
         let mut verified = tokio::time::Instant::now();
         loop {
@@ -80,7 +92,8 @@ pub async fn watch(
                 verified = tokio::time::Instant::now();
             }
             let current = rx.borrow_and_update().clone();
-            let out = if current.revision > sent {
+            let snapshot = current.revision > sent;
+            let out = if snapshot {
                 sent = current.revision;
                 frame(&current)
             } else {
@@ -89,6 +102,7 @@ pub async fn watch(
             if tx.send(Ok(out)).await.is_err() {
                 return; // the gateway left
             }
+            state.gateways.seen(id, snapshot.then_some(sent));
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
