@@ -109,7 +109,7 @@ pub async fn follow(state: Arc<AppState>) {
             Ok(()) => {}
         }
         // Jitter, so a fleet does not reconnect in lockstep after an outage.
-        let jitter = Duration::from_millis(u64::from(uuid::Uuid::now_v7().as_bytes()[15]) % 50);
+        let jitter = Duration::from_millis(u64::from(quota::ids::uuid_v7().as_bytes()[15]) % 50);
         if new_round || connected {
             tokio::time::sleep(backoff + jitter).await;
             if new_round {

@@ -225,7 +225,7 @@ pub async fn serve(
         reserve.push((q, m));
     }
     let now = state.clock.now_ns();
-    let attempt_id = format!("{rid}.{}", uuid::Uuid::now_v7());
+    let attempt_id = format!("{rid}.{}", quota::ids::uuid_v7());
     let expires = now.saturating_add(llm.reservation_ttl.as_nanos() as i64);
     let ask = Ask::Reserve {
         costs: &reserve,

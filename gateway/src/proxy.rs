@@ -74,7 +74,7 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
         {
             Some(id) if !id.is_empty() && id.len() <= 200 => id.to_string(),
-            _ => uuid::Uuid::now_v7().to_string(),
+            _ => quota::ids::uuid_v7().to_string(),
         };
         let policy = self.state.policy.load_full();
         let key = api_key(req).filter(|k| !k.is_empty());

@@ -236,6 +236,9 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads: cfg.threads.max(1),
+        // One thread has nothing to steal from: a current-thread runtime skips the multi-thread
+        // scheduler's synchronisation on every wake-up.
+        work_stealing: cfg.threads > 1,
         grace_period_seconds: Some(cfg.grace_period_s),
         graceful_shutdown_timeout_seconds: Some(cfg.grace_period_s),
         ..ServerConf::default()

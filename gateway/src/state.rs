@@ -124,6 +124,9 @@ impl AppState {
     ) {
         self.metrics
             .count_decision(&subject.id, &subject.tier.name, quota, amount, refused);
+        if !self.audit.enabled() {
+            return;
+        }
         let body = match refused {
             None => EventBody::QuotaConsumed {
                 quota: quota.into(),
@@ -147,6 +150,9 @@ impl AppState {
         at_ns: i64,
         body: EventBody,
     ) {
+        if !self.audit.enabled() {
+            return;
+        }
         let now = self.clock.now_ns();
         let event = AuditEvent::new(&self.gateway_id, Some(&subject.id), request_id, now, body)
             .with_day(subject.time_zone, at_ns);
@@ -154,6 +160,9 @@ impl AppState {
     }
 
     pub fn audit(&self, subject: Option<&str>, request_id: Option<&str>, body: EventBody) {
+        if !self.audit.enabled() {
+            return;
+        }
         let now = self.clock.now_ns();
         self.audit.emit(AuditEvent::new(
             &self.gateway_id,
@@ -188,6 +197,9 @@ impl BillingEnv for AppState {
                 &event.subject,
                 settlements.iter().map(|s| (s.quota.as_str(), s.actual)),
             );
+        }
+        if !self.audit.enabled() {
+            return;
         }
         let now = self.clock.now_ns();
         self.audit.emit(event.into_audit(&self.gateway_id, now));

@@ -123,7 +123,7 @@ impl AuditEvent {
     ) -> Self {
         let at = chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(now_ns);
         Self {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            event_id: crate::ids::uuid_v7().to_string(),
             schema_version: SCHEMA_VERSION,
             occurred_at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             source: source.to_string(),
@@ -146,6 +146,10 @@ impl AuditEvent {
 /// Where audit events go. `emit` must not block the request path.
 pub trait AuditSink: Send + Sync {
     fn emit(&self, event: AuditEvent);
+    /// Whether events are kept at all: when not, callers skip building them (ids, timestamps).
+    fn enabled(&self) -> bool {
+        true
+    }
     /// Events accepted and events dropped because the sink could not keep up.
     fn counts(&self) -> SinkCounts;
 }
@@ -162,6 +166,10 @@ impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
         (**self).emit(event);
     }
 
+    fn enabled(&self) -> bool {
+        (**self).enabled()
+    }
+
     fn counts(&self) -> SinkCounts {
         (**self).counts()
     }
@@ -172,6 +180,9 @@ pub struct NoSink;
 
 impl AuditSink for NoSink {
     fn emit(&self, _: AuditEvent) {}
+    fn enabled(&self) -> bool {
+        false
+    }
     fn counts(&self) -> SinkCounts {
         SinkCounts::default()
     }

@@ -8,6 +8,7 @@ pub mod billing;
 pub mod calendar;
 pub mod engine;
 pub mod http_path;
+pub mod ids;
 pub mod limiter;
 pub mod llm;
 pub mod names;

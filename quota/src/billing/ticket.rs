@@ -72,7 +72,7 @@ impl<E: BillingEnv> Ticket<E> {
         Settlement {
             attempt_id: std::mem::take(&mut self.attempt_id),
             request_id: std::mem::take(&mut self.request_id),
-            event_id: uuid::Uuid::now_v7().to_string(),
+            event_id: crate::ids::uuid_v7().to_string(),
             subject: self.subject.clone(),
             reserved_at_ns: self.reserved_at_ns,
             placement: self.placement,
