@@ -208,6 +208,39 @@ fn redis_server(port: u16, dir: &Path) -> Command {
     cmd
 }
 
+/// Run `cmd` to its end; it must succeed. Returns its output (stdout, stderr and the status).
+pub fn output_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{} could not start: {e}", cmd.get_program().display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{}\n{}",
+        cmd.get_program().display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run the SDK script `tests/sdk/<script>` with `python` and `args`; it must succeed and print a
+/// JSON report on stdout, which is returned.
+pub async fn sdk_report(python: &str, script: &str, args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(python)
+        .arg(workspace_root().join("tests/sdk").join(script))
+        .args(args)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json report")
+}
+
 /// An HTTP client for tests: no proxy from the environment, bounded waits.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -338,15 +371,7 @@ impl RedisCluster {
         for p in &ports {
             create.arg(format!("127.0.0.1:{p}"));
         }
-        let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        output_ok(create.args(["--cluster-replicas", "0", "--cluster-yes"]));
         let deadline = Instant::now() + Duration::from_secs(20);
         for p in &ports {
             loop {
@@ -753,6 +778,89 @@ impl ControlPlane {
             serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
         )
     }
+
+    /// Publish `yaml` as the next policy version (201 expected); returns the answer.
+    pub async fn publish_policy(&self, yaml: String) -> serde_json::Value {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/policies",
+                Some(serde_json::Value::String(yaml)),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    /// Issue a control-plane token named `name` with `role` (201 expected); returns the token and
+    /// its id.
+    pub async fn issue_token(&self, name: &str, role: &str) -> (String, String) {
+        let (status, t) = self
+            .call(
+                "POST",
+                "/v1/tokens",
+                Some(serde_json::json!({ "name": name, "role": role })),
+            )
+            .await;
+        assert_eq!(status, 201, "{t}");
+        (
+            t["token"].as_str().expect("token").to_string(),
+            t["id"].as_str().expect("token id").to_string(),
+        )
+    }
+
+    /// Move `subject` to `tier` through the entitlement (webhook) endpoint (200 expected);
+    /// returns the answer.
+    pub async fn set_tier(&self, subject: &str, tier: &str) -> serde_json::Value {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/entitlements",
+                Some(serde_json::json!({ "subject": subject, "tier": tier })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Publish `policy` (e.g. [`acme_policy`]), put subject `acme` on `free` with one API key, and issue a viewer token
+    /// for gateways. Returns (API key, gateway token).
+    pub async fn seed_acme(&self, policy: String) -> (String, String) {
+        self.publish_policy(policy).await;
+        let (status, body) = self
+            .call(
+                "PUT",
+                "/v1/subjects/acme",
+                Some(serde_json::json!({ "tier": "free" })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, key) = self.call("POST", "/v1/subjects/acme/keys", None).await;
+        assert_eq!(status, 201, "{key}");
+        let (token, _) = self.issue_token("gateways", "viewer").await;
+        (key["key"].as_str().expect("key").to_string(), token)
+    }
+}
+
+/// The policy [`ControlPlane::seed_acme`] is made for, labelled `label`: routes `/lookup` (quota
+/// `lookup`) and `/exports` (quota `export`) to `upstream`; tier `free` has unlimited lookups and no
+/// export, `pro` both unlimited; `extra` (e.g. a `subjects:` block) is appended.
+pub fn acme_policy(upstream: SocketAddr, label: &str, extra: &str) -> String {
+    format!(
+        "version: {label}
+upstreams:
+  up: {{ address: '{upstream}' }}
+routes:
+  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: lookup }}
+  - {{ name: export, match: {{ path_prefix: /exports }}, upstream: up, quota: export }}
+tiers:
+  free:
+    lookup: {{ unlimited: true }}
+  pro:
+    lookup: {{ unlimited: true }}
+    export: {{ unlimited: true }}
+{extra}"
+    )
 }
 
 /// A policy with one upstream (`up`) at `upstream`, a route per `(name, path_prefix, quota, cost)`,

@@ -175,21 +175,6 @@ async fn sign_in(cp: &ControlPlane, token: &str) -> Session {
     s
 }
 
-async fn token(cp: &ControlPlane, name: &str, role: &str) -> (String, String) {
-    let (status, t) = cp
-        .call(
-            "POST",
-            "/v1/tokens",
-            Some(json!({ "name": name, "role": role })),
-        )
-        .await;
-    assert_eq!(status, 201, "{t}");
-    (
-        t["token"].as_str().unwrap().into(),
-        t["id"].as_str().unwrap().into(),
-    )
-}
-
 /// The control plane with the test policy, subjects `acme` (free) and `bob` (pro) with a key
 /// each, and an audit log of their traffic ingested into the ledger.
 async fn seeded(db: Db) -> (ControlPlane, Db, TempDir) {
@@ -220,17 +205,12 @@ async fn seeded(db: Db) -> (ControlPlane, Db, TempDir) {
     let log = dir.0.join("audit.jsonl");
     std::fs::write(&log, audit_log()).expect("audit log");
     let ingest = |expect: &str| {
-        let out = Command::new(bin("control-plane"))
-            .args(["ingest", "--database", &cp.db_url, "--audit-log"])
-            .arg(&log)
-            .output()
-            .expect("control-plane ingest");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{text} {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = output_ok(
+            Command::new(bin("control-plane"))
+                .args(["ingest", "--database", &cp.db_url, "--audit-log"])
+                .arg(&log),
         );
+        let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(expect), "{text}");
     };
     let events = ADMITTED_ACME + ADMITTED_BOB + REFUSED_ACME + SETTLED;
@@ -351,8 +331,8 @@ async fn console_roles_csrf_and_sessions() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "sign-in without a CSRF token");
-    let (viewer_token, viewer_id) = token(&cp, "alice-viewer", "viewer").await;
-    let (editor_token, _) = token(&cp, "erin-editor", "editor").await;
+    let (viewer_token, viewer_id) = cp.issue_token("alice-viewer", "viewer").await;
+    let (editor_token, _) = cp.issue_token("erin-editor", "editor").await;
 
     // A viewer sees every page and no edit control, and is refused when posting anyway.
     let viewer = sign_in(&cp, &viewer_token).await;
@@ -633,7 +613,7 @@ async fn console_charts_match_the_ledger_and_gateways_are_listed_postgres() {
 /// The charts against what was ingested, the gateways page, then (`with_browser`) the browser.
 async fn charts(db: Db, with_browser: bool) {
     let (cp, _db, dir) = seeded(db).await;
-    let (viewer_token, _) = token(&cp, "gateways", "viewer").await;
+    let (viewer_token, _) = cp.issue_token("gateways", "viewer").await;
     let viewer = sign_in(&cp, &viewer_token).await;
     for range in ["hour", "day", "30d"] {
         let (status, html) = viewer
@@ -748,7 +728,7 @@ async fn browser(cp: &ControlPlane, viewer_token: &str, dir: &TempDir) {
         );
         return;
     }
-    let (editor_token, _) = token(cp, "browser-editor", "editor").await;
+    let (editor_token, _) = cp.issue_token("browser-editor", "editor").await;
     let shots = std::env::var("TOLLGATE_SCREENSHOTS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("tollgate-console-screenshots"));

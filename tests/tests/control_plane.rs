@@ -9,65 +9,7 @@ use std::time::{Duration, Instant};
 use tollgate_e2e::*;
 
 fn cp_policy(upstream: SocketAddr) -> String {
-    format!(
-        "version: cp-test
-upstreams:
-  up: {{ address: '{upstream}' }}
-routes:
-  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: lookup }}
-  - {{ name: export, match: {{ path_prefix: /exports }}, upstream: up, quota: export }}
-tiers:
-  free:
-    lookup: {{ unlimited: true }}
-  pro:
-    lookup: {{ unlimited: true }}
-    export: {{ unlimited: true }}
-"
-    )
-}
-
-/// A control plane with the test policy, subject `acme` on `free` with one key, and a viewer
-/// token for gateways. Returns (key, gateway token).
-async fn seeded(cp: &ControlPlane, upstream: SocketAddr) -> (String, String) {
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/policies",
-            Some(Value::String(cp_policy(upstream))),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = cp
-        .call("PUT", "/v1/subjects/acme", Some(json!({ "tier": "free" })))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, key) = cp.call("POST", "/v1/subjects/acme/keys", None).await;
-    assert_eq!(status, 201, "{key}");
-    let (status, token) = cp
-        .call(
-            "POST",
-            "/v1/tokens",
-            Some(json!({ "name": "gateways", "role": "viewer" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{token}");
-    (
-        key["key"].as_str().expect("key").to_string(),
-        token["token"].as_str().expect("token").to_string(),
-    )
-}
-
-/// Move `acme` to `tier` through the webhook endpoint; returns the answer.
-async fn set_tier(cp: &ControlPlane, tier: &str) -> Value {
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/entitlements",
-            Some(json!({ "subject": "acme", "tier": tier })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
+    acme_policy(upstream, "cp-test", "")
 }
 
 async fn status_of(gw: &Gateway, path: &str, key: &str) -> (u16, Option<String>) {
@@ -96,7 +38,7 @@ async fn until_status(gw: &Gateway, path: &str, key: &str, want: u16, within: Du
 async fn propagation(db: Db) {
     let mock = MockUpstream::start();
     let cp = ControlPlane::start(&db);
-    let (key, token) = seeded(&cp, mock.addr).await;
+    let (key, token) = cp.seed_acme(cp_policy(mock.addr)).await;
     let snaps = TempDir::new("snapshots");
     let gws = [
         Gateway::following(&cp, &token, &snaps.0.join("a.json")),
@@ -173,7 +115,7 @@ async fn tier_upgrade_reaches_two_gateways_within_a_second_postgres() {
 async fn outage(db: Db) {
     let mock = MockUpstream::start();
     let mut cp = ControlPlane::start(&db);
-    let (key, token) = seeded(&cp, mock.addr).await;
+    let (key, token) = cp.seed_acme(cp_policy(mock.addr)).await;
     let snaps = TempDir::new("snapshots");
     let snapshot = snaps.0.join("gw.json");
     let gw = Gateway::following(&cp, &token, &snapshot);
@@ -214,7 +156,7 @@ async fn outage(db: Db) {
 
     // Back: a change made now reaches the gateway.
     cp.restart();
-    let body = set_tier(&cp, "pro").await;
+    let body = cp.set_tier("acme", "pro").await;
     let latest = body["revision"].as_u64().expect("revision");
     assert!(
         until_status(&gw, "/exports/x", &key, 200, Duration::from_secs(15)).await,
@@ -227,6 +169,7 @@ async fn outage(db: Db) {
     // Neither process logged a secret.
     for log in [&gw.log, &cp.log] {
         let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(!text.is_empty(), "{} was captured", log.display());
         for secret in [&key, &token, &cp.admin] {
             assert!(
                 !text.contains(secret.as_str()),
@@ -252,7 +195,7 @@ async fn a_broken_policy_over_rest_is_refused_and_the_fleet_keeps_the_old_one() 
     let mock = MockUpstream::start();
     let db = Db::sqlite();
     let cp = ControlPlane::start(&db);
-    let (key, token) = seeded(&cp, mock.addr).await;
+    let (key, token) = cp.seed_acme(cp_policy(mock.addr)).await;
     let snaps = TempDir::new("snapshots");
     let gw = Gateway::following(&cp, &token, &snaps.0.join("gw.json"));
     assert!(until_status(&gw, "/lookup", &key, 200, Duration::from_secs(10)).await);
@@ -340,7 +283,7 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
     let mock = MockUpstream::start();
     let db = Db::sqlite();
     let mut cp = ControlPlane::start(&db);
-    let (key, token) = seeded(&cp, mock.addr).await;
+    let (key, token) = cp.seed_acme(cp_policy(mock.addr)).await;
     let snaps = TempDir::new("snapshots");
     let gw = Gateway::following(&cp, &token, &snaps.0.join("gw.json"));
     assert!(until_status(&gw, "/lookup", &key, 200, Duration::from_secs(10)).await);
@@ -354,7 +297,7 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
         let _ = std::fs::copy(dir.0.join(f), backup.0.join(f));
     }
     cp.restart();
-    set_tier(&cp, "pro").await;
+    cp.set_tier("acme", "pro").await;
     assert!(until_status(&gw, "/exports/x", &key, 200, Duration::from_secs(10)).await);
 
     // The database is restored from the backup: the control plane is behind the gateway.

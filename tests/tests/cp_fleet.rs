@@ -9,47 +9,7 @@ use std::time::{Duration, Instant};
 use tollgate_e2e::*;
 
 fn fleet_policy(upstream: SocketAddr, extra_subjects: &str) -> String {
-    format!(
-        "version: fleet-test
-upstreams:
-  up: {{ address: '{upstream}' }}
-routes:
-  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: lookup }}
-  - {{ name: export, match: {{ path_prefix: /exports }}, upstream: up, quota: export }}
-tiers:
-  free:
-    lookup: {{ unlimited: true }}
-  pro:
-    lookup: {{ unlimited: true }}
-    export: {{ unlimited: true }}
-{extra_subjects}"
-    )
-}
-
-/// Policy, subject `acme` on `free` with one key, a viewer token for gateways.
-async fn seeded(cp: &ControlPlane, policy: String) -> (String, String) {
-    let (status, body) = cp
-        .call("POST", "/v1/policies", Some(Value::String(policy)))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = cp
-        .call("PUT", "/v1/subjects/acme", Some(json!({ "tier": "free" })))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, key) = cp.call("POST", "/v1/subjects/acme/keys", None).await;
-    assert_eq!(status, 201, "{key}");
-    let (status, token) = cp
-        .call(
-            "POST",
-            "/v1/tokens",
-            Some(json!({ "name": "gateways", "role": "viewer" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{token}");
-    (
-        key["key"].as_str().expect("key").to_string(),
-        token["token"].as_str().expect("token").to_string(),
-    )
+    acme_policy(upstream, "fleet-test", extra_subjects)
 }
 
 async fn status_of(gw: &Gateway, path: &str, key: &str) -> u16 {
@@ -67,25 +27,13 @@ async fn until_status(gw: &Gateway, path: &str, key: &str, want: u16, within: Du
     eventually(within, || async { status_of(gw, path, key).await == want }).await
 }
 
-async fn entitlement(cp: &ControlPlane, subject: &str, tier: &str) -> Value {
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/entitlements",
-            Some(json!({ "subject": subject, "tier": tier })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_postgres_serve_one_fleet_and_fail_over() {
     let mock = MockUpstream::start();
     let db = Db::postgres();
     let mut a = ControlPlane::start(&db);
     let b = a.another();
-    let (key, token) = seeded(&a, fleet_policy(mock.addr, "")).await;
+    let (key, token) = a.seed_acme(fleet_policy(mock.addr, "")).await;
     let snaps = TempDir::new("snapshots");
     let urls_a = [a.url(""), b.url("")];
     let urls_b = [b.url(""), a.url("")];
@@ -110,7 +58,7 @@ async fn two_instances_on_postgres_serve_one_fleet_and_fail_over() {
             ("free", 403)
         };
         let started = Instant::now();
-        entitlement(cp, "acme", tier).await;
+        cp.set_tier("acme", tier).await;
         for gw in &gws {
             assert!(
                 until_status(gw, "/exports/x", &key, want, Duration::from_secs(5)).await,
@@ -132,7 +80,7 @@ async fn two_instances_on_postgres_serve_one_fleet_and_fail_over() {
         } else {
             (&b, "free")
         };
-        async move { entitlement(cp, "race", tier).await }
+        async move { cp.set_tier("race", tier).await }
     });
     let mut answers: Vec<Value> = futures_util::future::join_all(writes).await;
     answers.sort_by_key(|v| v["revision"].as_u64().expect("revision"));
@@ -176,7 +124,7 @@ async fn two_instances_on_postgres_serve_one_fleet_and_fail_over() {
     let mut written = Vec::new();
     for i in 0..6 {
         let tier = if i % 2 == 0 { "pro" } else { "free" };
-        let body = entitlement(&b, "acme", tier).await;
+        let body = b.set_tier("acme", tier).await;
         written.push(body["revision"].as_u64().expect("revision"));
     }
     let last = *written.last().expect("written");
@@ -243,16 +191,8 @@ async fn no_key_or_token_in_plain_text_outside_its_creation_response() {
     let cp = ControlPlane::start(&db);
     let file_key = format!("plain-policy-key-{}", unique_prefix());
     let subjects = format!("subjects:\n  - {{ key: {file_key}, id: filed, tier: pro }}\n");
-    let (key, token) = seeded(&cp, fleet_policy(mock.addr, &subjects)).await;
-    let (status, editor) = cp
-        .call(
-            "POST",
-            "/v1/tokens",
-            Some(json!({ "name": "ops", "role": "editor" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{editor}");
-    let editor = editor["token"].as_str().expect("token").to_string();
+    let (key, token) = cp.seed_acme(fleet_policy(mock.addr, &subjects)).await;
+    let (editor, _) = cp.issue_token("ops", "editor").await;
     let snaps = TempDir::new("snapshots");
     let snapshot = snaps.0.join("gw.json");
     let gw = Gateway::following(&cp, &token, &snapshot);
@@ -285,7 +225,12 @@ async fn no_key_or_token_in_plain_text_outside_its_creation_response() {
             text(cp.url(path), &editor).await,
         ));
     }
-    seen.push(("watch stream".into(), first_watch_event(&cp, &token).await));
+    let snapshot_event = first_watch_event(&cp, &token).await;
+    assert!(
+        snapshot_event.contains("event: snapshot"),
+        "the watch stream was read: {snapshot_event:?}"
+    );
+    seen.push(("watch stream".into(), snapshot_event));
     seen.push((
         "gateway /status".into(),
         text(gw.api_url("/status"), "").await,
@@ -366,7 +311,7 @@ async fn the_cli_rotates_the_bootstrap_token_and_a_quiet_gateway_still_catches_u
     let mock = MockUpstream::start();
     let db = Db::sqlite();
     let mut cp = ControlPlane::start(&db);
-    let (key, token) = seeded(&cp, fleet_policy(mock.addr, "")).await;
+    let (key, token) = cp.seed_acme(fleet_policy(mock.addr, "")).await;
     let snaps = TempDir::new("snapshots");
     let snapshot = snaps.0.join("gw.json");
     let snapshot_arg = snapshot.to_str().expect("utf-8").to_string();
@@ -388,15 +333,12 @@ async fn the_cli_rotates_the_bootstrap_token_and_a_quiet_gateway_still_catches_u
     );
     assert!(until_status(&gw, "/lookup", &key, 200, Duration::from_secs(10)).await);
 
-    let out = std::process::Command::new(bin("control-plane"))
-        .args(["token", "rotate-bootstrap", "--database", &cp.db_url])
-        .output()
-        .expect("control-plane token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = output_ok(std::process::Command::new(bin("control-plane")).args([
+        "token",
+        "rotate-bootstrap",
+        "--database",
+        &cp.db_url,
+    ]));
     let new_admin = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(new_admin.starts_with("tga_bootstrap_"), "{new_admin}");
     // The database's revision, read directly: asking the control plane would publish it.

@@ -205,23 +205,9 @@ async fn every_dashboard_and_alert_metric_is_exported() {
     let cp_db = Db::sqlite();
     let ledger_db = Db::sqlite();
     let cp = ControlPlane::start(&cp_db);
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/policies",
-            Some(Value::String(deploy_policy(mock.addr, dead, "deploy-1"))),
-        )
+    cp.publish_policy(deploy_policy(mock.addr, dead, "deploy-1"))
         .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, token) = cp
-        .call(
-            "POST",
-            "/v1/tokens",
-            Some(json!({ "name": "gateways", "role": "viewer" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{token}");
-    let token = token["token"].as_str().expect("token").to_string();
+    let (token, _) = cp.issue_token("gateways", "viewer").await;
     let accounting = Accounting::start(&broker, &ledger_db, 100);
     let dir = TempDir::new("deploy");
     let spool = dir.0.join("spool");
@@ -288,14 +274,8 @@ async fn every_dashboard_and_alert_metric_is_exported() {
         "the stream is settled"
     );
     // A revision pushed while the gateway follows: its propagation time is measured.
-    let (status, body) = cp
-        .call(
-            "POST",
-            "/v1/policies",
-            Some(Value::String(deploy_policy(mock.addr, dead, "deploy-2"))),
-        )
+    cp.publish_policy(deploy_policy(mock.addr, dead, "deploy-2"))
         .await;
-    assert_eq!(status, 201, "{body}");
     let propagated = eventually(Duration::from_secs(10), || async {
         metric(
             &metrics(&gw).await,

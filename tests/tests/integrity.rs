@@ -499,20 +499,8 @@ async fn the_official_sdks_see_a_cut_stream_as_an_api_error() {
     );
     let mock = MockUpstream::start();
     let gw = Gateway::start(&policy(mock.addr, ""));
-    let script = tollgate_e2e::workspace_root().join("tests/sdk/cut_stream.py");
     let base = format!("http://{}", gw.proxy);
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args([&base, "kp"])
-        .output()
-        .await
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    let v = tollgate_e2e::sdk_report(&python, "cut_stream.py", &[&base, "kp"]).await;
     for sdk in ["openai", "anthropic"] {
         assert_eq!(v[sdk]["api_error"], true, "{sdk}: {}", v[sdk]);
         assert_eq!(

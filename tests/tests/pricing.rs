@@ -437,19 +437,8 @@ async fn the_openai_sdk_streams_responses_and_embeds_through_the_gateway() {
         return;
     };
     let s = setup();
-    let script = tollgate_e2e::workspace_root().join("tests/sdk/responses_embeddings.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args([&format!("http://{}", s.gw.proxy), "k2"])
-        .output()
-        .await
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    let base = format!("http://{}", s.gw.proxy);
+    let v = tollgate_e2e::sdk_report(&python, "responses_embeddings.py", &[&base, "k2"]).await;
     assert_eq!(v["responses"]["deltas"], 25, "{v}");
     assert_eq!(v["responses"]["last"], "response.completed", "{v}");
     assert_eq!(v["responses"]["output_tokens"], 25 + 7, "{v}");
