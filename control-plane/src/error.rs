@@ -44,6 +44,24 @@ pub struct ErrorBody {
 pub const INTERNAL_MESSAGE: &str = "internal error: nothing more is said here; the operator finds the cause in the control plane's log under this error id";
 
 impl ApiError {
+    /// The HTTP status of this error, whichever front end (API or console) answers it.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// What a client may be told: an internal error's cause goes to the log only, under an id
+    /// that the answer names (returned with the message).
+    pub fn public_detail(&self) -> (String, Option<String>) {
+        match self {
+            Self::Internal(cause) => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                tracing::error!(error_id = %id, cause = %cause, "request failed");
+                (INTERNAL_MESSAGE.to_string(), Some(id))
+            }
+            _ => (self.to_string(), None),
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -60,15 +78,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
-        let mut error_id = None;
-        let detail = if let Self::Internal(cause) = &self {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            tracing::error!(error_id = %id, cause = %cause, "request failed");
-            error_id = Some(id);
-            INTERNAL_MESSAGE.to_string()
-        } else {
-            self.to_string()
-        };
+        let (detail, error_id) = self.public_detail();
         let errors = match &self {
             Self::Invalid { errors, .. } => errors.clone(),
             _ => Vec::new(),

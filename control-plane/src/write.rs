@@ -392,21 +392,8 @@ async fn write(
             }
         }
         Op::RotateBootstrap => {
-            if let Some(old) = Store::live_token(w, BOOTSTRAP_ID).await? {
-                Store::retire(w, &old.sha256).await?;
-            }
             let token = format!("tga_{BOOTSTRAP_ID}_{}", random_secret());
-            let hash = sha256_hex(token.as_bytes());
-            Store::put_token(
-                w,
-                BOOTSTRAP_ID,
-                "bootstrap",
-                "admin",
-                &hash,
-                &actor.name,
-                true,
-            )
-            .await?;
+            install_bootstrap(w, &sha256_hex(token.as_bytes()), actor).await?;
             Record {
                 kind: "token",
                 target: BOOTSTRAP_ID.into(),
@@ -423,21 +410,7 @@ async fn write(
             }
         }
         Op::SetBootstrap { sha256 } => {
-            if let Some(old) = Store::live_token(w, BOOTSTRAP_ID).await?
-                && old.sha256 != sha256
-            {
-                Store::retire(w, &old.sha256).await?;
-            }
-            Store::put_token(
-                w,
-                BOOTSTRAP_ID,
-                "bootstrap",
-                "admin",
-                &sha256,
-                &actor.name,
-                true,
-            )
-            .await?;
+            install_bootstrap(w, &sha256, actor).await?;
             Record {
                 kind: "token",
                 target: BOOTSTRAP_ID.into(),
@@ -485,6 +458,26 @@ async fn write(
         }
     };
     Ok(Step::Commit(record))
+}
+
+/// Make `sha256` the one live bootstrap token: a different live one is retired first.
+async fn install_bootstrap(w: &mut Write<'_>, sha256: &str, actor: &Actor) -> Result<(), ApiError> {
+    if let Some(old) = Store::live_token(w, BOOTSTRAP_ID).await?
+        && old.sha256 != sha256
+    {
+        Store::retire(w, &old.sha256).await?;
+    }
+    Store::put_token(
+        w,
+        BOOTSTRAP_ID,
+        "bootstrap",
+        "admin",
+        sha256,
+        &actor.name,
+        true,
+    )
+    .await?;
+    Ok(())
 }
 
 fn credential(actor: &Actor, credential: &str, id: &str, action: &str) -> EventBody {

@@ -1,19 +1,12 @@
 //! Anthropic-compatible `POST /v1/messages`: the non-stream message and the
 //! named-event SSE stream (`message_start` ... `message_stop`).
 
-use std::sync::Arc;
-
-use axum::Extension;
-use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::RequestId;
-use crate::llm::{Call, Flavor};
+use crate::llm::{Call, Flavor, Incoming};
 use crate::sse::{self, Script};
-use crate::stats::MockState;
 use crate::tokens;
 
 #[derive(Serialize)]
@@ -124,22 +117,8 @@ impl Event<'_> {
 }
 
 /// `POST /v1/messages`
-pub(crate) async fn messages(
-    State(state): State<Arc<MockState>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> Response {
-    let call = match Call::start(
-        Flavor::Anthropic,
-        "/v1/messages",
-        &state,
-        &request_id,
-        &headers,
-        &uri,
-        &body,
-    ) {
+pub(crate) async fn messages(incoming: Incoming) -> Response {
+    let call = match Call::start(Flavor::Anthropic, "/v1/messages", &incoming) {
         Ok(call) => call,
         Err(response) => return *response,
     };
@@ -168,7 +147,7 @@ pub(crate) async fn messages(
         Ok(call) => call,
         Err(response) => return response,
     };
-    let id = format!("msg_{request_id}");
+    let id = format!("msg_{}", incoming.request_id);
     let stop_reason = if truncated { "max_tokens" } else { "end_turn" };
     let omit_usage = call.faults.omit_usage;
 

@@ -7,15 +7,51 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::RequestId;
 use crate::faults::Faults;
 use crate::sse::{self, Script};
 use crate::stats::{MockState, StatsGuard};
+
+/// What every LLM endpoint reads of a request: the mock's state, the request id the middleware
+/// set, the headers and query (faults) and the body.
+pub(crate) struct Incoming {
+    state: Arc<MockState>,
+    pub(crate) request_id: String,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+}
+
+impl FromRequest<Arc<MockState>> for Incoming {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &Arc<MockState>) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let (headers, uri) = (parts.headers.clone(), parts.uri.clone());
+        let body = Bytes::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self {
+            state: state.clone(),
+            request_id,
+            headers,
+            uri,
+            body,
+        })
+    }
+}
 
 /// Whose error format to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +146,15 @@ impl Call {
     pub(crate) fn start(
         flavor: Flavor,
         endpoint: &str,
-        state: &Arc<MockState>,
-        request_id: &str,
-        headers: &HeaderMap,
-        uri: &Uri,
-        body: &[u8],
+        incoming: &Incoming,
     ) -> Result<Self, Box<Response>> {
+        let Incoming {
+            state,
+            request_id,
+            headers,
+            uri,
+            body,
+        } = incoming;
         let guard = StatsGuard::begin(state, request_id, endpoint);
         let faults = match Faults::from_request(headers, uri) {
             Ok(faults) => faults,

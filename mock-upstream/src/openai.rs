@@ -2,20 +2,13 @@
 //! `POST /v1/completions`, non-stream and SSE, with OpenAI's usage rules
 //! (`stream_options.include_usage`).
 
-use std::sync::Arc;
-
-use axum::Extension;
-use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::RequestId;
-use crate::llm::{Call, Flavor, now_unix};
+use crate::llm::{Call, Flavor, Incoming, now_unix};
 use crate::sse::{self, Script};
-use crate::stats::MockState;
 use crate::tokens;
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -204,22 +197,8 @@ impl Plan {
 }
 
 /// `POST /v1/chat/completions`
-pub(crate) async fn chat_completions(
-    State(state): State<Arc<MockState>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> Response {
-    let call = match Call::start(
-        Flavor::OpenAi,
-        "/v1/chat/completions",
-        &state,
-        &request_id,
-        &headers,
-        &uri,
-        &body,
-    ) {
+pub(crate) async fn chat_completions(incoming: Incoming) -> Response {
+    let call = match Call::start(Flavor::OpenAi, "/v1/chat/completions", &incoming) {
         Ok(call) => call,
         Err(response) => return *response,
     };
@@ -230,7 +209,13 @@ pub(crate) async fn chat_completions(
             Some(max) => Some(max),
             None => call.opt_u64("max_tokens")?,
         };
-        Plan::read(&call, "chatcmpl-", &request_id, max_tokens, prompt_tokens)
+        Plan::read(
+            &call,
+            "chatcmpl-",
+            &incoming.request_id,
+            max_tokens,
+            prompt_tokens,
+        )
     };
     let plan = match read() {
         Ok(plan) => plan,
@@ -325,29 +310,21 @@ fn prompt_tokens(prompt: Option<&Value>) -> Result<u64, String> {
 }
 
 /// `POST /v1/completions` (legacy)
-pub(crate) async fn completions(
-    State(state): State<Arc<MockState>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> Response {
-    let call = match Call::start(
-        Flavor::OpenAi,
-        "/v1/completions",
-        &state,
-        &request_id,
-        &headers,
-        &uri,
-        &body,
-    ) {
+pub(crate) async fn completions(incoming: Incoming) -> Response {
+    let call = match Call::start(Flavor::OpenAi, "/v1/completions", &incoming) {
         Ok(call) => call,
         Err(response) => return *response,
     };
     let read = || -> Result<Plan, String> {
         let prompt_tokens = prompt_tokens(call.body.get("prompt"))?;
         let max_tokens = call.opt_u64("max_tokens")?;
-        Plan::read(&call, "cmpl-", &request_id, max_tokens, prompt_tokens)
+        Plan::read(
+            &call,
+            "cmpl-",
+            &incoming.request_id,
+            max_tokens,
+            prompt_tokens,
+        )
     };
     let plan = match read() {
         Ok(plan) => plan,

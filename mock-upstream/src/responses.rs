@@ -7,20 +7,14 @@
 //! `response.completed` (or `response.incomplete` when `max_output_tokens` truncated it) carrying
 //! the usage. Every event has a `sequence_number`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::Extension;
-use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::RequestId;
-use crate::llm::{Call, Flavor, now_unix};
+use crate::llm::{Call, Flavor, Incoming, now_unix};
 use crate::sse::{self, Script};
-use crate::stats::MockState;
 use crate::tokens;
 
 /// Input tokens of a Responses `input` (a string or items) and `instructions`: words, plus the
@@ -142,22 +136,8 @@ fn with_fields(base: &Value, extra: Value) -> Value {
 }
 
 /// `POST /v1/responses`
-pub(crate) async fn responses(
-    State(state): State<Arc<MockState>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> Response {
-    let call = match Call::start(
-        Flavor::OpenAi,
-        "/v1/responses",
-        &state,
-        &request_id,
-        &headers,
-        &uri,
-        &body,
-    ) {
+pub(crate) async fn responses(incoming: Incoming) -> Response {
+    let call = match Call::start(Flavor::OpenAi, "/v1/responses", &incoming) {
         Ok(call) => call,
         Err(response) => return *response,
     };
@@ -174,8 +154,8 @@ pub(crate) async fn responses(
             call.guard.kinds(cached, 0, 0, reasoning);
         }
         let plan = Plan {
-            id: format!("resp_{request_id}"),
-            msg_id: format!("msg_{request_id}"),
+            id: format!("resp_{}", incoming.request_id),
+            msg_id: format!("msg_{}", incoming.request_id),
             created: now_unix(),
             model,
             instructions: call
@@ -300,45 +280,9 @@ fn embedding_inputs(input: Option<&Value>) -> Result<(u64, usize), String> {
 /// Dimensions of the mock's embeddings (small: tests do not need real vectors).
 const DIMENSIONS: usize = 8;
 
-/// Standard base64 (with padding), for `encoding_format: base64`.
-fn base64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// `POST /v1/embeddings`
-pub(crate) async fn embeddings(
-    State(state): State<Arc<MockState>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> Response {
-    let call = match Call::start(
-        Flavor::OpenAi,
-        "/v1/embeddings",
-        &state,
-        &request_id,
-        &headers,
-        &uri,
-        &body,
-    ) {
+pub(crate) async fn embeddings(incoming: Incoming) -> Response {
+    let call = match Call::start(Flavor::OpenAi, "/v1/embeddings", &incoming) {
         Ok(call) => call,
         Err(response) => return *response,
     };
@@ -368,7 +312,7 @@ pub(crate) async fn embeddings(
                 .collect();
             let embedding = if as_base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-                Value::from(base64(&bytes))
+                Value::from(openssl::base64::encode_block(&bytes))
             } else {
                 json!(v)
             };
@@ -387,15 +331,6 @@ pub(crate) async fn embeddings(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_the_standard_alphabet() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-    }
 
     #[test]
     fn inputs_of_every_shape() {

@@ -22,14 +22,16 @@ use crate::state::AppState;
 use crate::usage::{self, Kinds, Range};
 use crate::write::{self, Entitlement, Op, Outcome};
 use axum::Router;
-use axum::extract::{Form, FromRequestParts, Path, Query, State};
+use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use maud::Markup;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use session::{LOGIN_COOKIE, SESSION_COOKIE, Sessions, Signed};
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,24 +133,11 @@ fn see_other(to: &str) -> Response {
 
 /// An error as a page (an internal error's cause goes to the log only, under an id).
 fn error_page(who: Option<&Signed>, e: ApiError) -> Response {
-    let (status, message) = match &e {
-        ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, e.to_string()),
-        ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, e.to_string()),
-        ApiError::NotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
-        ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, e.to_string()),
-        ApiError::Invalid { detail, errors } => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{detail}: {}", errors.join("; ")),
-        ),
-        ApiError::Conflict(_) => (StatusCode::CONFLICT, e.to_string()),
-        ApiError::Internal(cause) => {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            tracing::error!(error_id = %id, cause = %cause, "console request failed");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{} ({id})", crate::error::INTERNAL_MESSAGE),
-            )
-        }
+    let status = e.status();
+    let message = match (&e, e.public_detail()) {
+        (ApiError::Invalid { detail, errors }, _) => format!("{detail}: {}", errors.join("; ")),
+        (_, (message, Some(id))) => format!("{message} ({id})"),
+        (_, (message, None)) => message,
     };
     html(status, pages::error(who, status, &message))
 }
@@ -198,24 +187,65 @@ impl FromRequestParts<Arc<Console>> for Signed {
     }
 }
 
-/// The checks of every state-changing request: its CSRF token and origin, then the role. The
-/// refusal, when there is one.
-fn check_post(
-    who: &Signed,
-    csrf: Option<&str>,
-    headers: &HeaderMap,
-    role: Role,
-) -> Option<Response> {
-    if !session::csrf_ok(&who.csrf, csrf, headers) {
-        return Some(forbidden(
-            Some(who),
-            "the form's CSRF token is missing or wrong (or it was sent from another site)",
-        ));
+/// A state-changing console request: signed in, its form's CSRF token and origin checked, then
+/// the role `R` — every POST handler takes one, so none can skip a check.
+struct Posted<F, R> {
+    who: Signed,
+    form: F,
+    role: PhantomData<R>,
+}
+
+/// The least role a `Posted` request needs.
+trait Needs {
+    const ROLE: Role;
+}
+
+/// Any signed-in role (signing out).
+struct AnyRole;
+impl Needs for AnyRole {
+    const ROLE: Role = Role::Viewer;
+}
+
+struct EditorRole;
+impl Needs for EditorRole {
+    const ROLE: Role = Role::Editor;
+}
+
+/// A console form: each carries the session's CSRF token.
+trait CsrfField {
+    fn csrf(&self) -> Option<&str>;
+}
+
+impl<F, R> FromRequest<Arc<Console>> for Posted<F, R>
+where
+    F: DeserializeOwned + CsrfField + Send,
+    R: Needs,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, c: &Arc<Console>) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let who = Signed::from_request_parts(&mut parts, c).await?;
+        let headers = parts.headers.clone();
+        let Form(form) = Form::<F>::from_request(Request::from_parts(parts, body), c)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        if !session::csrf_ok(&who.csrf, form.csrf(), &headers) {
+            return Err(forbidden(
+                Some(&who),
+                "the form's CSRF token is missing or wrong (or it was sent from another site)",
+            ));
+        }
+        if who.actor.require(R::ROLE).is_err() {
+            let why = format!("this needs the `{}` role", R::ROLE.name());
+            return Err(forbidden(Some(&who), &why));
+        }
+        Ok(Self {
+            who,
+            form,
+            role: PhantomData,
+        })
     }
-    who.actor
-        .require(role)
-        .err()
-        .map(|_| forbidden(Some(who), &format!("this needs the `{}` role", role.name())))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,15 +317,16 @@ struct CsrfForm {
     csrf: Option<String>,
 }
 
+impl CsrfField for CsrfForm {
+    fn csrf(&self) -> Option<&str> {
+        self.csrf.as_deref()
+    }
+}
+
 async fn logout(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
-    Form(f): Form<CsrfForm>,
+    Posted { who, .. }: Posted<CsrfForm, AnyRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Viewer) {
-        return r;
-    }
     c.sessions.close(&who.id);
     let mut r = see_other("/console/login");
     if let Ok(v) = HeaderValue::from_str(&session::set_cookie(SESSION_COOKIE, "", Duration::ZERO)) {
@@ -533,17 +564,18 @@ struct TierForm {
     csrf: Option<String>,
 }
 
+impl CsrfField for TierForm {
+    fn csrf(&self) -> Option<&str> {
+        self.csrf.as_deref()
+    }
+}
+
 /// A tier change: the same entitlement write as the payment webhook's.
 async fn change_tier(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(f): Form<TierForm>,
+    Posted { who, form: f, .. }: Posted<TierForm, EditorRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
-        return r;
-    }
     let op = Op::Entitlement(Entitlement {
         subject: id.clone(),
         tier: f.tier.trim().to_string(),
@@ -559,14 +591,9 @@ async fn change_tier(
 
 async fn issue_key(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Posted { who, .. }: Posted<CsrfForm, EditorRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
-        return r;
-    }
     match write::apply(&c.state, &who.actor, Op::IssueKey { subject: id }).await {
         Ok(Outcome::Key(k)) => html(StatusCode::CREATED, pages::new_key(&who, &k)),
         Ok(_) => error_page(
@@ -579,14 +606,9 @@ async fn issue_key(
 
 async fn revoke_key(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
     Path((id, key)): Path<(String, String)>,
-    Form(f): Form<CsrfForm>,
+    Posted { who, .. }: Posted<CsrfForm, EditorRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
-        return r;
-    }
     let op = Op::RevokeKey {
         subject: id.clone(),
         key_id: key,
@@ -677,6 +699,12 @@ struct PolicyForm {
     csrf: Option<String>,
 }
 
+impl CsrfField for PolicyForm {
+    fn csrf(&self) -> Option<&str> {
+        self.csrf.as_deref()
+    }
+}
+
 /// The browser sends CR LF line ends from a text area; the stored document keeps LF.
 fn normalize(yaml: &str) -> String {
     yaml.replace("\r\n", "\n")
@@ -684,13 +712,8 @@ fn normalize(yaml: &str) -> String {
 
 async fn policy_validate(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
-    Form(f): Form<PolicyForm>,
+    Posted { who, form: f, .. }: Posted<PolicyForm, EditorRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
-        return r;
-    }
     let yaml = normalize(&f.yaml);
     let (status, checked) = match api::dry_run(&c.state, yaml.clone()).await {
         Ok(v) => (StatusCode::OK, Checked::Valid(v)),
@@ -705,13 +728,8 @@ async fn policy_validate(
 
 async fn policy_publish(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
-    Form(f): Form<PolicyForm>,
+    Posted { who, form: f, .. }: Posted<PolicyForm, EditorRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
-        return r;
-    }
     let yaml = normalize(&f.yaml);
     if yaml.trim().is_empty() {
         return error_page(
@@ -743,14 +761,9 @@ async fn policy_publish(
 
 async fn policy_rollback(
     State(c): State<Arc<Console>>,
-    who: Signed,
-    headers: HeaderMap,
     Path(version): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Posted { who, .. }: Posted<CsrfForm, EditorRole>,
 ) -> Response {
-    if let Some(r) = check_post(&who, f.csrf.as_deref(), &headers, Role::Editor) {
-        return r;
-    }
     match api::rollback(&c.state, &who.actor, &version).await {
         Ok(v) => see_other(&format!("/console/policies?published={}", v.version)),
         Err(e) => error_page(Some(&who), e),
