@@ -13,6 +13,8 @@ import sys
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 URL = os.environ["CONSOLE_URL"]
@@ -37,20 +39,28 @@ def shot(d, name):
 
 
 def wait(d, css):
-    return WebDriverWait(d, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, css))
+    return WebDriverWait(d, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, css))
+
+
+def submit(d, button, css):
+    """Clicks a button that loads a new page and waits for that page's `css`: waiting for the old
+    page to go first, so an element of the page being left is never taken for the answer."""
+    old = d.find_element(By.TAG_NAME, "html")
+    button.click()
+    WebDriverWait(d, 10).until(EC.staleness_of(old))
+    return wait(d, css)
 
 
 def sign_in(d, token):
     d.get(URL + "/console/login")
     d.find_element(By.ID, "token").send_keys(token)
-    d.find_element(By.ID, "sign-in").click()
-    wait(d, "#sign-out")
+    submit(d, d.find_element(By.ID, "sign-in"), "#sign-out")
     assert d.current_url.endswith("/console/overview"), d.current_url
 
 
 def sign_out(d):
-    d.find_element(By.ID, "sign-out").click()
-    wait(d, "#sign-in")
+    submit(d, d.find_element(By.ID, "sign-out"), "#sign-in")
 
 
 def check(cond, what):
@@ -79,27 +89,23 @@ def viewer(d):
 def editor(d):
     sign_in(d, os.environ["EDITOR_TOKEN"])
     d.get(URL + "/console/policies")
-    d.find_element(By.ID, "edit-policy").click()
-    area = wait(d, "#yaml")
+    area = submit(d, d.find_element(By.ID, "edit-policy"), "#yaml")
     good = area.get_attribute("value")
     lines = good.split("\n")
     at = next(i for i, line in enumerate(lines) if "daily: 100 }" in line)
     broken = "\n".join(lines[:at] + [lines[at].replace("daily: 100", "daily: lots")] + lines[at + 1:])
     d.execute_script("arguments[0].value = arguments[1]", area, broken)
-    d.find_element(By.ID, "validate").click()
-    errors = wait(d, "li.policy-error").text
+    errors = submit(d, d.find_element(By.ID, "validate"), "li.policy-error").text
     check(f"line {at + 1}, column" in errors, f"the error is shown at line {at + 1}: {errors}")
     shot(d, "editor-error")
     fixed = good.replace("version: console-test", "version: console-browser", 1)
     d.execute_script("arguments[0].value = arguments[1]", d.find_element(By.ID, "yaml"), fixed)
     d.find_element(By.ID, "comment").send_keys("relabelled in the browser")
-    d.find_element(By.ID, "publish").click()
-    published = wait(d, "#published").text
+    published = submit(d, d.find_element(By.ID, "publish"), "#published").text
     check("is active" in published, published)
     check("relabelled in the browser" in d.find_element(By.ID, "versions").text, "the comment is in the history")
     shot(d, "policies-published")
-    d.find_element(By.CSS_SELECTOR, "button.rollback").click()
-    wait(d, "#published")
+    submit(d, d.find_element(By.CSS_SELECTOR, "button.rollback"), "#published")
     check("rollback to v" in d.find_element(By.ID, "versions").text, "the rollback is in the history")
     shot(d, "policies-rolled-back")
     d.get(URL + "/console/policies/diff?from=1&to=2")
@@ -107,8 +113,8 @@ def editor(d):
     shot(d, "policy-diff")
     d.get(URL + "/console/subjects/bob")
     Select(d.find_element(By.ID, "tier-select")).select_by_value("free")
-    d.find_element(By.ID, "change-tier").click()
-    WebDriverWait(d, 10).until(lambda d: d.find_element(By.ID, "tier").text == "free")
+    tier = submit(d, d.find_element(By.ID, "change-tier"), "#tier").text
+    check(tier == "free", f"the subject page shows the new tier: {tier}")
     shot(d, "subject-tier-changed")
     sign_out(d)
     d.get(URL + "/console/overview")

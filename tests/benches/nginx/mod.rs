@@ -6,7 +6,9 @@
 //! for `POST /v1/chat/completions`, and a fixed 5-event OpenAI SSE body when the request carries
 //! `x-bench-stream: 1` (nginx cannot read the JSON body's `"stream": true`; the gateway forwards
 //! client headers) — and a plain reverse proxy in front of it (HTTP/1.1, kept-alive upstream
-//! connections). The gateway (release build, quotas on) proxies to the same canned upstream.
+//! connections). The gateway (release build, quotas on) proxies to the same canned upstream, and
+//! so does pingora alone (`gateway/examples/pingora_floor.rs`, configured as the gateway configures
+//! it): the floor under the gateway, separating what pingora costs from what Tollgate adds.
 //!
 //! Each row gets the same load: `CONNECTIONS` kept-alive connections from the load generator in
 //! `load.rs`, which counts only complete, well-framed responses with exactly the canned body (a
@@ -27,6 +29,14 @@ use std::time::{Duration, Instant};
 use tollgate_e2e::{Proc, TempDir, bin, cpu_seconds, figure, free_port, unique_prefix};
 
 const CONNECTIONS: usize = 32;
+
+/// The rows' "through" column: which proxy served them.
+const NGINX: &str = "nginx (plain proxy)";
+const FLOOR: &str = "pingora alone (no Tollgate)";
+const GW: &str = "gateway, quotas on";
+const GW_BARE: &str = "gateway, bare proxy";
+const GW_MEMORY: &str = "gateway, memory";
+const GW_REDIS: &str = "gateway, Redis + leases";
 const ROUNDS: usize = 5;
 const WARMUP: Duration = Duration::from_millis(300);
 const WINDOW: Duration = Duration::from_secs(2);
@@ -274,6 +284,27 @@ impl Gw {
     }
 }
 
+/// pingora alone (`gateway/examples/pingora_floor.rs`): the floor under the gateway's proxy path.
+struct Floor {
+    addr: SocketAddr,
+    proc: Proc,
+}
+
+impl Floor {
+    fn start(dir: &Path, upstream: SocketAddr, cpu: Option<usize>) -> Floor {
+        let log = dir.join("pingora-floor.log");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let proc = Proc::spawn_logged(
+            on_cpu(&bin("examples/pingora_floor"), cpu)
+                .arg(addr.to_string())
+                .arg(upstream.to_string()),
+            Some(&log),
+        );
+        wait_tcp(addr, "pingora alone", &log);
+        Floor { addr, proc }
+    }
+}
+
 /// Routes to the canned upstream: `/lookup` with quotas on (a token bucket and a daily quota),
 /// `/bare` unlimited (no counters: the bare proxy), and the metered chat route (requests, tokens
 /// and spend quotas: reserve, meter, settle).
@@ -336,6 +367,15 @@ fn target(addr: SocketAddr, kind: Kind, path: &str) -> Target {
         expect: expect.as_bytes().to_vec().into(),
     }
 }
+
+/// A row group of the table: its path, kind and URL, and the gateway rows (through, side, URL)
+/// after its nginx and pingora rows.
+type Group<'a> = (
+    &'static str,
+    Kind,
+    &'a str,
+    Vec<(&'static str, &'a Side, &'a str)>,
+);
 
 /// A proxy under test: where it listens, and its process (for its CPU time).
 struct Side {
@@ -533,6 +573,7 @@ pub fn run() {
     let nginx = Nginx::proxy(&dir.0, upstream.addr, cores.proxy);
     let policy = gateway_policy(upstream.addr);
     let gw = Gw::start(&dir.0, "gateway", &policy, &[], cores.proxy);
+    let floor = Floor::start(&dir.0, upstream.addr, cores.proxy);
     let redis_url =
         std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     // Leases are on by default with --redis.
@@ -564,80 +605,71 @@ pub fn run() {
         addr: gw_redis.addr,
         pid: gw_redis.proc.pid(),
     };
-    let (ng, gm, gr) = (&nginx_side, &gw_side, &redis_side);
+    let floor_side = Side {
+        addr: floor.addr,
+        pid: floor.proc.pid(),
+    };
+    let (ng, gm, gr, fl) = (&nginx_side, &gw_side, &redis_side, &floor_side);
     const CHAT: &str = "/v1/chat/completions";
     const LOOKUP: &str = "/lookup/1";
-    let mut rows: Vec<Row> = [
+    // Each group: nginx first (the baseline of the rows after it), then pingora alone (the floor
+    // under the gateway), then the gateway.
+    let mut rows: Vec<Row> = Vec::new();
+    let groups: [Group; 3] = [
         (
             "`GET /lookup`",
-            "nginx (plain proxy)",
             Kind::Get,
-            ng,
             LOOKUP,
-            None,
-        ),
-        (
-            "`GET /lookup`",
-            "gateway, quotas on",
-            Kind::Get,
-            gm,
-            LOOKUP,
-            Some(0),
-        ),
-        (
-            "`GET` unlimited route",
-            "gateway, bare proxy",
-            Kind::Get,
-            gm,
-            "/bare/1",
-            Some(0),
+            vec![(GW, gm, LOOKUP), (GW_BARE, gm, "/bare/1")],
         ),
         (
             "chat completion",
-            "nginx (plain proxy)",
             Kind::Chat,
-            ng,
             CHAT,
-            None,
-        ),
-        (
-            "chat completion",
-            "gateway, memory",
-            Kind::Chat,
-            gm,
-            CHAT,
-            Some(3),
-        ),
-        (
-            "chat completion",
-            "gateway, Redis + leases",
-            Kind::Chat,
-            gr,
-            CHAT,
-            Some(3),
+            vec![(GW_MEMORY, gm, CHAT), (GW_REDIS, gr, CHAT)],
         ),
         (
             "streamed chat (SSE)",
-            "nginx (plain proxy)",
             Kind::Sse,
+            CHAT,
+            vec![(GW_MEMORY, gm, CHAT)],
+        ),
+    ];
+    for (path, kind, url, gateways) in groups {
+        let base = rows.len();
+        rows.push(Row::new(
+            path,
+            NGINX,
+            kind,
             ng,
-            CHAT,
+            url,
             None,
-        ),
-        (
-            "streamed chat (SSE)",
-            "gateway, memory",
-            Kind::Sse,
-            gm,
-            CHAT,
-            Some(6),
-        ),
-    ]
-    .into_iter()
-    .map(|(path, via, kind, side, url, base)| {
-        Row::new(path, via, kind, side, url, base, CONNECTIONS, WINDOW)
-    })
-    .collect();
+            CONNECTIONS,
+            WINDOW,
+        ));
+        rows.push(Row::new(
+            path,
+            FLOOR,
+            kind,
+            fl,
+            url,
+            Some(base),
+            CONNECTIONS,
+            WINDOW,
+        ));
+        for (via, side, url) in gateways {
+            rows.push(Row::new(
+                path,
+                via,
+                kind,
+                side,
+                url,
+                Some(base),
+                CONNECTIONS,
+                WINDOW,
+            ));
+        }
+    }
     let mut single: Vec<Row> = [
         ("`GET /lookup`", "nginx", Kind::Get, ng, LOOKUP, None),
         ("`GET /lookup`", "gateway", Kind::Get, gm, LOOKUP, Some(0)),
@@ -679,7 +711,7 @@ pub fn run() {
     print_rows(&rows);
     print_single(&single);
     println!("\n(measured in {:.0} s)", elapsed.as_secs_f64());
-    drop((gw, gw_redis, nginx, upstream));
+    drop((gw, gw_redis, floor, nginx, upstream));
 }
 
 /// `rows[i]`'s req/s over its baseline's: the median of the per-round ratios (a row and its
@@ -770,17 +802,24 @@ fn print_rows(rows: &[Row]) {
             driver_bound.join(", ")
         );
     }
-    let fig = |name: &str, i: usize| {
-        let r = ratio(rows, i).map_or(0.0, |(r, _, _)| r);
+    let fig = |name: &str, kind: Kind, via: &str| {
+        let r = rows
+            .iter()
+            .position(|r| r.kind == kind && r.via == via)
+            .and_then(|i| ratio(rows, i))
+            .map_or(0.0, |(r, _, _)| r);
         figure(name, format!("{r:.3}"));
         r
     };
     println!();
-    let get = fig("gw_vs_nginx_get", 1);
-    fig("gw_vs_nginx_bare", 2);
-    let chat = fig("gw_vs_nginx_chat", 4);
-    let chat_redis = fig("gw_vs_nginx_chat_redis", 5);
-    let sse = fig("gw_vs_nginx_sse", 7);
+    let get = fig("gw_vs_nginx_get", Kind::Get, GW);
+    fig("gw_vs_nginx_bare", Kind::Get, GW_BARE);
+    let chat = fig("gw_vs_nginx_chat", Kind::Chat, GW_MEMORY);
+    let chat_redis = fig("gw_vs_nginx_chat_redis", Kind::Chat, GW_REDIS);
+    let sse = fig("gw_vs_nginx_sse", Kind::Sse, GW_MEMORY);
+    fig("pingora_vs_nginx_get", Kind::Get, FLOOR);
+    fig("pingora_vs_nginx_chat", Kind::Chat, FLOOR);
+    fig("pingora_vs_nginx_sse", Kind::Sse, FLOOR);
     let met = |ok: bool| if ok { "met" } else { "not met" };
     println!(
         "\nGoals (issue 12), gateway with quotas on ÷ nginx as a plain proxy: GET ≥ 1.0x: {get:.2}x, {}; \
