@@ -14,7 +14,7 @@ use crate::headers::{ratelimit, ratelimit_policy};
 use crate::respond::{Ctx, error_body, refuse, respond_json};
 use crate::state::AppState;
 use crate::upstream::{HOP_BY_HOP, shape};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
@@ -281,6 +281,9 @@ const STALE_CONNECTION_RETRIES: usize = 2;
 /// and billed at its reservation.
 const MAX_JSON_BODY: usize = 32 << 20;
 
+/// The largest stream with a `Content-Length` that is read whole before it is relayed.
+const WHOLE_STREAM_MAX: usize = 1 << 20;
+
 /// A request in flight on a pooled upstream connection.
 struct Exchange {
     state: Arc<AppState>,
@@ -504,7 +507,19 @@ async fn forward(
     if !is_sse {
         return relay_json(state, session, ex, out, llm, &req, bill).await;
     }
-    frame_unsized(session, &mut out)?;
+    // An upstream that announces the stream's length has produced all of it already: nothing
+    // about it is real time. Such a stream (up to `WHOLE_STREAM_MAX`) is read whole, metered and
+    // cut as usual, and sent in one write with its final length, instead of one flush per read.
+    let whole = out
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .filter(|n| *n <= WHOLE_STREAM_MAX);
+    if whole.is_none() {
+        frame_unsized(session, &mut out)?;
+    }
+    let mut held = whole.map(BytesMut::with_capacity);
+    let mut out = Some(out);
     let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
     // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
     let ceiling = if llm.cut_overrun { max_out } else { u64::MAX };
@@ -518,7 +533,10 @@ async fn forward(
     let mut pending: Vec<Bytes> = Vec::new();
     // `Some`: the client went away; the upstream is drained for its usage instead.
     let client_gone = 'relay: {
-        if let Err(e) = session.write_response_header(Box::new(out), false).await {
+        if held.is_none()
+            && let Some(out) = out.take()
+            && let Err(e) = session.write_response_header(Box::new(out), false).await
+        {
             break 'relay Some(e);
         }
         loop {
@@ -539,7 +557,10 @@ async fn forward(
                         }
                     }
                     for piece in pending.drain(..) {
-                        if let Err(e) = session.write_response_body(Some(piece), false).await {
+                        if let Some(held) = &mut held {
+                            held.extend_from_slice(&piece);
+                        } else if let Err(e) = session.write_response_body(Some(piece), false).await
+                        {
                             break 'relay Some(e);
                         }
                     }
@@ -591,6 +612,14 @@ async fn forward(
         meter.usage(req.prompt_tokens)
     };
     bill.settle(usage, true).await;
+    if let (Some(mut body), Some(mut out)) = (held, out) {
+        for piece in pending {
+            body.extend_from_slice(&piece);
+        }
+        out.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(out), false).await?;
+        return session.write_response_body(Some(body.freeze()), true).await;
+    }
     for piece in pending {
         session.write_response_body(Some(piece), false).await?;
     }

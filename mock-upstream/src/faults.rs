@@ -23,6 +23,9 @@ pub const CACHE_READ: (&str, &str) = ("x-mock-cache-read", "cache_read");
 /// OpenAI: reasoning tokens, reported on top of the visible output (which they are part of in
 /// `completion_tokens`/`output_tokens`).
 pub const REASONING_TOKENS: (&str, &str) = ("x-mock-reasoning-tokens", "reasoning_tokens");
+/// Streams: the whole event stream in one body with its `Content-Length`, as an upstream (or a
+/// cache in front of one) that buffered it sends it.
+pub const WHOLE: (&str, &str) = ("x-mock-whole", "whole");
 
 /// Output tokens when neither the fault nor `max_tokens` says otherwise.
 pub const DEFAULT_TOKENS: u64 = 20;
@@ -47,6 +50,8 @@ pub struct Faults {
     pub cache_write: u64,
     pub cache_read: u64,
     pub reasoning_tokens: u64,
+    /// Send a stream as one body with its length (no delay or cut applies).
+    pub whole: bool,
 }
 
 impl Faults {
@@ -89,6 +94,10 @@ impl Faults {
             .map(|(name, v)| parse_bool(&name, &v))
             .transpose()?
             .unwrap_or(false);
+        let whole = lookup(WHOLE)?
+            .map(|(name, v)| parse_bool(&name, &v))
+            .transpose()?
+            .unwrap_or(false);
         let tokens = lookup(TOKENS)?
             .map(|(name, v)| parse_u64(&name, &v))
             .transpose()?;
@@ -118,6 +127,7 @@ impl Faults {
             omit_usage,
             tokens,
             ignore_max_tokens,
+            whole,
             cached_tokens,
             cache_write,
             cache_read,

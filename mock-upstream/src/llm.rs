@@ -245,6 +245,9 @@ impl Call {
     where
         F: Fn(&str) -> Bytes + Send + 'static,
     {
+        if self.faults.whole {
+            return sse::response(sse::whole(script, self.guard));
+        }
         let body = sse::body(script, self.faults.delay, self.faults.cut_after, self.guard);
         sse::response(body)
     }

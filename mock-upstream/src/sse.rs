@@ -133,6 +133,33 @@ where
     Body::from_stream(stream)
 }
 
+/// `script` rendered into one body: a sized response (`Content-Length`), every event at once.
+pub(crate) fn whole<F>(script: Script<F>, guard: StatsGuard) -> Body
+where
+    F: Fn(&str) -> Bytes,
+{
+    let mut c = Cursor {
+        total: script.pre.len() as u64 + script.tokens + script.post.len() as u64,
+        script,
+        pos: 0,
+        cut_at: None,
+        delay: None,
+        guard,
+        finished: true,
+    };
+    let mut out = Vec::new();
+    let (mut events, mut tokens) = (0, 0);
+    while let Some((frame, is_token)) = c.frame(c.pos) {
+        out.extend_from_slice(&frame);
+        c.pos += 1;
+        events += 1;
+        tokens += u64::from(is_token);
+    }
+    c.guard.sent(events, tokens);
+    c.guard.finish(200, true);
+    Body::from(out)
+}
+
 /// A 200 `text/event-stream` response around `body`.
 pub(crate) fn response(body: Body) -> Response {
     let mut response = Response::new(body);

@@ -35,6 +35,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     completed_streams_and_plain_responses_are_billed_exactly,
     a_client_that_did_not_ask_for_usage_gets_the_direct_stream,
+    a_stream_sent_whole_is_relayed_with_its_length_and_billed_exactly,
     a_failed_upstream_call_releases_the_reservation,
     a_stream_cut_by_the_upstream_bills_what_was_produced,
     client_disconnects_are_billed_from_the_real_usage,
@@ -233,6 +234,50 @@ async fn a_client_that_did_not_ask_for_usage_gets_the_direct_stream(backend: Bac
         p + c,
         "billed from the usage the gateway asked for"
     );
+}
+
+/// An upstream that sends a stream in one sized body (a buffering upstream or cache): the client
+/// gets the same stream (the injected usage chunk removed) with its exact `Content-Length`, and
+/// the call is billed from the usage, as for a stream relayed as it comes.
+async fn a_stream_sent_whole_is_relayed_with_its_length_and_billed_exactly(backend: Backend) {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start_on(&backend, &default_policy(mock.addr), &[]);
+    let body = chat(true, false);
+    let faults = [("x-mock-whole", "true"), ("x-mock-tokens", "25")];
+    let mut direct = client()
+        .post(mock.url("/v1/chat/completions"))
+        .header("x-request-id", "w0");
+    for (k, v) in faults {
+        direct = direct.header(k, v);
+    }
+    let direct = direct.json(&body).send().await.unwrap();
+    assert!(direct.content_length().is_some(), "the mock sends it sized");
+    // The mock names the completion after the request id.
+    let direct = direct
+        .text()
+        .await
+        .unwrap()
+        .replace("chatcmpl-w0", "chatcmpl-w1");
+    let r = post(&gw, "k0", "w1", "/v1/chat/completions", &body, &faults).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    assert!(r.headers().get("transfer-encoding").is_none());
+    let length = r.content_length().expect("relayed with a Content-Length");
+    let proxied = r.text().await.unwrap();
+    assert_eq!(proxied.len() as u64, length, "the length is the body's");
+    assert!(proxied.ends_with("data: [DONE]\n\n"));
+    assert_eq!(
+        regex_free_strip(&proxied),
+        regex_free_strip(&direct),
+        "the stream as the upstream would send it to the client, usage chunk removed"
+    );
+    wait_settled(&gw, 1).await;
+    let (p, c) = produced(&mock, "w1").await;
+    assert_eq!(c, 25);
+    assert_eq!(charged(&gw, 0).await, (1, p + c, p + c, money(p, c)));
 }
 
 /// Remove the digits after each `"created":`.
