@@ -9,13 +9,18 @@ use super::{
     Settled, Storage, StorageError,
 };
 use crate::limiter::{Limit, State};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard};
 
 const SHARDS: usize = 64;
-/// How long a decision stays replayable by its idempotency key, and a settlement remembered.
+/// How long a decision stays replayable by its idempotency key (a client's retry may come late).
 const IDEMPOTENCY_TTL_NS: i64 = 24 * 3600 * 1_000_000_000;
+/// How long a settled attempt is remembered at least (at most twice that). Counters in memory do
+/// not outlive the process, so a second delivery can only be this process retrying an answer it
+/// did not see, at once: minutes are ample, and memory stays bounded by the settlement rate
+/// instead of growing with a day of traffic.
+const SETTLED_TTL_NS: i64 = 5 * 60 * 1_000_000_000;
 
 /// One counter: its limiter state and the reservations held on it.
 #[derive(Debug, Clone)]
@@ -35,10 +40,41 @@ struct Held {
 
 type Shard = HashMap<CounterKey, Entry>;
 
+/// Attempts settled recently, in two generations: a generation older than `SETTLED_TTL_NS` is
+/// dropped whole when the next one starts, so forgetting costs no scan.
+#[derive(Default)]
+struct Recent {
+    current: HashSet<Box<str>>,
+    previous: HashSet<Box<str>>,
+    since_ns: i64,
+}
+
+impl Recent {
+    fn contains(&self, attempt: &str) -> bool {
+        self.current.contains(attempt) || self.previous.contains(attempt)
+    }
+
+    /// Remember `attempt`; returns a retired generation for the caller to drop outside the lock.
+    fn insert(&mut self, attempt: &str, now_ns: i64) -> Option<HashSet<Box<str>>> {
+        let retired = self.rotate(now_ns);
+        self.current.insert(attempt.into());
+        retired
+    }
+
+    fn rotate(&mut self, now_ns: i64) -> Option<HashSet<Box<str>>> {
+        if now_ns.saturating_sub(self.since_ns) < SETTLED_TTL_NS {
+            return None;
+        }
+        self.since_ns = now_ns;
+        let current = std::mem::take(&mut self.current);
+        Some(std::mem::replace(&mut self.previous, current))
+    }
+}
+
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     decisions: Mutex<HashMap<String, (Outcome, i64)>>,
-    settled: Mutex<HashMap<String, i64>>,
+    settled: Mutex<Recent>,
     hasher: RandomState,
 }
 
@@ -53,7 +89,7 @@ impl MemoryStore {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             decisions: Mutex::new(HashMap::new()),
-            settled: Mutex::new(HashMap::new()),
+            settled: Mutex::new(Recent::default()),
             hasher: RandomState::new(),
         }
     }
@@ -76,7 +112,8 @@ impl MemoryStore {
             });
         }
         lock(&self.decisions).retain(|_, (_, exp)| *exp > now_ns);
-        lock(&self.settled).retain(|_, exp| *exp > now_ns);
+        let retired = lock(&self.settled).rotate(now_ns);
+        drop(retired);
     }
 
     /// Number of stored counters (for tests and metrics).
@@ -270,7 +307,7 @@ impl Storage for MemoryStore {
         let now = req.now_ns;
         // Held across the settlement: a duplicate delivered concurrently waits, then sees it.
         let mut settled = lock(&self.settled);
-        if settled.get(req.attempt_id).is_some_and(|exp| *exp > now) {
+        if settled.contains(req.attempt_id) {
             return Ok(Settled::AlreadySettled);
         }
         let (mut guards, slots) = self.lock_all(req.counters);
@@ -310,7 +347,41 @@ impl Storage for MemoryStore {
                 (Limit::Bucket { .. }, s) => s,
             };
         }
-        settled.insert(req.attempt_id.to_string(), now + IDEMPOTENCY_TTL_NS);
+        let retired = settled.insert(req.attempt_id, now);
+        drop(settled);
+        drop(retired);
         Ok(Settled::Charged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Recent, SETTLED_TTL_NS};
+
+    #[test]
+    fn a_settled_attempt_is_remembered_for_the_ttl_then_forgotten() {
+        let mut r = Recent::default();
+        let t0 = 1_000 * SETTLED_TTL_NS;
+        drop(r.insert("a", t0));
+        assert!(r.contains("a"));
+        drop(r.insert("b", t0 + SETTLED_TTL_NS - 1));
+        assert!(r.contains("a"), "remembered for the whole TTL");
+        drop(r.insert("c", t0 + SETTLED_TTL_NS));
+        assert!(r.contains("a") && r.contains("b") && r.contains("c"));
+        drop(r.insert("d", t0 + 2 * SETTLED_TTL_NS));
+        assert!(!r.contains("a"), "forgotten after two generations");
+        assert!(r.contains("c") && r.contains("d"));
+    }
+
+    #[test]
+    fn remembered_attempts_stay_bounded_by_the_rate_not_the_run() {
+        let mut r = Recent::default();
+        // One settlement a second for ten TTLs: at most two TTLs' worth are held.
+        let per_ttl = (SETTLED_TTL_NS / 1_000_000_000) as usize;
+        for i in 0..10 * per_ttl {
+            drop(r.insert(&i.to_string(), i as i64 * 1_000_000_000));
+        }
+        let held = r.current.len() + r.previous.len();
+        assert!(held <= 2 * per_ttl, "{held} held");
     }
 }
