@@ -565,6 +565,20 @@ fn remove_usage_null(event: Bytes) -> Bytes {
 /// Usage in a complete (non-streamed) JSON response (chat, completions, Responses API,
 /// embeddings, Anthropic messages); the text counted when usage is missing.
 pub fn json_usage(_provider: Provider, model: &str, body: &[u8], prompt_estimate: u64) -> Usage {
+    /// The usage object alone: the rest of the body is skipped, not built into a tree.
+    #[derive(serde::Deserialize)]
+    struct UsageOnly {
+        #[serde(default)]
+        usage: serde_json::Value,
+    }
+    if let Ok(u) = serde_json::from_slice::<UsageOnly>(body) {
+        let mut r = Reported::default();
+        r.merge(&u.usage);
+        if let Some(output) = r.output {
+            return r.usage(prompt_estimate, output);
+        }
+    }
+    // No output reported: the text is counted.
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let mut r = Reported::default();
     r.merge(&v["usage"]);
