@@ -515,11 +515,14 @@ async fn forward(
         .get("content-length")
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .filter(|n| *n <= WHOLE_STREAM_MAX);
-    if whole.is_none() {
-        frame_unsized(session, &mut out)?;
-    }
-    let mut held = whole.map(BytesMut::with_capacity);
-    let mut out = Some(out);
+    // `held`: the header and the body kept for that one write; `head`: the header to send now.
+    let (mut held, head) = match whole {
+        Some(n) => (Some((out, BytesMut::with_capacity(n))), None),
+        None => {
+            frame_unsized(session, &mut out)?;
+            (None, Some(out))
+        }
+    };
     let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
     // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
     let ceiling = if llm.cut_overrun { max_out } else { u64::MAX };
@@ -533,9 +536,8 @@ async fn forward(
     let mut pending: Vec<Bytes> = Vec::new();
     // `Some`: the client went away; the upstream is drained for its usage instead.
     let client_gone = 'relay: {
-        if held.is_none()
-            && let Some(out) = out.take()
-            && let Err(e) = session.write_response_header(Box::new(out), false).await
+        if let Some(head) = head
+            && let Err(e) = session.write_response_header(Box::new(head), false).await
         {
             break 'relay Some(e);
         }
@@ -557,8 +559,8 @@ async fn forward(
                         }
                     }
                     for piece in pending.drain(..) {
-                        if let Some(held) = &mut held {
-                            held.extend_from_slice(&piece);
+                        if let Some((_, body)) = &mut held {
+                            body.extend_from_slice(&piece);
                         } else if let Err(e) = session.write_response_body(Some(piece), false).await
                         {
                             break 'relay Some(e);
@@ -612,7 +614,7 @@ async fn forward(
         meter.usage(req.prompt_tokens)
     };
     bill.settle(usage, true).await;
-    if let (Some(mut body), Some(mut out)) = (held, out) {
+    if let Some((mut out, mut body)) = held {
         for piece in pending {
             body.extend_from_slice(&piece);
         }

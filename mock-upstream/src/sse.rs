@@ -53,23 +53,19 @@ struct Cursor<F> {
     finished: bool,
 }
 
-impl<F: Fn(&str) -> Bytes> Cursor<F> {
+impl<F: Fn(&str) -> Bytes> Script<F> {
     /// The event at `pos`, and whether it carries an output token.
     fn frame(&self, pos: u64) -> Option<(Bytes, bool)> {
-        let pre = self.script.pre.len() as u64;
+        let pre = self.pre.len() as u64;
         if pos < pre {
-            return self
-                .script
-                .pre
-                .get(pos as usize)
-                .map(|b| (b.clone(), false));
+            return self.pre.get(pos as usize).map(|b| (b.clone(), false));
         }
         let i = pos - pre;
-        if i < self.script.tokens {
-            return Some(((self.script.render)(tokens::token(i)), true));
+        if i < self.tokens {
+            return Some(((self.render)(tokens::token(i)), true));
         }
-        let j = usize::try_from(i - self.script.tokens).ok()?;
-        self.script.post.get(j).map(|b| (b.clone(), false))
+        let j = usize::try_from(i - self.tokens).ok()?;
+        self.post.get(j).map(|b| (b.clone(), false))
     }
 }
 
@@ -111,7 +107,7 @@ where
             let err = io::Error::new(io::ErrorKind::ConnectionAborted, "mock fault: cut_after");
             return Some((Err(err), c));
         }
-        let Some((frame, is_token)) = c.frame(c.pos) else {
+        let Some((frame, is_token)) = c.script.frame(c.pos) else {
             // Only reachable for an empty script; nothing left to send.
             c.finished = true;
             c.guard.finish(200, true);
@@ -134,29 +130,19 @@ where
 }
 
 /// `script` rendered into one body: a sized response (`Content-Length`), every event at once.
-pub(crate) fn whole<F>(script: Script<F>, guard: StatsGuard) -> Body
+pub(crate) fn whole<F>(script: Script<F>, mut guard: StatsGuard) -> Body
 where
     F: Fn(&str) -> Bytes,
 {
-    let mut c = Cursor {
-        total: script.pre.len() as u64 + script.tokens + script.post.len() as u64,
-        script,
-        pos: 0,
-        cut_at: None,
-        delay: None,
-        guard,
-        finished: true,
-    };
     let mut out = Vec::new();
     let (mut events, mut tokens) = (0, 0);
-    while let Some((frame, is_token)) = c.frame(c.pos) {
+    while let Some((frame, is_token)) = script.frame(events) {
         out.extend_from_slice(&frame);
-        c.pos += 1;
         events += 1;
         tokens += u64::from(is_token);
     }
-    c.guard.sent(events, tokens);
-    c.guard.finish(200, true);
+    guard.sent(events, tokens);
+    guard.finish(200, true);
     Body::from(out)
 }
 

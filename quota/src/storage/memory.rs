@@ -348,6 +348,8 @@ impl Storage for MemoryStore {
             };
         }
         let retired = settled.insert(req.attempt_id, now);
+        // Every lock released before a retired generation (possibly millions of ids) is freed.
+        drop(guards);
         drop(settled);
         drop(retired);
         Ok(Settled::Charged)

@@ -637,34 +637,19 @@ pub fn run() {
     ];
     for (path, kind, url, gateways) in groups {
         let base = rows.len();
-        rows.push(Row::new(
-            path,
-            NGINX,
-            kind,
-            ng,
-            url,
-            None,
-            CONNECTIONS,
-            WINDOW,
-        ));
-        rows.push(Row::new(
-            path,
-            FLOOR,
-            kind,
-            fl,
-            url,
-            Some(base),
-            CONNECTIONS,
-            WINDOW,
-        ));
-        for (via, side, url) in gateways {
+        let sides = [(NGINX, ng, url), (FLOOR, fl, url)]
+            .into_iter()
+            .chain(gateways);
+        for (i, (via, side, url)) in sides.enumerate() {
+            // The group's first row (nginx) is the baseline of the others.
+            let baseline = (i > 0).then_some(base);
             rows.push(Row::new(
                 path,
                 via,
                 kind,
                 side,
                 url,
-                Some(base),
+                baseline,
                 CONNECTIONS,
                 WINDOW,
             ));
