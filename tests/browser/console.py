@@ -13,8 +13,7 @@ import sys
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.support import expected_conditions as EC
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 URL = os.environ["CONSOLE_URL"]
@@ -39,16 +38,21 @@ def shot(d, name):
 
 
 def wait(d, css):
-    return WebDriverWait(d, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+    return WebDriverWait(d, 10, ignored_exceptions=(WebDriverException,)).until(
         lambda d: d.find_element(By.CSS_SELECTOR, css))
 
 
 def submit(d, button, css):
     """Clicks a button that loads a new page and waits for that page's `css`: waiting for the old
-    page to go first, so an element of the page being left is never taken for the answer."""
-    old = d.find_element(By.TAG_NAME, "html")
+    page to go first, so an element of the page being left is never taken for the answer. The old
+    page is marked in its own window object, which a new document does not have; asking for an old
+    element instead fails in more than one way while the document is being swapped (chromedriver
+    answers "unknown error: node does not belong to the document" as well as "stale element"), so
+    any driver error during the swap only means "ask again"."""
+    d.execute_script("window.__tollgateLeaving = true")
     button.click()
-    WebDriverWait(d, 10).until(EC.staleness_of(old))
+    WebDriverWait(d, 10, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return window.__tollgateLeaving === undefined"))
     return wait(d, css)
 
 
