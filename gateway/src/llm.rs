@@ -194,15 +194,27 @@ pub async fn serve(
         return Ok(true);
     }
     // The output ceiling: what the client asked for, within the route's cap; the route's default
-    // when it asked for nothing. The upstream is asked for exactly what is reserved.
+    // when it asked for nothing. The upstream is asked for exactly what is reserved. The cap
+    // bounds the call's whole output: every choice (`n`, `best_of`) is generated and billed.
     let cap = llm.max_output_tokens.unwrap_or(MAX_OUTPUT_TOKENS);
+    let per_choice_cap = cap / req.choices;
     let max_out = match req.max_tokens {
         _ if !endpoint.has_output() => 0,
-        Some(asked) if asked > cap && !llm.clamp_max_output => {
-            let msg = format!(
-                "`{}` is {asked}; this route allows at most {cap} output tokens",
-                req.max_tokens_field
-            );
+        asked
+            if per_choice_cap == 0
+                || asked.is_some_and(|a| a > per_choice_cap && !llm.clamp_max_output) =>
+        {
+            let field = req.max_tokens_fields[0];
+            let asked = asked.unwrap_or(llm.default_max_tokens);
+            let msg = if req.choices > 1 {
+                format!(
+                    "`{field}` is {asked} for each of {} outputs; this route allows at most \
+                     {cap} output tokens in all",
+                    req.choices
+                )
+            } else {
+                format!("`{field}` is {asked}; this route allows at most {cap} output tokens")
+            };
             respond_json(
                 session,
                 400,
@@ -213,14 +225,19 @@ pub async fn serve(
             .await?;
             return Ok(true);
         }
-        Some(asked) => asked.min(cap),
-        None => llm.default_max_tokens.min(cap),
+        Some(asked) => asked.min(per_choice_cap),
+        None => llm.default_max_tokens.min(per_choice_cap),
     };
+    // Every output the upstream generates for this call, in all.
+    let out_total = max_out.saturating_mul(req.choices);
     let mut reserve: Vec<(&str, u64)> = vec![
         (&route.quota, route.cost),
-        (&llm.tokens_quota, req.prompt_tokens.saturating_add(max_out)),
+        (
+            &llm.tokens_quota,
+            req.prompt_tokens.saturating_add(out_total),
+        ),
     ];
-    let money = price.map(|p| p.reserve_micros(req.prompt_tokens, max_out));
+    let money = price.map(|p| p.reserve_micros(req.prompt_tokens, out_total));
     if let (Some(q), Some(m)) = (&llm.spend_quota, money) {
         reserve.push((q, m));
     }
@@ -268,6 +285,7 @@ pub async fn serve(
         endpoint,
         req,
         max_out,
+        out_total,
     };
     forward(state, session, ctx, route, llm, policy, call, body, bill).await?;
     Ok(true)
@@ -276,6 +294,14 @@ pub async fn serve(
 /// How many times a request is sent again when a pooled connection turns out to be closed
 /// before the upstream answered (the request cannot have been processed).
 const STALE_CONNECTION_RETRIES: usize = 2;
+
+/// A request that got no response header.
+struct SendError {
+    error: Box<pingora::Error>,
+    /// The whole request reached the upstream and it went silent: it may be generating (and
+    /// billing) all the same.
+    unanswered: bool,
+}
 
 /// The most of a non-streamed response body kept to read its usage; a larger body is passed on
 /// and billed at its reservation.
@@ -299,13 +325,24 @@ impl Exchange {
         up: &Upstream,
         head: &RequestHeader,
         body: Bytes,
-    ) -> Result<Exchange, Box<pingora::Error>> {
+    ) -> Result<Exchange, SendError> {
+        let failed = |error| SendError {
+            error,
+            unanswered: false,
+        };
         let peer = state.upstreams.peer(up).await.map_err(|e| {
-            pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, e.to_string())
+            failed(pingora::Error::explain(
+                pingora::ErrorType::ConnectNoRoute,
+                e.to_string(),
+            ))
         })?;
         let mut tries = 0;
         loop {
-            let (mut session, reused) = state.connector.get_http_session(&peer).await?;
+            let (mut session, reused) = state
+                .connector
+                .get_http_session(&peer)
+                .await
+                .map_err(failed)?;
             session.set_read_timeout(Some(up.read_timeout));
             session.set_write_timeout(Some(up.write_timeout));
             let mut req = Box::new(head.clone());
@@ -314,10 +351,12 @@ impl Exchange {
             if session.as_http1().is_some() {
                 req.set_version(http::Version::HTTP_11);
             }
+            let mut written = false;
             let sent = async {
                 session.write_request_header(req).await?;
                 session.write_request_body(body.clone(), true).await?;
                 session.finish_request_body().await?;
+                written = true;
                 session.read_response_header().await
             }
             .await;
@@ -329,9 +368,21 @@ impl Exchange {
                         peer,
                     });
                 }
-                // A kept-alive connection the upstream had closed: nothing was processed.
-                Err(_) if reused && tries < STALE_CONNECTION_RETRIES => tries += 1,
-                Err(e) => return Err(e),
+                Err(mut e) => {
+                    // Sent again only where pingora judges nothing was processed: a kept-alive
+                    // connection the upstream had closed. A timeout is not that: the upstream
+                    // has the request and may be generating it.
+                    e.retry.decide_reuse(reused);
+                    if e.retry() && tries < STALE_CONNECTION_RETRIES {
+                        tries += 1;
+                        continue;
+                    }
+                    let unanswered = written && e.etype() == &pingora::ErrorType::ReadTimedout;
+                    return Err(SendError {
+                        error: e,
+                        unanswered,
+                    });
+                }
             }
         }
     }
@@ -379,8 +430,10 @@ fn frame_unsized(session: &mut Session, out: &mut ResponseHeader) -> pingora::Re
 struct Call {
     endpoint: Endpoint,
     req: LlmRequest,
-    /// The output ceiling reserved (0 for embeddings).
+    /// The output ceiling of each choice, as the upstream is asked for it (0 for embeddings).
     max_out: u64,
+    /// The output reserved: `max_out` times the outputs generated.
+    out_total: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -399,6 +452,7 @@ async fn forward(
         endpoint,
         req,
         max_out,
+        out_total,
     } = call;
     let rid = ctx.request_id.clone();
     // Chat and completions streams report usage only when asked; Responses streams always do.
@@ -407,8 +461,9 @@ async fn forward(
         && req.stream
         && !req.include_usage;
     let changes = Rewrite {
-        max_tokens: (endpoint.has_output() && req.max_tokens != Some(max_out))
-            .then_some((req.max_tokens_field, max_out)),
+        max_tokens: (endpoint.has_output()
+            && (req.max_tokens != Some(max_out) || req.max_tokens_fields.len() > 1))
+            .then_some((req.max_tokens_fields, max_out)),
         include_usage: inject,
     };
     let body = if changes.max_tokens.is_some() || changes.include_usage {
@@ -442,13 +497,26 @@ async fn forward(
     head.insert_header("accept-encoding", "identity")?;
     let mut ex = match Exchange::send(state, &up, &head, Bytes::from(body)).await {
         Ok(ex) => ex,
-        Err(e) => {
+        Err(SendError { error, unanswered }) => {
             state
                 .metrics
                 .upstream_errors
                 .with_label_values(&[&*up.name])
                 .inc();
-            tracing::warn!(upstream = %up.name, error = %e, request_id = %rid, "LLM upstream unreachable");
+            if unanswered {
+                // The upstream took the request and did not answer in time: it may be
+                // generating (and billing) it still, so the call is billed its reservation.
+                tracing::warn!(upstream = %up.name, error = %error, request_id = %rid, "LLM upstream timed out");
+                bill.settle(Usage::plain(req.prompt_tokens, out_total), true)
+                    .await;
+                let body = error_body(
+                    "upstream_timeout",
+                    "the upstream did not answer in time; the call was billed its reservation",
+                    &rid,
+                );
+                return respond_json(session, 504, body, &[], &rid).await;
+            }
+            tracing::warn!(upstream = %up.name, error = %error, request_id = %rid, "LLM upstream unreachable");
             bill.settle(Usage::default(), false).await;
             let body = error_body(
                 "upstream_unavailable",
@@ -505,7 +573,7 @@ async fn forward(
         return session.write_response_body(None, true).await;
     }
     if !is_sse {
-        return relay_json(state, session, ex, out, llm, &req, bill).await;
+        return relay_json(state, session, ex, out, llm, &req, out_total, bill).await;
     }
     // An upstream that announces the stream's length has produced all of it already: nothing
     // about it is real time. Such a stream (up to `WHOLE_STREAM_MAX`) is read whole, metered and
@@ -525,13 +593,13 @@ async fn forward(
     };
     let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
     // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
-    let ceiling = if llm.cut_overrun { max_out } else { u64::MAX };
+    let ceiling = if llm.cut_overrun { out_total } else { u64::MAX };
     let mut guard = if endpoint == Endpoint::Responses {
         OutputCeiling::for_responses(&req.model, ceiling)
     } else {
         OutputCeiling::new(llm.provider, &req.model, ceiling)
     };
-    let mut overrun_check_at = max_out;
+    let mut overrun_check_at = out_total;
     let mut metered: Vec<Bytes> = Vec::new();
     let mut pending: Vec<Bytes> = Vec::new();
     // `Some`: the client went away; the upstream is drained for its usage instead.
@@ -550,7 +618,7 @@ async fn forward(
                     }
                     // Past the reservation (`bill`): go on only while the subject's quota covers it.
                     if guard.delivered_bound() > overrun_check_at && guard.cut().is_none() {
-                        let over = guard.delivered().saturating_sub(max_out);
+                        let over = guard.delivered().saturating_sub(out_total);
                         overrun_check_at =
                             guard.delivered_bound().saturating_add(OVERRUN_CHECK_EVERY);
                         if over > 0 && !quota_covers(state, &bill.subject, llm, policy, over).await
@@ -565,6 +633,12 @@ async fn forward(
                         {
                             break 'relay Some(e);
                         }
+                    }
+                    // Cut: the upstream is hung up on rather than read to its end, so it stops
+                    // generating what nobody will receive (or pay for) and the client's stream
+                    // ends now.
+                    if guard.cut().is_some() {
+                        break 'relay None;
                     }
                 }
                 Ok(None) => break 'relay None,
@@ -598,7 +672,7 @@ async fn forward(
                 CutReason::OversizedEvent => "oversized_event",
             }])
             .inc();
-        tracing::info!(request_id = %rid, reserved = max_out, delivered = guard.delivered(), ?reason, "stream cut by the gateway");
+        tracing::info!(request_id = %rid, reserved = out_total, delivered = guard.delivered(), ?reason, "stream cut by the gateway");
         // The input as reported (kinds included), the output the client received.
         Usage {
             completion: guard.delivered(),
@@ -629,7 +703,9 @@ async fn forward(
 }
 
 /// A non-streamed completion: relayed as it arrives (its length as the upstream framed it),
-/// kept aside (by reference) to read its usage at the end.
+/// kept aside (by reference) to read its usage at the end. One whose usage cannot be read (cut,
+/// or too large to keep) is billed its whole reservation: `out_total` output tokens.
+#[allow(clippy::too_many_arguments)]
 async fn relay_json(
     state: &Arc<AppState>,
     session: &mut Session,
@@ -637,6 +713,7 @@ async fn relay_json(
     mut out: ResponseHeader,
     llm: &Arc<LlmRoute>,
     req: &LlmRequest,
+    out_total: u64,
     bill: Bill,
 ) -> pingora::Result<()> {
     if !out.headers.contains_key("content-length") {
@@ -667,15 +744,15 @@ async fn relay_json(
     let complete = match complete {
         Ok(complete) => complete,
         Err(e) => {
-            let drain = Drain::Json(body, req.model.clone());
+            let drain = Drain::Json(body, req.model.clone(), out_total);
             return drain_then_settle(state, ex, drain, bill, llm, req.prompt_tokens, e);
         }
     };
     ex.done().await;
     let usage = match body.usage(llm.provider, &req.model, req.prompt_tokens) {
         Some(u) if complete => u,
-        // Cut or too large to read: the prompt, and the reservation's output at most.
-        _ => Usage::plain(req.prompt_tokens, 0),
+        // Cut or too large to read: what was produced is unknown, and may be all of it.
+        _ => Usage::plain(req.prompt_tokens, out_total),
     };
     bill.settle(usage, true).await;
     if complete {
@@ -754,7 +831,8 @@ async fn quota_covers(
 /// What a drained response is metered with.
 enum Drain {
     Stream(Box<StreamMeter>),
-    Json(JsonBody, String),
+    /// The body so far, the model, and the output billed when the usage cannot be read.
+    Json(JsonBody, String, u64),
 }
 
 /// The client went away: keep reading the upstream (bounded by the route's `drain_ms` and
@@ -791,7 +869,7 @@ fn drain_then_settle(
                             m.feed(chunk, &mut sink);
                             sink.clear();
                         }
-                        Drain::Json(b, _) => b.keep(&chunk),
+                        Drain::Json(b, ..) => b.keep(&chunk),
                     }
                 }
                 Ok(Ok(None)) => {
@@ -803,10 +881,10 @@ fn drain_then_settle(
         }
         let usage = match &drain {
             Drain::Stream(m) => m.usage(prompt_estimate),
-            Drain::Json(b, model) => b
+            Drain::Json(b, model, out_total) => b
                 .usage(provider, model, prompt_estimate)
                 .filter(|_| complete)
-                .unwrap_or(Usage::plain(prompt_estimate, 0)),
+                .unwrap_or(Usage::plain(prompt_estimate, *out_total)),
         };
         bill.settle(usage, true).await;
         ex.done().await;

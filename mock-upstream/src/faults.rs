@@ -26,6 +26,11 @@ pub const REASONING_TOKENS: (&str, &str) = ("x-mock-reasoning-tokens", "reasonin
 /// Streams: the whole event stream in one body with its `Content-Length`, as an upstream (or a
 /// cache in front of one) that buffered it sends it.
 pub const WHOLE: (&str, &str) = ("x-mock-whole", "whole");
+/// Non-stream answers: this many bytes of trailing whitespace after the JSON (still valid JSON),
+/// as a verbose answer (`logprobs`, many choices) is large.
+pub const PAD_BYTES: (&str, &str) = ("x-mock-pad-bytes", "pad_bytes");
+/// Upper bound on padding.
+pub const MAX_PAD_BYTES: u64 = 64 << 20;
 
 /// Output tokens when neither the fault nor `max_tokens` says otherwise.
 pub const DEFAULT_TOKENS: u64 = 20;
@@ -52,6 +57,8 @@ pub struct Faults {
     pub reasoning_tokens: u64,
     /// Send a stream as one body with its length (no delay or cut applies).
     pub whole: bool,
+    /// Trailing whitespace after a non-stream answer's JSON, in bytes.
+    pub pad_bytes: u64,
 }
 
 impl Faults {
@@ -116,6 +123,13 @@ impl Faults {
             }
             Ok(n)
         };
+        let pad_bytes = lookup(PAD_BYTES)?
+            .map(|(name, v)| parse_u64(&name, &v))
+            .transpose()?
+            .unwrap_or(0);
+        if pad_bytes > MAX_PAD_BYTES {
+            return Err(format!("{}: at most {MAX_PAD_BYTES}", PAD_BYTES.1));
+        }
         let cached_tokens = count(CACHED_TOKENS)?;
         let cache_write = count(CACHE_WRITE)?;
         let cache_read = count(CACHE_READ)?;
@@ -128,6 +142,7 @@ impl Faults {
             tokens,
             ignore_max_tokens,
             whole,
+            pad_bytes,
             cached_tokens,
             cache_write,
             cache_read,

@@ -147,6 +147,18 @@ async fn a_stream_past_its_reservation_is_cut_with_an_error_event() {
         }
     }
     assert_eq!(delivered, 500, "one token per event, cut at the ceiling");
+    // The upstream is hung up on at the cut, not read to its end: it stops generating what
+    // nobody receives. (Its 90000 tokens are far more than socket buffers hold.)
+    let stats = || async { get_json(mock.url("/stats/cut1")).await };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            stats().await["client_disconnected"] == true
+        })
+        .await,
+        "the gateway closed the upstream: {}",
+        stats().await
+    );
+    assert_eq!(stats().await["completed"], false);
     wait_settled(&gw, 1).await;
     let used = tokens_used(&gw, "u2").await;
     let prompt = used - delivered;
@@ -226,6 +238,25 @@ async fn asking_for_more_than_the_route_allows_is_refused_or_clamped() {
     assert_eq!(
         produced["tokens_sent"], 1000,
         "the upstream was asked for 1000"
+    );
+    // Several outputs share the cap.
+    body["n"] = json!(4);
+    body["max_completion_tokens"] = json!(500);
+    let faults = [("x-mock-tokens", "5000")];
+    let r = post(
+        &gw,
+        "k3",
+        "clamped4",
+        "/v1/chat/completions",
+        &body,
+        &faults,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let produced = get_json(mock.url("/stats/clamped4")).await;
+    assert_eq!(
+        produced["tokens_sent"], 250,
+        "each of the 4 outputs was asked for 1000 / 4"
     );
 }
 
@@ -573,4 +604,109 @@ async fn an_unsent_request_gives_its_units_back() {
             "{name}"
         );
     }
+}
+
+/// `n` (and `best_of`) make the upstream generate that many outputs, each up to `max_tokens`:
+/// the reservation and the route's cap count them all, and every output-limit field a client sends
+/// is covered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_output_a_call_asks_for_is_reserved() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    // 50 outputs of 3000 tokens: 150,000 tokens, beyond the 100,000 a day.
+    let mut body = chat(false);
+    body["n"] = json!(50);
+    body["max_tokens"] = json!(3000);
+    let r = post(&gw, "k1", "many", "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(tokens_used(&gw, "u1").await, 0, "nothing reserved");
+    body["n"] = json!(0);
+    let r = post(&gw, "k1", "none", "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    let gw = Gateway::start(&policy(mock.addr, ", max_output_tokens: 1000"));
+    body["n"] = json!(4);
+    body["max_tokens"] = json!(500);
+    let r = post(&gw, "k1", "capped", "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "4 x 500 is over 1000");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "max_tokens_too_large", "{v}");
+    // An upstream may read either name: the larger one sent is the ceiling.
+    let mut both = chat(false);
+    both["max_completion_tokens"] = json!(10);
+    both["max_tokens"] = json!(5000);
+    let r = post(&gw, "k1", "both", "/v1/chat/completions", &both, &[]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "max_tokens 5000 is over 1000"
+    );
+}
+
+/// A plain answer too large to keep for its usage is billed its whole reservation, not the
+/// prompt alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_to_read_is_billed_its_reservation() {
+    let mock = MockUpstream::start();
+    let gw = Gateway::start(&policy(mock.addr, ""));
+    let mut body = chat(false);
+    body["max_tokens"] = json!(2000);
+    let padding = (40u64 << 20).to_string();
+    let r = post(
+        &gw,
+        "k1",
+        "huge",
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-tokens", "2000"), ("x-mock-pad-bytes", &padding)],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let received = r.bytes().await.expect("body").len() as u64;
+    assert!(
+        received > 40 << 20,
+        "the whole answer is relayed ({received} bytes)"
+    );
+    wait_settled(&gw, 1).await;
+    let used = tokens_used(&gw, "u1").await;
+    assert!(
+        used > 2000,
+        "billed the prompt and the 2000 output tokens reserved, got {used}"
+    );
+}
+
+/// An upstream that takes the request and does not answer in time is not sent it again (it may
+/// be generating it), and the call is billed its reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_upstream_sat_on_is_sent_once_and_billed() {
+    let mock = MockUpstream::start();
+    let yaml = policy(mock.addr, "").replace("read_timeout_ms: 20000", "read_timeout_ms: 300");
+    let gw = Gateway::start(&yaml);
+    let mut body = chat(false);
+    body["max_tokens"] = json!(400);
+    // A kept-alive connection first: a failure on a reused connection is where a retry could
+    // happen.
+    let r = post(&gw, "k1", "warm", "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    wait_settled(&gw, 1).await;
+    let before = tokens_used(&gw, "u1").await;
+    let r = post(
+        &gw,
+        "k1",
+        "slow",
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-delay-ms", "1500")],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "upstream_timeout", "{v}");
+    assert_eq!(get_json(mock.url("/stats/slow")).await["attempts"], 1);
+    wait_settled(&gw, 2).await;
+    let billed = tokens_used(&gw, "u1").await - before;
+    assert!(
+        billed > 400,
+        "the prompt and the 400 output tokens reserved, got {billed}"
+    );
 }

@@ -55,16 +55,23 @@ impl Endpoint {
 pub struct LlmRequest {
     pub model: String,
     pub stream: bool,
-    /// `max_completion_tokens` or `max_tokens` (OpenAI chat), `max_output_tokens` (Responses),
-    /// `max_tokens` (completions, Anthropic).
+    /// `max_completion_tokens` or `max_tokens` (OpenAI chat; the larger when both are sent),
+    /// `max_output_tokens` (Responses), `max_tokens` (completions, Anthropic). Per choice.
     pub max_tokens: Option<u64>,
-    /// The field the client's output limit was in (the one a ceiling rewrites).
-    pub max_tokens_field: &'static str,
+    /// The fields the client's output limit was in, every one a ceiling rewrites (an upstream
+    /// may honour either name, so none is left above the ceiling); the first names it in errors.
+    pub max_tokens_fields: &'static [&'static str],
+    /// Outputs the upstream generates for this one call, each up to `max_tokens`: OpenAI's `n`,
+    /// or `best_of` on completions (generated server-side and billed, though only `n` return).
+    pub choices: u64,
     /// OpenAI: the client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
     /// Counted with the tokenizer: an estimate until the upstream reports usage.
     pub prompt_tokens: u64,
 }
+
+/// The most outputs one call may ask for (OpenAI's documented limit on `n`).
+pub const MAX_CHOICES: u64 = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -131,17 +138,48 @@ fn parse_with(
             }),
         }
     };
-    let (max_tokens, max_tokens_field) = match (provider, endpoint) {
-        (Provider::OpenAi, Endpoint::Chat) => match uint("max_completion_tokens")? {
-            Some(n) => (Some(n), "max_completion_tokens"),
-            // OpenAI's current name for chat; older OpenAI-compatible servers accept it too.
-            None => (uint("max_tokens")?, "max_tokens"),
-        },
-        (_, Endpoint::Responses) => (uint("max_output_tokens")?, "max_output_tokens"),
+    let (max_tokens, max_tokens_fields): (_, &'static [&'static str]) = match (provider, endpoint) {
+        // OpenAI's current name for chat, and the older one OpenAI-compatible servers read:
+        // both sent, the ceiling covers the larger and both are rewritten.
+        (Provider::OpenAi, Endpoint::Chat) => {
+            match (uint("max_completion_tokens")?, uint("max_tokens")?) {
+                (Some(a), Some(b)) => (Some(a.max(b)), &["max_completion_tokens", "max_tokens"]),
+                (Some(a), None) => (Some(a), &["max_completion_tokens"]),
+                (None, b) => (b, &["max_tokens"]),
+            }
+        }
+        (_, Endpoint::Responses) => (uint("max_output_tokens")?, &["max_output_tokens"]),
         // Embeddings produce no output.
-        (_, Endpoint::Embeddings) => (None, "max_tokens"),
-        _ => (uint("max_tokens")?, "max_tokens"),
+        (_, Endpoint::Embeddings) => (None, &["max_tokens"]),
+        _ => (uint("max_tokens")?, &["max_tokens"]),
     };
+    let choices = match (provider, endpoint) {
+        (Provider::OpenAi, Endpoint::Chat | Endpoint::Completions) => {
+            let n = uint("n")?.unwrap_or(1);
+            let best_of = if endpoint == Endpoint::Completions {
+                uint("best_of")?.unwrap_or(n)
+            } else {
+                n
+            };
+            if n == 0 || n > MAX_CHOICES || best_of < n || best_of > MAX_CHOICES {
+                return Err(RequestError::Invalid(format!(
+                    "`n` (and `best_of`, at least `n`) must be between 1 and {MAX_CHOICES}"
+                )));
+            }
+            best_of
+        }
+        _ => 1,
+    };
+    // A background response is generated after this call has answered, where no meter sees it.
+    if endpoint == Endpoint::Responses
+        && obj.get("background").and_then(Value::as_bool) == Some(true)
+    {
+        return Err(RequestError::Invalid(
+            "`background` responses are generated after the call returns and cannot be metered \
+             by this gateway; send the request without `background`"
+                .into(),
+        ));
+    }
     let include_usage = obj
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -220,7 +258,8 @@ fn parse_with(
         model,
         stream,
         max_tokens,
-        max_tokens_field,
+        max_tokens_fields,
+        choices,
         include_usage,
         prompt_tokens,
     })
@@ -229,9 +268,9 @@ fn parse_with(
 /// How the forwarded body differs from the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewrite {
-    /// Set this output limit field to this value: the upstream is never asked for more output
+    /// Set these output limit fields to this value: the upstream is never asked for more output
     /// than was reserved.
-    pub max_tokens: Option<(&'static str, u64)>,
+    pub max_tokens: Option<(&'static [&'static str], u64)>,
     /// Add `stream_options.include_usage: true` (OpenAI), so the upstream reports the stream's
     /// usage even when the client did not ask for it.
     pub include_usage: bool,
@@ -244,8 +283,10 @@ pub fn rewrite(body: &[u8], rewrite: Rewrite) -> Result<Vec<u8>, RequestError> {
     let obj = v
         .as_object_mut()
         .ok_or_else(|| RequestError::Invalid("the body must be a JSON object".into()))?;
-    if let Some((field, n)) = rewrite.max_tokens {
-        obj.insert(field.into(), Value::from(n));
+    if let Some((fields, n)) = rewrite.max_tokens {
+        for field in fields {
+            obj.insert((*field).into(), Value::from(n));
+        }
     }
     if rewrite.include_usage {
         let opts = obj
@@ -268,6 +309,7 @@ pub fn rewrite(body: &[u8], rewrite: Rewrite) -> Result<Vec<u8>, RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn reads_openai_chat() {
@@ -323,13 +365,13 @@ mod tests {
         let body = br#"{"model":"m","max_completion_tokens":90000,"messages":[]}"#;
         let r = parse(Provider::OpenAi, Endpoint::Chat, body, None).unwrap();
         assert_eq!(
-            (r.max_tokens, r.max_tokens_field),
-            (Some(90000), "max_completion_tokens")
+            (r.max_tokens, r.max_tokens_fields),
+            (Some(90000), &["max_completion_tokens"][..])
         );
         let out = rewrite(
             body,
             Rewrite {
-                max_tokens: Some((r.max_tokens_field, 500)),
+                max_tokens: Some((r.max_tokens_fields, 500)),
                 include_usage: false,
             },
         )
@@ -340,12 +382,72 @@ mod tests {
     }
 
     #[test]
+    fn both_output_limits_sent_are_covered_and_both_rewritten() {
+        // An upstream reading `max_tokens` would generate 100000 if only the other were capped.
+        let body = br#"{"model":"m","max_completion_tokens":0,"max_tokens":100000,"messages":[]}"#;
+        let r = parse(Provider::OpenAi, Endpoint::Chat, body, None).unwrap();
+        assert_eq!(r.max_tokens, Some(100000));
+        let out = rewrite(
+            body,
+            Rewrite {
+                max_tokens: Some((r.max_tokens_fields, 500)),
+                include_usage: false,
+            },
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (&v["max_completion_tokens"], &v["max_tokens"]),
+            (&json!(500), &json!(500))
+        );
+    }
+
+    #[test]
+    fn every_output_generated_is_counted() {
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"model":"m","messages":[]{extra}}}"#);
+            parse(Provider::OpenAi, Endpoint::Chat, body.as_bytes(), None).map(|r| r.choices)
+        };
+        assert_eq!(chat(""), Ok(1));
+        assert_eq!(chat(r#","n":50"#), Ok(50));
+        for bad in [r#","n":0"#, r#","n":129"#, r#","n":-1"#, r#","n":"2""#] {
+            assert!(chat(bad).is_err(), "{bad}");
+        }
+        let completions = |extra: &str| {
+            let body = format!(r#"{{"model":"m","prompt":"hi"{extra}}}"#);
+            parse(
+                Provider::OpenAi,
+                Endpoint::Completions,
+                body.as_bytes(),
+                None,
+            )
+            .map(|r| r.choices)
+        };
+        // best_of generates that many server-side, all billed.
+        assert_eq!(completions(r#","n":2,"best_of":5"#), Ok(5));
+        assert_eq!(completions(r#","n":3"#), Ok(3));
+        assert!(completions(r#","n":3,"best_of":2"#).is_err());
+        let anthropic = br#"{"model":"c","n":7,"max_tokens":5,"messages":[]}"#;
+        let r = parse(Provider::Anthropic, Endpoint::Messages, anthropic, None).unwrap();
+        assert_eq!(r.choices, 1, "Anthropic has no `n`");
+    }
+
+    #[test]
+    fn background_responses_are_refused() {
+        let body = br#"{"model":"gpt-4o","background":true,"input":"hi"}"#;
+        let e = parse(Provider::OpenAi, Endpoint::Responses, body, None).unwrap_err();
+        assert!(e.to_string().contains("background"), "{e}");
+        let body = br#"{"model":"gpt-4o","background":false,"input":"hi"}"#;
+        assert!(parse(Provider::OpenAi, Endpoint::Responses, body, None).is_ok());
+    }
+
+    #[test]
     fn responses_and_embeddings_requests() {
         let body = br#"{"model":"gpt-4o","stream":true,"max_output_tokens":64,"instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hello there"}]},{"type":"function_call_output","call_id":"c","output":"42"}]}"#;
         let r = parse(Provider::OpenAi, Endpoint::Responses, body, None).unwrap();
         assert_eq!(
-            (r.stream, r.max_tokens, r.max_tokens_field),
-            (true, Some(64), "max_output_tokens")
+            (r.stream, r.max_tokens, r.max_tokens_fields),
+            (true, Some(64), &["max_output_tokens"][..])
         );
         assert!(r.prompt_tokens > 8, "{}", r.prompt_tokens);
         let plain = br#"{"model":"gpt-4o","input":"hello there"}"#;
