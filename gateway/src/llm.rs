@@ -277,6 +277,7 @@ pub async fn serve(
                 .collect(),
             placement: Placement::of(&decision, policy.failure),
             tariff: Tariff::new(route, llm, price),
+            ttl: llm.reservation_ttl,
         },
     );
     ctx.decision = Some(decision);

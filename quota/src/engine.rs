@@ -5,8 +5,8 @@
 use crate::limiter::Limit;
 use crate::policy::{FailureMode, FailurePolicy, LimitSpec, Policy, QuotaLimits, Slot, Subject};
 use crate::storage::{
-    ConsumeRequest, Counter, CounterKey, MemoryStore, Outcome, Reservation, SettleRequest, Settled,
-    Storage, StorageError,
+    ConsumeRequest, Counter, CounterKey, MemoryStore, Outcome, RenewRequest, Reservation,
+    SettleRequest, Settled, Storage, StorageError,
 };
 use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex};
@@ -368,6 +368,35 @@ impl<S: Storage> Engine<S> {
             return Ok(self.fallback.settle(&req).await?);
         }
         Ok(self.store.settle(&req).await?)
+    }
+
+    /// Keep an attempt's reservation (of `reserved`, made at `reserved_at_ns`) held until
+    /// `expires_ns`, while its call is still running: a reservation only expires when its
+    /// gateway stopped renewing it (it died). `local`: made in this gateway's fallback store.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn renew(
+        &self,
+        subject: &Subject,
+        reserved: &[(&str, u64)],
+        attempt_id: &str,
+        reserved_at_ns: i64,
+        expires_ns: i64,
+        now_ns: i64,
+        local: bool,
+    ) -> Result<(), EngineError> {
+        let Ok(plan) = Plan::new(subject, reserved, reserved_at_ns, Phase::Settle) else {
+            return Ok(());
+        };
+        let req = RenewRequest {
+            counters: &plan.counters,
+            attempt_id,
+            expires_ns,
+            now_ns,
+        };
+        if local {
+            return Ok(self.fallback.renew(&req).await?);
+        }
+        Ok(self.store.renew(&req).await?)
     }
 
     async fn run(

@@ -71,6 +71,7 @@ for_each_backend!(
     settling_replaces_the_reservation_with_the_actual_amount,
     a_settlement_delivered_twice_charges_once_and_a_retry_is_a_new_charge,
     an_expired_reservation_stops_counting,
+    a_renewed_reservation_holds_and_a_lapsed_one_stays_lapsed,
     reserving_several_quotas_is_all_or_nothing,
     a_rate_bucket_refunds_what_was_not_used,
     concurrent_reservations_and_settlements_are_exact,
@@ -427,6 +428,53 @@ async fn an_expired_reservation_stops_counting<S: Storage>(store: S) {
     assert_eq!(remaining(&later, "tokens"), 800);
 }
 
+async fn a_renewed_reservation_holds_and_a_lapsed_one_stays_lapsed<S: Storage>(store: S) {
+    let p = policy(TOKENS, "UTC");
+    let s = p.subject_for_key("k").unwrap();
+    let e = Engine::new(store);
+    let now = at("2026-11-22T12:00:00Z");
+    let fp = FailurePolicy::default();
+    let held = [("tokens", 900)];
+    // A call still running renews its hold before it lapses.
+    e.reserve(&s, &held, "long", now + S, now, fp)
+        .await
+        .unwrap();
+    e.renew(&s, &held, "long", now, now + 3 * S, now + S / 2, false)
+        .await
+        .unwrap();
+    let left = async |at| {
+        let probe = e.check(&s, "tokens", 0, None, at).await.unwrap();
+        remaining(&probe, "tokens")
+    };
+    assert_eq!(
+        left(now + 2 * S).await,
+        100,
+        "still held past its first expiry"
+    );
+    assert_eq!(
+        left(now + 4 * S).await,
+        1000,
+        "lapsed at its renewed expiry"
+    );
+    // A hold that lapsed (its gateway stopped renewing) is not brought back.
+    let t = now + 5 * S;
+    e.reserve(&s, &held, "lost", t + S, t, fp).await.unwrap();
+    e.renew(&s, &held, "lost", t, t + 10 * S, t + 2 * S, false)
+        .await
+        .unwrap();
+    assert_eq!(left(t + 3 * S).await, 1000, "a lapsed hold stays lapsed");
+    // Nor is a settled one.
+    let t = now + 20 * S;
+    e.reserve(&s, &held, "done", t + S, t, fp).await.unwrap();
+    e.settle(&s, &[("tokens", 0)], "done", t, t, None)
+        .await
+        .unwrap();
+    e.renew(&s, &held, "done", t, t + 10 * S, t, false)
+        .await
+        .unwrap();
+    assert_eq!(left(t).await, 1000, "a settled hold is gone for good");
+}
+
 async fn reserving_several_quotas_is_all_or_nothing<S: Storage>(store: S) {
     let p = policy(TOKENS, "UTC");
     let s = p.subject_for_key("k").unwrap();
@@ -593,6 +641,12 @@ impl Storage for Down {
     async fn release(
         &self,
         _: &quota::storage::ReleaseRequest<'_>,
+    ) -> Result<(), quota::storage::StorageError> {
+        Err(quota::storage::StorageError::Unavailable("down".into()))
+    }
+    async fn renew(
+        &self,
+        _: &quota::storage::RenewRequest<'_>,
     ) -> Result<(), quota::storage::StorageError> {
         Err(quota::storage::StorageError::Unavailable("down".into()))
     }

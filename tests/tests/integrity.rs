@@ -541,18 +541,9 @@ async fn the_official_sdks_see_a_cut_stream_as_an_api_error() {
     }
 }
 
-/// A plain request admitted but never sent (its upstream refuses connections) gives its units
-/// back, on every backend.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unsent_request_gives_its_units_back() {
-    let dead = tollgate_e2e::free_port();
-    let yaml = format!(
-        "upstreams:\n  down: {{ address: '127.0.0.1:{dead}', connect_timeout_ms: 500 }}\n\
-         routes:\n  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: down, quota: lookup }}\n\
-         tiers:\n  t:\n    lookup: {{ daily: 5, rates: [ {{ limit: 10, per: minute }} ] }}\n\
-         subjects:\n  - {{ key: k1, id: u1, tier: t }}\n"
-    );
-    let backends = [
+/// Every counter backend, with the gateway arguments that choose it.
+fn backends() -> [(&'static str, tollgate_e2e::Backend, Vec<&'static str>); 3] {
+    [
         ("memory", tollgate_e2e::Backend::Memory, vec![]),
         (
             "redis-leases",
@@ -564,8 +555,21 @@ async fn an_unsent_request_gives_its_units_back() {
             tollgate_e2e::Backend::shared_redis(),
             vec!["--no-leases"],
         ),
-    ];
-    for (name, backend, args) in backends {
+    ]
+}
+
+/// A plain request admitted but never sent (its upstream refuses connections) gives its units
+/// back, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsent_request_gives_its_units_back() {
+    let dead = tollgate_e2e::free_port();
+    let yaml = format!(
+        "upstreams:\n  down: {{ address: '127.0.0.1:{dead}', connect_timeout_ms: 500 }}\n\
+         routes:\n  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: down, quota: lookup }}\n\
+         tiers:\n  t:\n    lookup: {{ daily: 5, rates: [ {{ limit: 10, per: minute }} ] }}\n\
+         subjects:\n  - {{ key: k1, id: u1, tier: t }}\n"
+    );
+    for (name, backend, args) in backends() {
         let gw = Gateway::start_on(&backend, &yaml, &args);
         for _ in 0..3 {
             let r = client()
@@ -709,4 +713,63 @@ async fn a_request_the_upstream_sat_on_is_sent_once_and_billed() {
         billed > 400,
         "the prompt and the 400 output tokens reserved, got {billed}"
     );
+}
+
+/// A call that outlives its reservation's `reservation_ttl_ms` keeps its hold (its gateway renews
+/// it), so a `concurrent` limit still counts it: only a gateway that died lets a hold lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_longer_than_its_reservation_ttl_keeps_its_hold() {
+    let mock = MockUpstream::start();
+    let yaml = policy(mock.addr, ", reservation_ttl_ms: 600").replace(
+        &format!("tokens: {{ daily: {QUOTA} }}"),
+        &format!("tokens: {{ daily: {QUOTA}, concurrent: 1 }}"),
+    );
+    for (name, backend, args) in backends() {
+        let gw = Gateway::start_on(&backend, &yaml, &args);
+        // 20 events 100 ms apart: about 2 s, over three times the reservation's ttl.
+        let slow = [("x-mock-tokens", "20"), ("x-mock-delay-ms", "100")];
+        let rid = format!("long-{name}");
+        let long = post(&gw, "k1", &rid, "/v1/chat/completions", &chat(true), &slow).await;
+        assert_eq!(long.status(), StatusCode::OK, "{name}");
+        let reading = tokio::spawn(long.text());
+        // Past two ttls into the stream.
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                let s = get_json(mock.url(&format!("/stats/{rid}"))).await;
+                s["chunks_sent"].as_u64().unwrap_or(0) >= 13
+            })
+            .await,
+            "{name}: the stream went on"
+        );
+        let second = post(
+            &gw,
+            "k1",
+            &format!("second-{name}"),
+            "/v1/chat/completions",
+            &chat(false),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            second.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{name}: the running stream still holds the one concurrent slot"
+        );
+        reading.await.expect("task").expect("the stream ends");
+        wait_settled(&gw, 1).await;
+        let third = post(
+            &gw,
+            "k1",
+            &format!("third-{name}"),
+            "/v1/chat/completions",
+            &chat(false),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            third.status(),
+            StatusCode::OK,
+            "{name}: the slot is free once settled"
+        );
+    }
 }

@@ -9,8 +9,8 @@ use crate::llm::sse::StreamMeter;
 use crate::llm::{Provider, Usage};
 use crate::policy::{EntitlementSource, Policy, Subject, parse_sources};
 use crate::storage::{
-    ConsumeRequest, MemoryStore, Outcome as StoreOutcome, ReleaseRequest, SettleRequest, Settled,
-    Storage, StorageError,
+    ConsumeRequest, MemoryStore, Outcome as StoreOutcome, ReleaseRequest, RenewRequest,
+    SettleRequest, Settled, Storage, StorageError,
 };
 use bytes::Bytes;
 use std::path::PathBuf;
@@ -97,6 +97,11 @@ impl Storage for Flaky {
     async fn release(&self, req: &ReleaseRequest<'_>) -> Result<(), StorageError> {
         self.unreachable()?;
         self.0.inner.release(req).await
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<(), StorageError> {
+        self.unreachable()?;
+        self.0.inner.renew(req).await
     }
 }
 
@@ -203,6 +208,7 @@ async fn reserve<St: Storage>(env: &Arc<Env<St>>, p: &Policy, attempt: &str) -> 
             amounts,
             placement: Placement::of(&d, p.failure),
             tariff,
+            ttl: std::time::Duration::ZERO,
         },
     )
 }
@@ -417,6 +423,7 @@ async fn a_settlement_delivered_twice_charges_once_with_one_event() {
                 p.routes[0].llm.as_ref().unwrap(),
                 p.price("gpt-4o-mini"),
             ),
+            ttl: std::time::Duration::ZERO,
         },
     );
     assert_eq!(first.settle(usage, true).await, Outcome::Charged);

@@ -5,6 +5,7 @@ use super::{BillingEnv, Outcome, Placement, Tariff};
 use crate::llm::Usage;
 use crate::policy::Subject;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What an attempt reserved, to make a [`Ticket`] of.
 #[derive(Debug, Clone)]
@@ -21,6 +22,9 @@ pub struct Reserved {
     pub amounts: Vec<(Arc<str>, u64)>,
     pub placement: Placement,
     pub tariff: Tariff,
+    /// How long the reservation holds unrenewed; the ticket renews it every half of this while
+    /// the call runs, so only a gateway that died lets it lapse. Zero: never renewed.
+    pub ttl: Duration,
 }
 
 /// A held reservation. [`Ticket::settle`] consumes it; dropped unsettled, it settles the prompt
@@ -37,11 +41,15 @@ pub struct Ticket<E: BillingEnv> {
     placement: Placement,
     tariff: Tariff,
     settled: bool,
+    /// The task renewing the reservation while the ticket is held.
+    renewal: Option<tokio::task::AbortHandle>,
 }
 
 impl<E: BillingEnv> Ticket<E> {
     pub fn new(env: Arc<E>, r: Reserved) -> Self {
+        let renewal = renew_while_held(&env, &r);
         Ticket {
+            renewal,
             env,
             subject: r.subject,
             attempt_id: r.attempt_id,
@@ -69,6 +77,9 @@ impl<E: BillingEnv> Ticket<E> {
     /// The settlement of this ticket with `usage`; the ticket counts as settled from here on.
     fn settlement(&mut self, usage: Usage, answered: bool) -> Settlement {
         self.settled = true;
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         Settlement {
             attempt_id: std::mem::take(&mut self.attempt_id),
             request_id: std::mem::take(&mut self.request_id),
@@ -82,6 +93,46 @@ impl<E: BillingEnv> Ticket<E> {
             deferred: false,
         }
     }
+}
+
+/// Renew `r`'s reservation every half of its `ttl` until aborted (the ticket is settled or
+/// dropped). `None` without a runtime to run on, or with no `ttl`.
+fn renew_while_held<E: BillingEnv>(env: &Arc<E>, r: &Reserved) -> Option<tokio::task::AbortHandle> {
+    let ttl = r.ttl;
+    if ttl.is_zero() {
+        return None;
+    }
+    let rt = tokio::runtime::Handle::try_current().ok()?;
+    let env = env.clone();
+    let subject = r.subject.clone();
+    let attempt = r.attempt_id.clone();
+    let amounts = r.amounts.clone();
+    let (reserved_at, local) = (r.reserved_at_ns, r.placement.local_share().is_some());
+    let ttl_ns = i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX);
+    let task = rt.spawn(async move {
+        let costs: Vec<(&str, u64)> = amounts.iter().map(|(q, n)| (&**q, *n)).collect();
+        loop {
+            tokio::time::sleep(ttl / 2).await;
+            let now = env.now_ns();
+            let renewed = env
+                .engine()
+                .renew(
+                    &subject,
+                    &costs,
+                    &attempt,
+                    reserved_at,
+                    now.saturating_add(ttl_ns),
+                    now,
+                    local,
+                )
+                .await;
+            // Missed once, the next try comes before the hold lapses (it had half its ttl left).
+            if let Err(e) = renewed {
+                tracing::warn!(%attempt, error = %e, "renewing a reservation failed");
+            }
+        }
+    });
+    Some(task.abort_handle())
 }
 
 impl<E: BillingEnv> Drop for Ticket<E> {

@@ -32,8 +32,8 @@
 
 use super::redis::{LeaseAsk, LeaseReturn, RedisStore};
 use super::{
-    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, ReleaseRequest, SettleRequest,
-    Settled, Storage, StorageError,
+    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, ReleaseRequest, RenewRequest,
+    SettleRequest, Settled, Storage, StorageError,
 };
 use crate::limiter::Limit;
 use std::collections::HashMap;
@@ -538,6 +538,26 @@ impl Storage for LeasedStore {
             now_ns: req.now_ns,
         };
         self.redis.release(&rest).await
+    }
+
+    /// A hold taken from leases is renewed here; any other is in Redis.
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<(), StorageError> {
+        let Some(first) = req.counters.first() else {
+            return Ok(());
+        };
+        {
+            let mut shard = lock(self.shard(&first.key.subject));
+            if let Some(hold) = shard.holds.get_mut(req.attempt_id) {
+                if let Hold::Reserved { expires_ns, .. } = hold
+                    && *expires_ns > req.now_ns
+                    && req.expires_ns > *expires_ns
+                {
+                    *expires_ns = req.expires_ns;
+                }
+                return Ok(());
+            }
+        }
+        self.redis.renew(req).await
     }
 
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {

@@ -5,8 +5,8 @@
 //! multi-counter decisions are atomic without deadlock.
 
 use super::{
-    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, ReleaseRequest, SettleRequest,
-    Settled, Storage, StorageError,
+    ConsumeRequest, Counter, CounterKey, CounterReport, Outcome, ReleaseRequest, RenewRequest,
+    SettleRequest, Settled, Storage, StorageError,
 };
 use crate::limiter::{Limit, State};
 use std::collections::{HashMap, HashSet};
@@ -299,6 +299,25 @@ impl Storage for MemoryStore {
                 }
                 (_, s) => s,
             };
+        }
+        Ok(())
+    }
+
+    /// As `lua/renew.lua`: only a live hold is moved, never one settled or expired.
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<(), StorageError> {
+        let (mut guards, slots) = self.lock_all(req.counters);
+        for (c, &g) in req.counters.iter().zip(&slots) {
+            let Some(entry) = guards[g].get_mut(&c.key) else {
+                continue;
+            };
+            for h in entry.held.iter_mut() {
+                if &*h.attempt == req.attempt_id
+                    && h.expires_ns > req.now_ns
+                    && req.expires_ns > h.expires_ns
+                {
+                    h.expires_ns = req.expires_ns;
+                }
+            }
         }
         Ok(())
     }

@@ -61,6 +61,18 @@ pub struct SettleRequest<'a> {
     pub now_ns: i64,
 }
 
+/// Keep an attempt's reservation held until `expires_ns`: a call still in flight (a long stream, a
+/// slow answer) renews it, so it does not stop counting while it runs. A reservation already
+/// settled or expired is left as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct RenewRequest<'a> {
+    /// Built at the reservation's time, so they name the windows reserved in.
+    pub counters: &'a [Counter],
+    pub attempt_id: &'a str,
+    pub expires_ns: i64,
+    pub now_ns: i64,
+}
+
 /// Units given back: a request admitted (its `cost` consumed) that never reached its upstream.
 /// The counters are built at the decision's time, so they name the windows consumed in.
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +152,12 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         req: &ReleaseRequest<'_>,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Move a live reservation's expiry (`RenewRequest`).
+    fn renew(
+        &self,
+        req: &RenewRequest<'_>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 }
 
 /// The backend chosen by configuration.
@@ -191,6 +209,14 @@ impl Storage for AnyStore {
             AnyStore::Memory(s) => s.release(req).await,
             AnyStore::Redis(s) => s.release(req).await,
             AnyStore::Leased(s) => s.release(req).await,
+        }
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<(), StorageError> {
+        match self {
+            AnyStore::Memory(s) => s.renew(req).await,
+            AnyStore::Redis(s) => s.renew(req).await,
+            AnyStore::Leased(s) => s.renew(req).await,
         }
     }
 }

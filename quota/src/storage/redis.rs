@@ -9,8 +9,8 @@
 //! hash tag keeps every key of a subject on one Cluster slot, so one script can touch them all.
 
 use super::{
-    ConsumeRequest, Counter, CounterReport, Outcome, ReleaseRequest, SettleRequest, Settled,
-    Storage, StorageError,
+    ConsumeRequest, Counter, CounterReport, Outcome, ReleaseRequest, RenewRequest, SettleRequest,
+    Settled, Storage, StorageError,
 };
 use crate::limiter::Limit;
 use crate::policy::Slot;
@@ -26,6 +26,7 @@ use tokio::sync::OnceCell;
 const CONSUME: &str = include_str!("../../../lua/consume.lua");
 const LEASE_RETURN: &str = include_str!("../../../lua/lease_return.lua");
 const SETTLE: &str = include_str!("../../../lua/settle.lua");
+const RENEW: &str = include_str!("../../../lua/renew.lua");
 /// How long a decision stays replayable by its idempotency key.
 const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Calendar-window keys outlive their window by a day, so yesterday's count can be reconciled.
@@ -75,6 +76,7 @@ pub struct RedisStore {
     consume: redis::Script,
     lease_return: redis::Script,
     settle: redis::Script,
+    renew: redis::Script,
     prefix: String,
     timeout: Duration,
     breaker: Breaker,
@@ -125,6 +127,7 @@ impl RedisStore {
             consume: redis::Script::new(CONSUME),
             lease_return: redis::Script::new(LEASE_RETURN),
             settle: redis::Script::new(SETTLE),
+            renew: redis::Script::new(RENEW),
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_open_for),
@@ -315,6 +318,23 @@ impl Storage for RedisStore {
             })
             .collect();
         self.return_leases(req.now_ns, &items).await
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<(), StorageError> {
+        if req.counters.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.renew.prepare_invoke();
+        for c in req.counters {
+            inv.key(format!("{}:r", self.key(c)));
+        }
+        inv.arg(req.now_ns / 1000)
+            .arg(req.attempt_id)
+            .arg(req.expires_ns / 1000);
+        let _renewed: i64 = self
+            .call(|mut conn| async move { inv.invoke_async(&mut conn).await })
+            .await?;
+        Ok(())
     }
 }
 
