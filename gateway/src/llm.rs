@@ -370,11 +370,13 @@ impl Exchange {
                     });
                 }
                 Err(mut e) => {
-                    // Sent again only where pingora judges nothing was processed: a kept-alive
-                    // connection the upstream had closed. A timeout is not that: the upstream
-                    // has the request and may be generating it.
+                    // Sent again only where nothing can have been processed: a kept-alive
+                    // connection the upstream had closed, found while writing (the request never
+                    // arrived whole) or as pingora judges it while reading. A timeout is not
+                    // that: the upstream has the request and may be generating it.
                     e.retry.decide_reuse(reused);
-                    if e.retry() && tries < STALE_CONNECTION_RETRIES {
+                    let unsent = reused && !written && e.etype() == &pingora::ErrorType::WriteError;
+                    if (unsent || e.retry()) && tries < STALE_CONNECTION_RETRIES {
                         tries += 1;
                         continue;
                     }

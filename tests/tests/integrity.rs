@@ -773,3 +773,72 @@ async fn a_call_longer_than_its_reservation_ttl_keeps_its_hold() {
         );
     }
 }
+
+/// An upstream that closes a kept-alive connection as the next request arrives on it has not
+/// processed that request: the gateway sends it again on a new connection, once, and the client
+/// sees a normal answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_connection_the_upstream_closed_is_sent_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    // Each connection answers its first request (keeping the connection open, as HTTP/1.1
+    // allows) and closes when a second one arrives on it, unanswered.
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let body = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#;
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = Vec::new();
+                // The whole request: its header and a body of its Content-Length.
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&seen).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if seen.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                // The next request on this connection: read, then hang up.
+                let _ = conn.read(&mut buf).await;
+            });
+        }
+    });
+    let gw = Gateway::start(&policy(addr, ""));
+    for rid in ["first", "second", "third"] {
+        let r = post(&gw, "k1", rid, "/v1/chat/completions", &chat(false), &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{rid}");
+    }
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        3,
+        "each request answered once"
+    );
+}
