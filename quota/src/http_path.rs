@@ -8,8 +8,9 @@
 //! - `.` segments are removed and `..` removes the segment before it, never above the root;
 //! - repeated `/` collapse into one;
 //! - refused: an encoded `/` (`%2F`) or `\` (`%5C`), a raw `\`, NUL or any other control byte
-//!   (raw or encoded), a `%` not followed by two hex digits, non-ASCII bytes, and a path that does
-//!   not start with `/`.
+//!   (raw or encoded), a `%` not followed by two hex digits, non-ASCII bytes, a path that does
+//!   not start with `/`, and a `.` or `..` segment with `;` parameters (`/a/..;/b`: Java servers
+//!   strip the parameters and climb, others see a plain name).
 
 use std::borrow::Cow;
 
@@ -27,6 +28,8 @@ pub enum PathError {
     BadEscape,
     #[error("non-ASCII bytes must be percent-encoded")]
     NonAscii,
+    #[error("a `.` or `..` segment with `;` parameters is not accepted in a path")]
+    DotParameters,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -106,6 +109,23 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         Some(s) => Cow::Owned(s),
         None => Cow::Borrowed(path),
     };
+    if p.contains(';') || p.contains("%3B") {
+        let dots = |s: &str| s == "." || s == "..";
+        let bare = |seg: &str| {
+            seg.split(';')
+                .next()
+                .unwrap_or("")
+                .split("%3B")
+                .next()
+                .map(dots)
+        };
+        if p[1..]
+            .split('/')
+            .any(|seg| seg.len() > 2 && bare(seg) == Some(true))
+        {
+            return Err(PathError::DotParameters);
+        }
+    }
     if !needs_segment_work(&p) {
         return Ok(p);
     }
@@ -156,7 +176,15 @@ mod tests {
 
     #[test]
     fn normal_paths_are_borrowed_untouched() {
-        for p in ["/", "/lookup/42", "/v1/chat/completions", "/a/b/", "/a%20b"] {
+        for p in [
+            "/",
+            "/lookup/42",
+            "/v1/chat/completions",
+            "/a/b/",
+            "/a%20b",
+            "/a;v=1/b",
+            "/..a;x",
+        ] {
             assert!(
                 matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p),
                 "{p}"
@@ -198,6 +226,11 @@ mod tests {
             ("/a\0b", PathError::Control),
             ("/a%zz", PathError::BadEscape),
             ("/a%2", PathError::BadEscape),
+            ("/lookup/..;/exports/1", PathError::DotParameters),
+            ("/lookup/.;x/exports", PathError::DotParameters),
+            ("/lookup/%2e%2e;/exports", PathError::DotParameters),
+            ("/lookup/..%3b/exports", PathError::DotParameters),
+            ("/lookup/..;jsessionid=1/x", PathError::DotParameters),
             ("a/b", PathError::NotAbsolute),
             ("", PathError::NotAbsolute),
             ("/é", PathError::NonAscii),

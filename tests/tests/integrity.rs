@@ -327,6 +327,10 @@ async fn paths_cannot_escape_the_route_they_are_billed_to() {
         ("GET", "/lookup/a%5c..%5cexports", 400, None),
         ("GET", "/lookup/a\\..\\exports", 400, None),
         ("GET", "/lookup/%00", 400, None),
+        // Java servers strip `;` parameters and then climb: refused, not passed on.
+        ("GET", "/lookup/..;/exports/1", 400, None),
+        ("GET", "/lookup/%2e%2e;x/exports/1", 400, None),
+        ("GET", "/lookup/a;v=1/42", 200, Some("/lookup/a;v=1/42")),
         ("GET", "//lookup//42", 200, Some("/lookup/42")),
         ("GET", "/lookup/./42", 200, Some("/lookup/42")),
         ("GET", "/lookup/x/../43", 200, Some("/lookup/43")),
