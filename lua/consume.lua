@@ -7,10 +7,13 @@
 -- Time is passed in by the gateway (microseconds since the Unix epoch): Lua numbers are doubles,
 -- exact for integers below 2^53, which microsecond timestamps are and nanosecond ones are not.
 --
--- KEYS[1]          idempotency record (only read/written when ARGV[2] == '1')
+-- KEYS[1]          idempotency record (only read/written when ARGV[2] is not empty)
 -- KEYS[2i], KEYS[2i+1]  counter i and its reservations (a hash: attempt -> "amount:expires_us")
 -- ARGV[1]          now_us
--- ARGV[2]          '1' to make the decision idempotent under KEYS[1], else '0'
+-- ARGV[2]          what the request asks for, to make the decision idempotent under KEYS[1]:
+--                  a repeat asking for the same replays the first decision, one asking for
+--                  something else gets { -1 } (the key was used for another request); '' = not
+--                  idempotent
 -- ARGV[3]          idempotency record TTL in milliseconds
 -- ARGV[4]          grace after a window's reset before its key expires, in milliseconds
 -- ARGV[5]          lease fraction in parts per million (0 = no lease)
@@ -40,7 +43,8 @@
 --           returns the first decision.
 
 local now = tonumber(ARGV[1])
-local idem = ARGV[2] == '1'
+local asked = ARGV[2]
+local idem = asked ~= ''
 local attempt = ARGV[8]
 local reserving = attempt ~= ''
 local resv_expires = tonumber(ARGV[9])
@@ -48,7 +52,15 @@ local resv_expires = tonumber(ARGV[9])
 if idem then
   local first = redis.call('GET', KEYS[1])
   if first then
-    local reply = cjson.decode(first)
+    local record = cjson.decode(first)
+    local reply = record
+    -- { a = asked, r = reply }; a bare reply was written before requests were compared.
+    if record.r then
+      if record.a ~= asked then
+        return { -1 }
+      end
+      reply = record.r
+    end
     reply[2] = 1
     return reply
   end
@@ -176,6 +188,6 @@ for i = 1, n do
 end
 
 if idem then
-  redis.call('SET', KEYS[1], cjson.encode(reply), 'PX', tonumber(ARGV[3]))
+  redis.call('SET', KEYS[1], cjson.encode({ a = asked, r = reply }), 'PX', tonumber(ARGV[3]))
 end
 return reply

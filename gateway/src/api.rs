@@ -104,6 +104,11 @@ enum ApiError {
     UnknownQuota(String),
     #[error("subject `{0}` is disabled")]
     Disabled(String),
+    #[error(
+        "`request_id` `{0}` was first used for a different request (another quota or cost); \
+         a repeat must ask for the same, a new request needs a new id"
+    )]
+    RequestIdReused(String),
     #[cfg(feature = "test-clock")]
     #[error("not found")]
     NotFound,
@@ -118,6 +123,7 @@ impl IntoResponse for ApiError {
             ApiError::UnknownSubject(_) => (StatusCode::NOT_FOUND, "unknown_subject"),
             ApiError::UnknownQuota(_) => (StatusCode::BAD_REQUEST, "unknown_quota"),
             ApiError::Disabled(_) => (StatusCode::FORBIDDEN, "subject_disabled"),
+            ApiError::RequestIdReused(_) => (StatusCode::CONFLICT, "request_id_reused"),
             #[cfg(feature = "test-clock")]
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(e) => {
@@ -180,7 +186,15 @@ async fn check(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     };
     let now = state.clock.now_ns();
     let rid = req.request_id.as_deref();
-    let d = admit(&state, subject, rid, ask, now, policy.failure).await?;
+    let d = match admit(&state, subject, rid, ask, now, policy.failure).await {
+        Ok(d) => d,
+        Err(quota::EngineError::Storage(quota::storage::StorageError::IdempotencyConflict)) => {
+            return Err(ApiError::RequestIdReused(
+                req.request_id.unwrap_or_default(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let binding = d.binding();
     let retry_ns = d.retry_after_ns();
     let reset_ns = if d.allowed {

@@ -204,10 +204,13 @@ impl<S: Storage> Engine<S> {
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
         let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
+        let fingerprint = format!("{quota}:{cost}");
         self.consume(
             subject,
             &[(quota, cost)],
-            idempotency_key.as_deref(),
+            idempotency_key
+                .as_deref()
+                .map(|k| (k, fingerprint.as_str())),
             now_ns,
             failure,
         )
@@ -218,7 +221,7 @@ impl<S: Storage> Engine<S> {
         &self,
         subject: &Subject,
         costs: &[(&str, u64)],
-        idempotency_key: Option<&str>,
+        idempotency: Option<(&str, &str)>,
         now_ns: i64,
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
@@ -229,7 +232,8 @@ impl<S: Storage> Engine<S> {
         let req = ConsumeRequest {
             counters: &plan.counters,
             now_ns,
-            idempotency_key,
+            idempotency_key: idempotency.map(|(k, _)| k),
+            fingerprint: idempotency.map_or("", |(_, f)| f),
             reservation: None,
         };
         self.run(&plan, req, failure).await
@@ -276,6 +280,7 @@ impl<S: Storage> Engine<S> {
                 counters: &plan.counters,
                 now_ns,
                 idempotency_key: None,
+                fingerprint: "",
                 reservation: None,
             };
             if let Some(outcome) = self.store.covers(&req) {
@@ -322,6 +327,7 @@ impl<S: Storage> Engine<S> {
             counters: &plan.counters,
             now_ns,
             idempotency_key: None,
+            fingerprint: "",
             reservation: Some(Reservation {
                 attempt_id,
                 expires_ns,

@@ -168,7 +168,10 @@ async fn several_counters_are_all_or_nothing<S: Storage>(store: S) {
 }
 
 async fn repeated_request_id_returns_first_decision_and_charges_once<S: Storage>(store: S) {
-    let p = policy("  t:\n    lookup: { daily: 10 }", "UTC");
+    let p = policy(
+        "  t:\n    lookup: { daily: 10 }\n    export: { daily: 10 }",
+        "UTC",
+    );
     let alice = p.subject_for_key("k").unwrap();
     let engine = Engine::new(store);
     let now = at("2026-11-22T12:00:00Z");
@@ -188,6 +191,23 @@ async fn repeated_request_id_returns_first_decision_and_charges_once<S: Storage>
         .await
         .unwrap();
     assert_eq!(next.limits[0].remaining, 6, "10 - 3 (once) - 1");
+    // The same id for another request (a bigger cost, another quota) is no free pass.
+    for (quota, cost) in [("lookup", 9), ("export", 1)] {
+        let reused = engine
+            .check(&alice, quota, cost, Some("req-1"), now + S)
+            .await;
+        assert!(
+            matches!(
+                reused,
+                Err(quota::EngineError::Storage(
+                    quota::storage::StorageError::IdempotencyConflict
+                ))
+            ),
+            "{quota} {cost}: {reused:?}"
+        );
+    }
+    let after = engine.check(&alice, "lookup", 0, None, now).await.unwrap();
+    assert_eq!(after.limits[0].remaining, 6, "nothing charged by the reuse");
 }
 
 async fn daily_quota_resets_at_the_subjects_local_midnight<S: Storage>(store: S) {

@@ -846,3 +846,46 @@ async fn a_request_on_a_connection_the_upstream_closed_is_sent_again() {
         "each request answered once"
     );
 }
+
+/// A `request_id` replays its first decision only for the same request: reused for another
+/// quota or cost it is refused (409), never a free pass, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_cannot_replay_a_decision_for_another_request() {
+    let mock = MockUpstream::start();
+    for (name, backend, args) in backends() {
+        let gw = Gateway::start_on(&backend, &policy(mock.addr, ""), &args);
+        let check = |quota: &str, cost: u64| {
+            let body =
+                json!({ "subject": "pro1", "quota": quota, "cost": cost, "request_id": "r" });
+            client().post(gw.api_url("/check")).json(&body).send()
+        };
+        let first = check("lookup", 1).await.expect("check");
+        assert_eq!(first.status(), StatusCode::OK, "{name}");
+        let again: Value = check("lookup", 1)
+            .await
+            .expect("check")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            (&again["allowed"], &again["replayed"]),
+            (&json!(true), &json!(true)),
+            "{name}"
+        );
+        for (quota, cost) in [("export", 1000), ("lookup", 500)] {
+            let r = check(quota, cost).await.expect("check");
+            assert_eq!(r.status(), StatusCode::CONFLICT, "{name}: {quota} {cost}");
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(v["error"], "request_id_reused", "{name}: {v}");
+        }
+        let export = post_json(
+            gw.api_url("/check"),
+            &json!({ "subject": "pro1", "quota": "export", "cost": 0 }),
+        )
+        .await;
+        assert_eq!(
+            export["remaining"], 1000,
+            "{name}: nothing taken from export"
+        );
+    }
+}

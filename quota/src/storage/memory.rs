@@ -71,9 +71,12 @@ impl Recent {
     }
 }
 
+/// Under an idempotency key: the first decision, its expiry and what it asked for.
+type FirstDecision = (Outcome, i64, Box<str>);
+
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    decisions: Mutex<HashMap<String, (Outcome, i64)>>,
+    decisions: Mutex<HashMap<String, FirstDecision>>,
     settled: Mutex<Recent>,
     hasher: RandomState,
 }
@@ -111,7 +114,7 @@ impl MemoryStore {
                 }
             });
         }
-        lock(&self.decisions).retain(|_, (_, exp)| *exp > now_ns);
+        lock(&self.decisions).retain(|_, (_, exp, _)| *exp > now_ns);
         let retired = lock(&self.settled).rotate(now_ns);
         drop(retired);
     }
@@ -260,9 +263,12 @@ impl Storage for MemoryStore {
         };
         // Held across the decision so two concurrent repeats cannot both consume.
         let mut decisions = lock(&self.decisions);
-        if let Some((first, exp)) = decisions.get(key)
+        if let Some((first, exp, asked)) = decisions.get(key)
             && *exp > req.now_ns
         {
+            if **asked != *req.fingerprint {
+                return Err(StorageError::IdempotencyConflict);
+            }
             return Ok(Outcome {
                 replayed: true,
                 ..first.clone()
@@ -271,7 +277,11 @@ impl Storage for MemoryStore {
         let outcome = self.decide(req);
         decisions.insert(
             key.to_string(),
-            (outcome.clone(), req.now_ns + IDEMPOTENCY_TTL_NS),
+            (
+                outcome.clone(),
+                req.now_ns + IDEMPOTENCY_TTL_NS,
+                req.fingerprint.into(),
+            ),
         );
         Ok(outcome)
     }

@@ -37,8 +37,12 @@ pub struct Counter {
 pub struct ConsumeRequest<'a> {
     pub counters: &'a [Counter],
     pub now_ns: i64,
-    /// When set, a repeat of the same key returns the first outcome and consumes nothing more.
+    /// When set, a repeat of the same key returns the first outcome and consumes nothing more;
+    /// a repeat that asks for something else (`fingerprint`) is refused
+    /// (`StorageError::IdempotencyConflict`), so one key cannot buy a free pass for another request.
     pub idempotency_key: Option<&'a str>,
+    /// What the request asks for (quota types and costs), compared on a repeat of its key.
+    pub fingerprint: &'a str,
     /// When set, the costs are held for this attempt until it settles (`Storage::settle`) or the
     /// reservation expires; an expired reservation no longer counts against calendar quotas.
     pub reservation: Option<Reservation<'a>>,
@@ -115,6 +119,8 @@ pub enum StorageError {
     Timeout(u64),
     #[error("counter store rejected the operation: {0}")]
     Rejected(String),
+    #[error("the idempotency key was first used for a different request")]
+    IdempotencyConflict,
 }
 
 impl StorageError {

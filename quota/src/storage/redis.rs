@@ -390,9 +390,10 @@ impl RedisStore {
         }
         inv.arg(req.now_ns / 1000)
             .arg(if req.idempotency_key.is_some() {
-                "1"
+                // Never empty for an idempotent request: empty means "not idempotent".
+                format!("={}", req.fingerprint)
             } else {
-                "0"
+                String::new()
             })
             .arg(IDEMPOTENCY_TTL_MS)
             .arg(WINDOW_GRACE_MS)
@@ -464,6 +465,9 @@ impl RedisStore {
 }
 
 fn parse_reply(reply: &[i64], n: usize) -> Result<(Outcome, u64), StorageError> {
+    if reply == [-1] {
+        return Err(StorageError::IdempotencyConflict);
+    }
     if reply.len() != 3 + 5 * n {
         return Err(StorageError::Rejected(format!(
             "consume script answered {} values for {n} counters",
