@@ -109,13 +109,20 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// Who holds `token`, if it is a live token.
 pub async fn verify(state: &AppState, token: &str) -> Result<Actor, ApiError> {
-    let Some(stored) = state.store.token(token_id(token)).await? else {
+    verify_hashed(state, token_id(token), &sha256_hex(token.as_bytes())).await
+}
+
+/// `token`'s id and SHA-256, as a console session keeps them (never the token itself).
+pub fn token_fingerprint(token: &str) -> (String, String) {
+    (token_id(token).to_string(), sha256_hex(token.as_bytes()))
+}
+
+/// `verify` for a token known by its id and hash: still live, unrevoked, and its role.
+pub async fn verify_hashed(state: &AppState, id: &str, sha256: &str) -> Result<Actor, ApiError> {
+    let Some(stored) = state.store.token(id).await? else {
         return Err(ApiError::Unauthorized);
     };
-    if !constant_time_eq(
-        sha256_hex(token.as_bytes()).as_bytes(),
-        stored.sha256.as_bytes(),
-    ) {
+    if !constant_time_eq(sha256.as_bytes(), stored.sha256.as_bytes()) {
         return Err(ApiError::Unauthorized);
     }
     let role = Role::parse(&stored.role).ok_or_else(|| {

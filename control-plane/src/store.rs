@@ -44,6 +44,12 @@ const SCHEMA: &[&str] = &[
     // Hashes of bootstrap tokens that were rotated or revoked: never accepted again at start.
     "CREATE TABLE IF NOT EXISTS retired_tokens (
         sha256 TEXT PRIMARY KEY, retired_at_ms BIGINT NOT NULL)",
+    // Console sessions, shared by every instance on the database: a browser signed in through
+    // one is signed in through all. Keyed by the hash of the session id (the cookie is a bearer
+    // secret); the token it signed in with is kept as its id and hash only.
+    "CREATE TABLE IF NOT EXISTS console_sessions (
+        id_sha256 TEXT PRIMARY KEY, token_id TEXT NOT NULL, token_sha256 TEXT NOT NULL,
+        csrf TEXT NOT NULL, expires_at_ms BIGINT NOT NULL)",
 ];
 
 /// The PostgreSQL channel a committed revision is announced on.
@@ -74,6 +80,17 @@ pub struct StoredToken {
     pub role: String,
     pub sha256: String,
     pub created_by: String,
+}
+
+/// A console session as stored.
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    pub id_sha256: String,
+    /// The token it signed in with: its id and hash, checked again on every request.
+    pub token_id: String,
+    pub token_sha256: String,
+    pub csrf: String,
+    pub expires_at_ms: i64,
 }
 
 /// A policy version as listed in its history.
@@ -713,6 +730,56 @@ impl Store {
         .bind(w.now_ms)
         .execute(&mut *w.tx)
         .await?;
+        Ok(())
+    }
+
+    /// Record a console session (dropping expired ones on the way).
+    pub async fn session_open(&self, s: &StoredSession) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM console_sessions WHERE expires_at_ms <= $1")
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO console_sessions (id_sha256, token_id, token_sha256, csrf, expires_at_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&s.id_sha256)
+        .bind(&s.token_id)
+        .bind(&s.token_sha256)
+        .bind(&s.csrf)
+        .bind(s.expires_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The unexpired console session whose id hashes to `id_sha256`.
+    pub async fn session(&self, id_sha256: &str) -> Result<Option<StoredSession>, StoreError> {
+        let row = sqlx::query(
+            "SELECT token_id, token_sha256, csrf, expires_at_ms FROM console_sessions
+             WHERE id_sha256 = $1 AND expires_at_ms > $2",
+        )
+        .bind(id_sha256)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(StoredSession {
+                id_sha256: id_sha256.to_string(),
+                token_id: r.try_get("token_id")?,
+                token_sha256: r.try_get("token_sha256")?,
+                csrf: r.try_get("csrf")?,
+                expires_at_ms: r.try_get("expires_at_ms")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn session_close(&self, id_sha256: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = $1")
+            .bind(id_sha256)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

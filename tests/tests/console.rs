@@ -757,3 +757,37 @@ async fn browser(cp: &ControlPlane, viewer_token: &str, dir: &TempDir) {
     let tier = cp.call("GET", "/v1/subjects/bob", None).await.1;
     assert_eq!(tier["tier"], "free", "the browser changed bob's tier");
 }
+
+/// Several control-plane instances on one PostgreSQL database (behind one load balancer) share
+/// console sessions: signed in through one, a browser is signed in through all, and signing out
+/// through any ends the session everywhere. The database holds no cookie or token in clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_are_shared_by_every_instance() {
+    let db = Db::postgres();
+    let a = ControlPlane::start(&db);
+    let b = a.another();
+    let on_a = sign_in(&a, &a.admin).await;
+    let on_b = Session {
+        base: format!("http://{}", b.addr),
+        cookie: on_a.cookie.clone(),
+        csrf: on_a.csrf.clone(),
+    };
+    let (status, page) = on_b.get("/console/subjects").await;
+    assert_eq!(status, 200, "the session opened on A is known to B: {page}");
+    let stored = tollgate_e2e::LedgerDb::open(&db)
+        .await
+        .strings("SELECT id_sha256 || ' ' || token_id || ' ' || token_sha256 FROM console_sessions")
+        .await;
+    let cookie_value = on_a.cookie.split_once('=').map_or("", |(_, v)| v);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|s| !s.contains(cookie_value) && !s.contains(&a.admin)),
+        "only hashes are stored: {stored:?}"
+    );
+    let (status, _, _) = on_b.post("/console/logout", &[], Some(&on_b.csrf)).await;
+    assert_eq!(status, 303);
+    let (status, _) = on_a.get("/console/overview").await;
+    assert_eq!(status, 303, "signed out through B, signed out through A");
+}

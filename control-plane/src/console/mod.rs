@@ -168,18 +168,22 @@ impl FromRequestParts<Arc<Console>> for Signed {
         let Some(id) = session::cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(refuse(&parts.method));
         };
-        let Some(s) = c.sessions.get(id) else {
-            return Err(refuse(&parts.method));
+        let s = match c.sessions.get(&c.state.store, id).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(refuse(&parts.method)),
+            Err(e) => return Err(error_page(None, e.into())),
         };
         // The token is checked on every request: revoking it ends its sessions.
-        match crate::auth::verify(&c.state, &s.token).await {
+        match crate::auth::verify_hashed(&c.state, &s.token_id, &s.token_sha256).await {
             Ok(actor) => Ok(Signed {
                 actor,
                 csrf: s.csrf,
                 id: id.to_string(),
             }),
             Err(ApiError::Unauthorized) => {
-                c.sessions.close(id);
+                if let Err(e) = c.sessions.close(&c.state.store, id).await {
+                    tracing::warn!(error = %e, "closing a session of a revoked token failed");
+                }
                 Err(refuse(&parts.method))
             }
             Err(e) => Err(error_page(None, e)),
@@ -290,7 +294,10 @@ async fn login(
     let token = f.token.trim().to_string();
     match crate::auth::verify(&c.state, &token).await {
         Ok(actor) => {
-            let id = c.sessions.open(token);
+            let id = match c.sessions.open(&c.state.store, &token).await {
+                Ok(id) => id,
+                Err(e) => return error_page(None, e.into()),
+            };
             tracing::info!(actor = %actor.name, role = actor.role.name(), "console sign-in");
             let mut r = see_other("/console/overview");
             for cookie in [
@@ -327,7 +334,9 @@ async fn logout(
     State(c): State<Arc<Console>>,
     Posted { who, .. }: Posted<CsrfForm, AnyRole>,
 ) -> Response {
-    c.sessions.close(&who.id);
+    if let Err(e) = c.sessions.close(&c.state.store, &who.id).await {
+        return error_page(None, e.into());
+    }
     let mut r = see_other("/console/login");
     if let Ok(v) = HeaderValue::from_str(&session::set_cookie(SESSION_COOKIE, "", Duration::ZERO)) {
         r.headers_mut().append(header::SET_COOKIE, v);

@@ -1,27 +1,19 @@
-//! Console sessions: signing in with a control-plane token opens a session held in this
-//! process's memory; the browser gets only its random id, in an HttpOnly, SameSite=Strict cookie.
-//! Each session has its own CSRF token that every state-changing form carries; it expires a
-//! fixed time after sign-in, and each request checks the token again, so a revoked token ends its
-//! sessions at once. The sign-in form, before any session, carries a CSRF token of its own bound
-//! to a short-lived cookie.
+//! Console sessions: signing in with a control-plane token opens a session kept in the control
+//! plane's database, so every instance sharing it knows the session (a fleet behind one load
+//! balancer signs a browser in once). The browser gets only a random id, in an HttpOnly,
+//! SameSite=Strict cookie; the database keeps that id's hash and the token's id and hash, never
+//! the token. Each session has its own CSRF token that every state-changing form carries; it
+//! expires a fixed time after sign-in, and each request checks the token again, so a revoked
+//! token ends its sessions at once. The sign-in form, before any session, carries a CSRF token
+//! of its own bound to a short-lived cookie.
 
-use crate::auth::{Actor, constant_time_eq, random_secret};
+use crate::auth::{Actor, constant_time_eq, random_secret, sha256_hex, token_fingerprint};
+use crate::store::{Store, StoreError, StoredSession};
 use axum::http::{HeaderMap, header};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const SESSION_COOKIE: &str = "tg_session";
 pub const LOGIN_COOKIE: &str = "tg_login";
-
-/// A signed-in browser.
-#[derive(Clone)]
-pub struct Session {
-    /// The control-plane token it signed in with (kept here only, never sent back).
-    pub token: String,
-    pub csrf: String,
-    pub expires: Instant,
-}
 
 /// The signed-in user of a request.
 #[derive(Debug, Clone)]
@@ -33,59 +25,47 @@ pub struct Signed {
 
 pub struct Sessions {
     ttl: Duration,
-    open: Mutex<HashMap<String, Session>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Sessions {
     pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            open: Mutex::new(HashMap::new()),
-        }
+        Self { ttl }
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Open a session for `token` (already verified); returns its id.
-    pub fn open(&self, token: String) -> String {
+    /// Open a session for `token` (already verified); returns its id, the cookie's value.
+    pub async fn open(&self, store: &Store, token: &str) -> Result<String, StoreError> {
         let id = random_secret();
-        let now = Instant::now();
-        let mut open = self.lock();
-        open.retain(|_, s| s.expires > now);
-        open.insert(
-            id.clone(),
-            Session {
-                token,
+        let (token_id, token_sha256) = token_fingerprint(token);
+        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        store
+            .session_open(&StoredSession {
+                id_sha256: sha256_hex(id.as_bytes()),
+                token_id,
+                token_sha256,
                 csrf: random_secret(),
-                expires: now + self.ttl,
-            },
-        );
-        id
+                expires_at_ms: now_ms().saturating_add(ttl_ms),
+            })
+            .await?;
+        Ok(id)
     }
 
-    /// The live session `id`, if any (an expired one is removed).
-    pub fn get(&self, id: &str) -> Option<Session> {
-        let mut open = self.lock();
-        match open.get(id) {
-            Some(s) if s.expires > Instant::now() => Some(s.clone()),
-            Some(_) => {
-                open.remove(id);
-                None
-            }
-            None => None,
-        }
+    /// The live session `id`, if any.
+    pub async fn get(&self, store: &Store, id: &str) -> Result<Option<StoredSession>, StoreError> {
+        store.session(&sha256_hex(id.as_bytes())).await
     }
 
-    pub fn close(&self, id: &str) {
-        self.lock().remove(id);
+    pub async fn close(&self, store: &Store, id: &str) -> Result<(), StoreError> {
+        store.session_close(&sha256_hex(id.as_bytes())).await
     }
 }
 
@@ -178,17 +158,5 @@ mod tests {
         assert!(!csrf_ok("t0k", Some("t0k"), &other));
         let cross = headers(&[("sec-fetch-site", "cross-site")]);
         assert!(!csrf_ok("t0k", Some("t0k"), &cross));
-    }
-
-    #[test]
-    fn sessions_expire() {
-        let s = Sessions::new(Duration::from_millis(0));
-        let id = s.open("token".into());
-        assert!(s.get(&id).is_none());
-        let s = Sessions::new(Duration::from_secs(60));
-        let id = s.open("token".into());
-        assert!(s.get(&id).is_some());
-        s.close(&id);
-        assert!(s.get(&id).is_none());
     }
 }
