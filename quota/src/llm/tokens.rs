@@ -113,8 +113,22 @@ impl Prompt {
                     image_tokens
                 });
             }
-            // Anthropic: images and documents (PDF pages are billed as images and text).
-            "image" | "document" => self.fixed = self.fixed.saturating_add(image_tokens),
+            // Anthropic: a document whose text is in the request is counted as text...
+            "document" if p["source"]["type"] == "text" => {
+                self.json(&p["source"]["data"]);
+                for field in ["title", "context"] {
+                    self.json(&p[field]);
+                }
+            }
+            "document" if p["source"]["type"] == "content" => {
+                self.content(&p["source"]["content"], image_tokens, provider_openai);
+            }
+            // ...and images, PDFs and files sent by reference at one image each (PDF pages are
+            // billed as images and text; the reported usage settles the difference). OpenAI's
+            // `file` and `input_file` parts likewise.
+            "image" | "document" | "file" | "input_file" => {
+                self.fixed = self.fixed.saturating_add(image_tokens);
+            }
             "tool_use" => {
                 if let Some(n) = p.get("name") {
                     self.json(n);
@@ -324,6 +338,43 @@ mod tests {
 mod prompt_tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn documents_and_files_count_as_input() {
+        let text = "the quick brown fox jumps over the lazy dog ".repeat(200);
+        let doc = |source: Value| {
+            vec![json!({ "role": "user", "content": [
+                { "type": "document", "source": source },
+                { "type": "text", "text": "summarize" } ] })]
+        };
+        let plain = anthropic_prompt(
+            "claude-3-5-haiku",
+            None,
+            &doc(json!({ "type": "text", "media_type": "text/plain", "data": text })),
+            None,
+            1600,
+        );
+        assert!(plain > 1800, "the document's text is counted: {plain}");
+        let blocks = anthropic_prompt(
+            "claude-3-5-haiku",
+            None,
+            &doc(json!({ "type": "content", "content": [{ "type": "text", "text": text }] })),
+            None,
+            1600,
+        );
+        assert!(blocks > 1800, "content blocks are counted: {blocks}");
+        let by_url = anthropic_prompt(
+            "claude-3-5-haiku",
+            None,
+            &doc(json!({ "type": "url", "url": "https://example.com/a.pdf" })),
+            None,
+            1600,
+        );
+        assert!(by_url >= 1600, "{by_url}");
+        let file = vec![json!({ "role": "user", "content": [
+            { "type": "file", "file": { "file_id": "file-abc" } } ] })];
+        assert!(openai_chat_prompt("gpt-4o", &file, None, 1105) >= 1105);
+    }
 
     #[test]
     fn tools_tool_calls_and_images_count_as_input() {
