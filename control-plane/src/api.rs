@@ -91,6 +91,9 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     axum::Json(json!({ "status": "ok", "revision": revision }))
 }
 
+/// How far ahead of this clock a provider's `event_time` may be (its clock may run ahead a little).
+const EVENT_CLOCK_SKEW_MS: i64 = 5 * 60_000;
+
 /// The latest revision in the database and the one this instance serves. Gateways ask it at a
 /// fixed interval, so a quiet stream cannot hide that they are behind; an instance that finds
 /// itself behind the database publishes at once.
@@ -502,6 +505,16 @@ async fn change_entitlement(
                 })
         })
         .transpose()?;
+    // An event from the future would supersede every real one after it, for good.
+    if let Some(at) = event_ms
+        && at > chrono::Utc::now().timestamp_millis() + EVENT_CLOCK_SKEW_MS
+    {
+        return Err(ApiError::BadRequest(format!(
+            "`event_time` is more than {} minutes in the future; send the provider's time of \
+             the event",
+            EVENT_CLOCK_SKEW_MS / 60_000
+        )));
+    }
     let request_sha = sha256_hex(
         &serde_json::to_vec(&(&req.subject, &req.tier, &req.time_zone, event_ms))
             .unwrap_or_default(),

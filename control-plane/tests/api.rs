@@ -1005,6 +1005,16 @@ async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
     api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
         .await;
     let event = |tier: &str, at: &str, id: &str| json!({ "subject": "acme", "tier": tier, "event_time": at, "idempotency_key": id });
+    // An event dated in the future would freeze the subject's entitlement: refused.
+    let (s, b) = api
+        .json(
+            "POST",
+            "/v1/entitlements",
+            ADMIN,
+            event("pro", "9999-01-01T00:00:00Z", "e0"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     let (s, b) = api
         .json(
             "POST",

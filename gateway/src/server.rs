@@ -121,7 +121,12 @@ pub fn build_state(
     let store = match redis {
         None => Store::Memory(MemoryStore::new()),
         Some(cfg) => {
-            tracing::info!(urls = ?cfg.urls, cluster = cfg.cluster, prefix = %cfg.prefix, "counters in redis");
+            let urls: Vec<String> = cfg
+                .urls
+                .iter()
+                .map(|u| quota::storage::redact_url(u))
+                .collect();
+            tracing::info!(?urls, cluster = cfg.cluster, prefix = %cfg.prefix, "counters in redis");
             let redis = RedisStore::new(cfg).context("configuring redis")?;
             match leases {
                 Some(l) => {

@@ -11,6 +11,36 @@ pub use lease::{LeaseConfig, LeasedStore};
 pub use memory::MemoryStore;
 pub use redis::{RedisConfig, RedisStore};
 
+/// `url` without its password (`redis://:***@host`, `postgres://user:***@host/db`), for logs and
+/// messages: a URL may carry a credential, a log line must not.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_taken_out_of_urls() {
+        for (url, want) in [
+            (
+                "redis://:s3cret@127.0.0.1:6379",
+                "redis://:***@127.0.0.1:6379",
+            ),
+            ("postgres://app:pw@db/x", "postgres://app:***@db/x"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("rediss://user@host", "rediss://user@host"),
+        ] {
+            assert_eq!(super::redact_url(url), want);
+        }
+    }
+}
+
 use crate::limiter::Limit;
 use crate::policy::Slot;
 use std::future::Future;
