@@ -19,7 +19,7 @@
 //! reconciliation reports them and fails.
 
 use audit_kafka::{Delivered, LedgerWriter, Unreadable, Written};
-use quota::audit::EventBody;
+use quota::audit::{AuditEvent, EventBody};
 use serde::Serialize;
 use sqlx::{AnyPool, Row};
 
@@ -102,8 +102,38 @@ fn amount(field: &str, v: u64) -> Result<i64, String> {
     })
 }
 
+/// What the ledger will not store as given: a subject or quota name outside the rule every entry
+/// point applies (`quota::names`), a day or a time that is not one. The topic is not trusted to
+/// have been written by a gateway.
+fn check_names(e: &AuditEvent) -> Result<(), String> {
+    use quota::names::{NameKind, check};
+    if let Some(s) = &e.subject {
+        check(NameKind::Subject, s).map_err(|err| format!("`subject`: {err}"))?;
+    }
+    let quotas: Vec<&str> = match &e.body {
+        EventBody::QuotaConsumed { quota, .. } | EventBody::QuotaRejected { quota, .. } => {
+            vec![quota]
+        }
+        EventBody::ReservationSettled { settlements, .. } => {
+            settlements.iter().map(|s| s.quota.as_str()).collect()
+        }
+        _ => Vec::new(),
+    };
+    for q in quotas {
+        check(NameKind::QuotaType, q).map_err(|err| format!("`quota`: {err}"))?;
+    }
+    if let Some(day) = &e.day {
+        chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d")
+            .map_err(|err| format!("`day` {day:?} is not a date (YYYY-MM-DD): {err}"))?;
+    }
+    chrono::DateTime::parse_from_rfc3339(&e.occurred_at)
+        .map_err(|err| format!("`occurred_at` {:?} is not RFC 3339: {err}", e.occurred_at))?;
+    Ok(())
+}
+
 fn prepare(d: &Delivered) -> Result<Prepared<'_>, String> {
     let e = &d.event;
+    check_names(e)?;
     let plain = |quota, delta, reason| Line {
         quota,
         delta,

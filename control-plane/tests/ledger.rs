@@ -107,12 +107,13 @@ async fn strings(pool: &sqlx::AnyPool, sql: &'static str) -> Vec<String> {
 }
 
 /// Ten events, three of them refused by the database (positions 0, 5 and 9): on PostgreSQL by
-/// a NUL in the subject, on SQLite (which stores NUL) by a trigger standing for any constraint.
+/// a NUL in the request id (names are checked before the database), on SQLite (which stores
+/// NUL) by a trigger standing for any constraint.
 async fn bisection(pg: bool) {
     let db = Db::new(pg).await;
     let (ledger, pool) = db.ledger().await;
     let bad_subject = if pg {
-        "bad\0subject"
+        "nul-in-request-id"
     } else {
         sqlx::query(
             "CREATE TRIGGER refuse BEFORE INSERT ON quota_audit WHEN NEW.subject = 'refused'
@@ -131,7 +132,12 @@ async fn bisection(pg: bool) {
             } else {
                 "acme"
             };
-            consumed(i, subject, 1)
+            let mut d = consumed(i, subject, 1);
+            if pg && subject == bad_subject {
+                d.event.request_id = Some("bad\0request".into());
+                d.payload = serde_json::to_vec(&d.event).expect("json");
+            }
+            d
         })
         .collect();
     let written = ledger.write_batch(&batch, &[]).await.expect("written");
@@ -352,4 +358,49 @@ async fn totals_and_reconciliation_stay_exact_past_i64_max_sqlite() {
 #[tokio::test]
 async fn totals_and_reconciliation_stay_exact_past_i64_max_postgres() {
     sums_past_i64(true).await;
+}
+
+/// Names and dates from the topic are checked before they reach the ledger: a subject or quota
+/// outside the naming rule, a day or time that is not one, is a dead letter with its reason.
+#[tokio::test]
+async fn names_and_dates_from_the_topic_are_checked() {
+    let db = Db::new(false).await;
+    let (ledger, pool) = db.ledger().await;
+    let mut batch = vec![
+        consumed(0, "acme", 1),
+        consumed(1, "acme\u{1b}[2J", 1),
+        delivered(
+            2,
+            "acme",
+            EventBody::QuotaConsumed {
+                quota: String::new(),
+                amount: 5,
+            },
+        ),
+        consumed(3, "acme", 1),
+        consumed(4, "acme", 1),
+    ];
+    batch[3].event.day = Some("junk".into());
+    batch[4].event.occurred_at = "9999-99-99".into();
+    let written = ledger.write_batch(&batch, &[]).await.expect("written");
+    assert_eq!(
+        written,
+        Written {
+            inserted: 1,
+            dead_lettered: 4
+        }
+    );
+    assert_eq!(
+        strings(&pool, "SELECT subject FROM quota_audit").await,
+        ["acme"]
+    );
+    let dead = ledger.dead_letters(10).await.expect("dead letters");
+    let mut why: Vec<(i64, String)> = dead.iter().map(|d| (d.offset, d.error.clone())).collect();
+    why.sort();
+    for ((offset, error), field) in
+        why.iter()
+            .zip(["`subject`", "`quota`", "`day`", "`occurred_at`"])
+    {
+        assert!(error.contains(field), "offset {offset}: {error}");
+    }
 }
