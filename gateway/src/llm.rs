@@ -229,7 +229,7 @@ pub async fn serve(
         None => llm.default_max_tokens.min(per_choice_cap),
     };
     // Every output the upstream generates for this call, in all.
-    let out_total = max_out.saturating_mul(req.choices);
+    let out_total = req.total_output(max_out);
     let mut reserve: Vec<(&str, u64)> = vec![
         (&route.quota, route.cost),
         (
@@ -286,7 +286,6 @@ pub async fn serve(
         endpoint,
         req,
         max_out,
-        out_total,
     };
     forward(state, session, ctx, route, llm, policy, call, body, bill).await?;
     Ok(true)
@@ -435,8 +434,6 @@ struct Call {
     req: LlmRequest,
     /// The output ceiling of each choice, as the upstream is asked for it (0 for embeddings).
     max_out: u64,
-    /// The output reserved: `max_out` times the outputs generated.
-    out_total: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -455,8 +452,9 @@ async fn forward(
         endpoint,
         req,
         max_out,
-        out_total,
     } = call;
+    // The output reserved: every choice's.
+    let out_total = req.total_output(max_out);
     let rid = ctx.request_id.clone();
     // Chat and completions streams report usage only when asked; Responses streams always do.
     let inject = llm.provider == Provider::OpenAi

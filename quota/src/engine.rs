@@ -204,13 +204,12 @@ impl<S: Storage> Engine<S> {
         failure: FailurePolicy,
     ) -> Result<Decision, EngineError> {
         let idempotency_key = request_id.map(|r| format!("{}\u{1f}{r}", subject.id));
-        let fingerprint = format!("{quota}:{cost}");
+        // Only an idempotent decision needs to remember what it asked for.
+        let fingerprint = request_id.map(|_| format!("{quota}:{cost}"));
         self.consume(
             subject,
             &[(quota, cost)],
-            idempotency_key
-                .as_deref()
-                .map(|k| (k, fingerprint.as_str())),
+            idempotency_key.as_deref().zip(fingerprint.as_deref()),
             now_ns,
             failure,
         )

@@ -109,22 +109,8 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         Some(s) => Cow::Owned(s),
         None => Cow::Borrowed(path),
     };
-    if p.contains(';') || p.contains("%3B") {
-        let dots = |s: &str| s == "." || s == "..";
-        let bare = |seg: &str| {
-            seg.split(';')
-                .next()
-                .unwrap_or("")
-                .split("%3B")
-                .next()
-                .map(dots)
-        };
-        if p[1..]
-            .split('/')
-            .any(|seg| seg.len() > 2 && bare(seg) == Some(true))
-        {
-            return Err(PathError::DotParameters);
-        }
+    if (p.contains(';') || p.contains("%3B")) && p[1..].split('/').any(dot_with_parameters) {
+        return Err(PathError::DotParameters);
     }
     if !needs_segment_work(&p) {
         return Ok(p);
@@ -153,6 +139,13 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         out.push('/');
     }
     Ok(Cow::Owned(out))
+}
+
+/// A `.` or `..` segment carrying `;` parameters (raw or `%3B`).
+fn dot_with_parameters(seg: &str) -> bool {
+    let name = seg.split(';').next().unwrap_or(seg);
+    let name = name.split("%3B").next().unwrap_or(name);
+    name.len() < seg.len() && (name == "." || name == "..")
 }
 
 /// Whether `p` holds `//`, or a `.` or `..` segment.
@@ -228,6 +221,8 @@ mod tests {
             ("/a%2", PathError::BadEscape),
             ("/lookup/..;/exports/1", PathError::DotParameters),
             ("/lookup/.;x/exports", PathError::DotParameters),
+            // `.;` is `.` to Java, so the `..` after it climbs out of /lookup there.
+            ("/lookup/.;/../exports/1", PathError::DotParameters),
             ("/lookup/%2e%2e;/exports", PathError::DotParameters),
             ("/lookup/..%3b/exports", PathError::DotParameters),
             ("/lookup/..;jsessionid=1/x", PathError::DotParameters),

@@ -70,6 +70,13 @@ pub struct LlmRequest {
     pub prompt_tokens: u64,
 }
 
+impl LlmRequest {
+    /// The output a call generates in all when each of its outputs is held to `per_output`.
+    pub fn total_output(&self, per_output: u64) -> u64 {
+        per_output.saturating_mul(self.choices)
+    }
+}
+
 /// The most outputs one call may ask for (OpenAI's documented limit on `n`).
 pub const MAX_CHOICES: u64 = 128;
 
@@ -311,6 +318,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// `body` as forwarded with `r`'s output limits set to `n`.
+    fn capped(body: &[u8], r: &LlmRequest, n: u64) -> Value {
+        let changes = Rewrite {
+            max_tokens: Some((r.max_tokens_fields, n)),
+            include_usage: false,
+        };
+        serde_json::from_slice(&rewrite(body, changes).unwrap()).unwrap()
+    }
+
     #[test]
     fn reads_openai_chat() {
         let body = br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -368,15 +384,7 @@ mod tests {
             (r.max_tokens, r.max_tokens_fields),
             (Some(90000), &["max_completion_tokens"][..])
         );
-        let out = rewrite(
-            body,
-            Rewrite {
-                max_tokens: Some((r.max_tokens_fields, 500)),
-                include_usage: false,
-            },
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
+        let v = capped(body, &r, 500);
         assert_eq!(v["max_completion_tokens"], 500);
         assert!(v.get("max_tokens").is_none());
     }
@@ -387,15 +395,7 @@ mod tests {
         let body = br#"{"model":"m","max_completion_tokens":0,"max_tokens":100000,"messages":[]}"#;
         let r = parse(Provider::OpenAi, Endpoint::Chat, body, None).unwrap();
         assert_eq!(r.max_tokens, Some(100000));
-        let out = rewrite(
-            body,
-            Rewrite {
-                max_tokens: Some((r.max_tokens_fields, 500)),
-                include_usage: false,
-            },
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
+        let v = capped(body, &r, 500);
         assert_eq!(
             (&v["max_completion_tokens"], &v["max_tokens"]),
             (&json!(500), &json!(500))
