@@ -38,12 +38,25 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a process that must be told its port.
+///
+/// Drawn at random from below the kernel's ephemeral range (32768 and up): a port from `bind(0)`
+/// would be free for any other test's `bind(0)` or outgoing connection to take before the
+/// process we hand it to binds it, and the test would then talk to a stranger.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    for attempt in 0u64..1_000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(attempt);
+        h.write_u32(std::process::id());
+        let port = (LOW + h.finish() % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 /// A child process killed when dropped; its stdout lines arrive on a channel.
