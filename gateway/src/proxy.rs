@@ -204,6 +204,29 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
+        if let Some(var) = ctx.upstream.as_ref().and_then(|u| u.unresolved.as_deref()) {
+            // Sending it without the credentials its headers carry would be refused upstream at
+            // best, and would bill nothing useful; the operator learns the variable's name from
+            // the log, not the client.
+            tracing::error!(
+                route = %route.name,
+                variable = var,
+                "upstream header needs an environment variable this gateway lacks; request refused"
+            );
+            let msg = format!(
+                "route `{}` is not configured on this gateway (its upstream credentials are missing)",
+                route.name
+            );
+            respond_json(
+                session,
+                503,
+                error_body("upstream_unconfigured", msg, &ctx.request_id),
+                &[],
+                &ctx.request_id,
+            )
+            .await?;
+            return Ok(true);
+        }
         if let Some(up) = &ctx.upstream {
             let client = ctx
                 .path_and_query

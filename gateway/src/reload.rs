@@ -43,6 +43,18 @@ pub fn rebuild(
         return Ok(false);
     }
     tracing::info!(version = %policy.version, hash = %policy.hash, source = %sources.describe(), "policy loaded");
+    let mut told = std::collections::HashSet::new();
+    for up in policy
+        .routes
+        .iter()
+        .flat_map(|r| std::iter::once(&r.upstream).chain(&r.fallback_upstream))
+    {
+        if let Some(var) = &up.unresolved
+            && told.insert(up.name.clone())
+        {
+            tracing::error!(upstream = %up.name, variable = %var, "an upstream header needs an environment variable this gateway lacks: its requests are refused (503) until the gateway is restarted with it");
+        }
+    }
     let label =
         |p: &quota::policy::Policy| format!("{}@{}", p.version, &p.hash[..12.min(p.hash.len())]);
     let body = quota::audit::EventBody::PolicyChanged {

@@ -269,6 +269,7 @@ mod tests {
                 http::HeaderName::from_static("x-api-key"),
                 http::HeaderValue::from_static("upstream-secret"),
             )],
+            unresolved: None,
         }
     }
 

@@ -244,7 +244,12 @@ fn overlay_subjects_replace_base_subjects_with_the_same_id_or_key() {
   - { id: alice, tier: pro, key: alice-new }
   - { id: bob, tier: pro, key: shared-key }
 ";
-    let p = parse_layered(&sources(&[BASE, overlay]), 1).expect("valid");
+    let p = parse_layered(
+        &sources(&[BASE, overlay]),
+        1,
+        quota::policy::EnvMode::Strict,
+    )
+    .expect("valid");
     assert!(
         p.subject_for_key("local-key").is_some(),
         "base subjects stay"
@@ -332,4 +337,38 @@ fn a_price_book_is_included_by_path_and_its_errors_point_into_it() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A `${NAME}` the process lacks refuses a policy file, while a control-plane snapshot applies
+/// with that upstream marked unresolved (its requests refused, the rest enforced).
+#[test]
+fn a_missing_header_variable_refuses_a_file_and_marks_a_snapshot_upstream() {
+    let yaml = "upstreams:\n  up: { address: '127.0.0.1:9' }\n  \
+         vendor: { address: '127.0.0.1:9', headers: { authorization: 'Bearer ${TOLLGATE_TEST_UNSET_VAR}' } }\n\
+         routes:\n  - { name: a, match: { path_prefix: /a }, upstream: up, quota: q }\n  \
+         - { name: b, match: { path_prefix: /b }, upstream: vendor, quota: q }\n\
+         tiers:\n  t:\n    q: { daily: 10 }\n";
+    let sources = [("p.yaml".to_string(), yaml.to_string())];
+    let err = quota::policy::parse_sources(&sources).expect_err("strict");
+    assert!(
+        err.to_string()
+            .contains("environment variable `TOLLGATE_TEST_UNSET_VAR` is not set"),
+        "{err}"
+    );
+    let p = quota::policy::parse_layered(&sources, 1, quota::policy::EnvMode::Lenient)
+        .expect("lenient");
+    let upstream = |route: &str| {
+        p.routes
+            .iter()
+            .find(|r| &*r.name == route)
+            .expect("route")
+            .upstream
+            .clone()
+    };
+    assert_eq!(
+        upstream("b").unresolved.as_deref(),
+        Some("TOLLGATE_TEST_UNSET_VAR")
+    );
+    assert!(upstream("b").headers.is_empty());
+    assert_eq!(upstream("a").unresolved, None);
 }

@@ -511,6 +511,16 @@ impl Gateway {
         Self::following_with(urls, token, snapshot, &Backend::Memory, &[])
     }
 
+    /// Start a gateway that follows `cp` with extra environment variables.
+    pub fn following_env(
+        cp: &ControlPlane,
+        token: &str,
+        snapshot: &Path,
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        Self::follow(&[cp.url("")], token, snapshot, &Backend::Memory, &[], env)
+    }
+
     /// Start a gateway that follows the control-plane instances at `urls`, counting in
     /// `backend`, with extra `gateway run` arguments.
     pub fn following_with(
@@ -519,6 +529,17 @@ impl Gateway {
         snapshot: &Path,
         backend: &Backend,
         extra_args: &[&str],
+    ) -> Gateway {
+        Self::follow(urls, token, snapshot, backend, extra_args, &[])
+    }
+
+    fn follow(
+        urls: &[String],
+        token: &str,
+        snapshot: &Path,
+        backend: &Backend,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
     ) -> Gateway {
         let snapshot = snapshot.to_str().expect("utf-8 path");
         let url = urls.join(",");
@@ -531,7 +552,7 @@ impl Gateway {
             snapshot,
         ];
         args.extend_from_slice(extra_args);
-        Self::spawn(backend, None, &args, &[])
+        Self::spawn(backend, None, &args, env)
     }
 
     fn spawn(

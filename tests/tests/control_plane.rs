@@ -327,3 +327,82 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
         "a key this gateway does not know cannot be checked against a restored control plane"
     );
 }
+
+/// Upstream credentials live in the gateways' environment, not the control plane's: a policy
+/// whose header names a variable the control plane lacks is published, a gateway that has it
+/// sends it, and a gateway that lacks it refuses only that upstream's route (503) while every
+/// later revision, a key revocation among them, still reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_variable_only_the_gateways_have_does_not_stop_the_fleet() {
+    const VAR: &str = "TOLLGATE_E2E_VENDOR_KEY";
+    let mock = MockUpstream::start();
+    let cp = ControlPlane::start(&Db::sqlite());
+    let policy = format!(
+        "version: vendor-creds
+upstreams:
+  up: {{ address: '{addr}' }}
+  vendor: {{ address: '{addr}', headers: {{ authorization: 'Bearer ${{{VAR}}}' }} }}
+routes:
+  - {{ name: lookup, match: {{ path_prefix: /lookup }}, upstream: up, quota: lookup }}
+  - {{ name: vendor, match: {{ path_prefix: /vendor }}, upstream: vendor, quota: lookup }}
+tiers:
+  free:
+    lookup: {{ unlimited: true }}
+",
+        addr = mock.addr
+    );
+    let (key, token) = cp.seed_acme(policy).await;
+    let snaps = TempDir::new("snapshots");
+    let with = Gateway::following_env(&cp, &token, &snaps.0.join("a.json"), &[(VAR, "sk-v1")]);
+    let without = Gateway::following(&cp, &token, &snaps.0.join("b.json"));
+    for gw in [&with, &without] {
+        assert!(until_status(gw, "/lookup", &key, 200, Duration::from_secs(10)).await);
+    }
+    let r = client()
+        .get(with.url("/vendor/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.expect("json");
+    assert_eq!(
+        echo["authorization"], "Bearer sk-v1",
+        "the gateway's own value"
+    );
+
+    let r = client()
+        .get(without.url("/vendor/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"], "upstream_unconfigured", "{body}");
+    assert!(
+        !body.to_string().contains(VAR),
+        "the client is not told the variable: {body}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            std::fs::read_to_string(&without.log).is_ok_and(|l| l.contains(VAR))
+        })
+        .await,
+        "the operator is told which variable is missing"
+    );
+
+    // A revocation still reaches the gateway that lacks the variable.
+    let (_, subject) = cp.call("GET", "/v1/subjects/acme", None).await;
+    let key_id = subject["keys"][0]["id"].as_str().expect("key id");
+    let (status, _) = cp
+        .call("DELETE", &format!("/v1/subjects/acme/keys/{key_id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    for gw in [&with, &without] {
+        assert!(
+            until_status(gw, "/lookup", &key, 401, Duration::from_secs(10)).await,
+            "the revoked key is refused"
+        );
+    }
+}

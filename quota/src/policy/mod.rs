@@ -464,4 +464,20 @@ pub struct Upstream {
     pub base_path: String,
     /// Set on every request to this upstream (environment variables already expanded).
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The environment variable a header needs and this process lacks, in a policy compiled
+    /// with [`EnvMode::Lenient`]: requests for this upstream are refused instead of being sent
+    /// without their credentials.
+    pub unresolved: Option<String>,
+}
+
+/// What a `${NAME}` in an upstream header does when NAME is not set in this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnvMode {
+    /// The policy is refused (a policy file: its operator is there to set the variable).
+    #[default]
+    Strict,
+    /// The upstream is marked [`Upstream::unresolved`] and the rest of the policy applies: a
+    /// control plane's snapshot, whose secrets live in the gateways' environment, not its own,
+    /// and whose revisions (key revocations among them) must not stop at one missing variable.
+    Lenient,
 }

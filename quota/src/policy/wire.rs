@@ -3,7 +3,7 @@
 //! snapshot it would publish with the same function a gateway applies it with, so a snapshot that
 //! reaches a gateway always compiles.
 
-use super::{Policy, PolicyErrors, parse_layered};
+use super::{EnvMode, Policy, PolicyErrors, parse_layered};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -63,11 +63,13 @@ impl Snapshot {
         (sources, overlay_from)
     }
 
+    /// Compile over the policy file texts `base`. A `${NAME}` this process lacks does not refuse
+    /// the snapshot (see [`EnvMode::Lenient`]): only that upstream's requests are refused.
     pub fn compile(&self, base: &[(String, String)]) -> Result<Policy, PolicyErrors> {
         let (sources, overlay_from) = self.sources(base);
         if sources.is_empty() {
             return Ok(Policy::empty());
         }
-        parse_layered(&sources, overlay_from)
+        parse_layered(&sources, overlay_from, EnvMode::Lenient)
     }
 }

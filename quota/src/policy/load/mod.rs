@@ -13,8 +13,8 @@ mod sources;
 pub use error::{PolicyError, PolicyErrors};
 pub use sources::read_sources;
 
-use super::Policy;
 use super::dto::PolicyFile;
+use super::{EnvMode, Policy};
 use build::Builder;
 use error::{bare_message, clean_path};
 use serde_saphyr::Location;
@@ -29,7 +29,7 @@ pub fn load_path(path: &Path) -> Result<Policy, PolicyErrors> {
 
 /// Build a policy from named YAML texts (a file name or any label used in error messages).
 pub fn parse_sources(sources: &[(String, String)]) -> Result<Policy, PolicyErrors> {
-    parse_layered(sources, sources.len())
+    parse_layered(sources, sources.len(), EnvMode::Strict)
 }
 
 /// Build a policy from named YAML texts where the subjects of `sources[overlay_from..]` take the
@@ -38,6 +38,7 @@ pub fn parse_sources(sources: &[(String, String)]) -> Result<Policy, PolicyError
 pub fn parse_layered(
     sources: &[(String, String)],
     overlay_from: usize,
+    env: EnvMode,
 ) -> Result<Policy, PolicyErrors> {
     let mut errors = Vec::new();
     let mut parsed = Vec::with_capacity(sources.len());
@@ -59,7 +60,7 @@ pub fn parse_layered(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
-    Builder::default().build(parsed, hash, overlay_from)
+    Builder::new(env).build(parsed, hash, overlay_from)
 }
 
 fn parse_file(name: &str, text: &str) -> Result<PolicyFile, PolicyError> {

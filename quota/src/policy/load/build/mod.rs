@@ -14,7 +14,7 @@ use super::error::{PolicyError, PolicyErrors};
 use crate::llm::price::Price;
 use crate::names::NameKind;
 use crate::policy::dto::{PolicyFile, SubjectDto};
-use crate::policy::{FailureMode, Policy, Route, Subject, Tier, Upstream};
+use crate::policy::{EnvMode, FailureMode, Policy, Route, Subject, Tier, Upstream};
 use serde_saphyr::{Location, Spanned};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use subjects::parse_sha256;
 
 #[derive(Default)]
 pub(super) struct Builder<'a> {
+    env: EnvMode,
     errors: Vec<PolicyError>,
     version: Option<(String, &'a str)>,
     failure_mode: Option<FailureMode>,
@@ -39,6 +40,13 @@ pub(super) struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    pub(super) fn new(env: EnvMode) -> Self {
+        Self {
+            env,
+            ..Self::default()
+        }
+    }
+
     fn err(
         &mut self,
         file: &str,

@@ -2,9 +2,9 @@
 //! upstream paths (`base_path`, and a route's `rewrite`).
 
 use super::Builder;
-use crate::policy::Upstream;
 use crate::policy::dto::UpstreamDto;
 use crate::policy::load::sources::expand_env;
+use crate::policy::{EnvMode, Upstream};
 use serde_saphyr::Spanned;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +54,7 @@ impl<'a> Builder<'a> {
             }
         }
         let mut headers = Vec::with_capacity(dto.headers.len());
+        let mut unresolved = None;
         for (name, value) in &dto.headers {
             let hpath = format!("{path}.headers.{name}");
             let Ok(hname) = http::HeaderName::from_bytes(name.as_bytes()) else {
@@ -66,6 +67,9 @@ impl<'a> Builder<'a> {
                 continue;
             };
             match expand_env(&value.value) {
+                Err(var) if self.env == EnvMode::Lenient => {
+                    unresolved.get_or_insert(var);
+                }
                 Err(var) => {
                     let msg = format!("environment variable `{var}` is not set");
                     self.err(file, value.referenced, &hpath, msg);
@@ -111,6 +115,7 @@ impl<'a> Builder<'a> {
                 ca_file: dto.ca_file.as_ref().map(|c| c.value.clone()),
                 base_path,
                 headers,
+                unresolved,
             }),
         );
     }
