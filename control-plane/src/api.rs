@@ -6,7 +6,7 @@
 //! policy code (refusing it with 422 and every error's line and column), commits it with the
 //! change log entry, publishes it to watching gateways and emits an audit event.
 
-use crate::auth::{Actor, Admin, Editor, Role, Viewer, sha256_hex};
+use crate::auth::{Actor, Admin, Billing, Editor, Role, Viewer, sha256_hex};
 use crate::error::{ApiError, ErrorBody};
 use crate::state::{AppState, validate};
 use crate::store::{Change, KeyRecord, PolicyVersion, SubjectRecord, TokenRecord};
@@ -54,7 +54,7 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Tollgate control plane", description = "Policies, subjects and entitlements of a Tollgate gateway fleet. Every /v1 route needs `Authorization: Bearer <token>`: viewer tokens read, editor tokens change policies and subjects, admin tokens manage tokens."),
+    info(title = "Tollgate control plane", description = "Policies, subjects and entitlements of a Tollgate gateway fleet. Every /v1 route needs `Authorization: Bearer <token>`: viewer tokens read, editor tokens change policies and subjects, admin tokens manage tokens, billing tokens (for a payment webhook) only post entitlements."),
     paths(
         healthz, list_policies, create_policy, active_policy, validate_policy, diff_policies,
         get_policy, rollback_policy, list_tiers, list_subjects, get_subject, put_subject,
@@ -483,7 +483,7 @@ struct EntitlementChange {
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn change_entitlement(
     State(state): State<Arc<AppState>>,
-    Editor(actor): Editor,
+    Billing(actor): Billing,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -565,7 +565,7 @@ async fn create_token(
     let req: NewTokenRequest = json_body(&body)?;
     let role = Role::parse(&req.role).ok_or_else(|| {
         ApiError::BadRequest(format!(
-            "role `{}`: expected viewer, editor or admin",
+            "role `{}`: expected viewer, editor, admin or billing",
             req.role
         ))
     })?;

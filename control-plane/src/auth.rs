@@ -1,4 +1,5 @@
-//! Who is calling: bearer tokens with a role (viewer < editor < admin). Tokens are stored as
+//! Who is calling: bearer tokens with a role (viewer < editor < admin, and billing apart: a
+//! payment provider's webhook may post entitlements and nothing else). Tokens are stored as
 //! SHA-256 hashes and compared in constant time; a token is `tga_<id>_<secret>`, so the lookup is
 //! by id and never by the secret. The bootstrap admin token is whatever the operator chose, under
 //! the id `bootstrap`.
@@ -12,6 +13,9 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
+    /// Entitlement changes only: the token a payment webhook holds reads nothing and cannot
+    /// touch policies, keys or tokens. Declared first so no `>=` ever lets it pass as a viewer.
+    Billing,
     Viewer,
     Editor,
     Admin,
@@ -20,6 +24,7 @@ pub enum Role {
 impl Role {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "billing" => Some(Self::Billing),
             "viewer" => Some(Self::Viewer),
             "editor" => Some(Self::Editor),
             "admin" => Some(Self::Admin),
@@ -29,9 +34,20 @@ impl Role {
 
     pub fn name(self) -> &'static str {
         match self {
+            Self::Billing => "billing",
             Self::Viewer => "viewer",
             Self::Editor => "editor",
             Self::Admin => "admin",
+        }
+    }
+
+    /// Whether a token of this role may do what needs `need`: billing may do only what needs
+    /// billing, which editors and admins may do too; otherwise the higher role may.
+    pub fn permits(self, need: Role) -> bool {
+        match (self, need) {
+            (Role::Billing, need) => need == Role::Billing,
+            (have, Role::Billing) => have >= Role::Editor,
+            (have, need) => have >= need,
         }
     }
 }
@@ -47,7 +63,7 @@ pub struct Actor {
 
 impl Actor {
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
-        if self.role >= role {
+        if self.role.permits(role) {
             Ok(())
         } else {
             Err(ApiError::Forbidden(role.name()))
@@ -158,7 +174,12 @@ macro_rules! role_extractor {
 }
 
 role_extractor!(
-    /// Any valid token: reads.
+    /// Billing, editor or admin: entitlement changes.
+    Billing,
+    Role::Billing
+);
+role_extractor!(
+    /// Viewer, editor or admin: reads.
     Viewer,
     Role::Viewer
 );

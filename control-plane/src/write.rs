@@ -82,9 +82,9 @@ impl Op {
             Op::Policy { .. }
             | Op::PutSubject { .. }
             | Op::DeleteSubject { .. }
-            | Op::Entitlement(_)
             | Op::IssueKey { .. }
             | Op::RevokeKey { .. } => Role::Editor,
+            Op::Entitlement(_) => Role::Billing,
             Op::CreateToken { .. }
             | Op::RevokeToken { .. }
             | Op::RotateBootstrap
@@ -267,6 +267,12 @@ async fn write(
         } => {
             require_policy(&snap)?;
             let before = snap.subjects.iter().find(|s| s.id == id).cloned();
+            if before.as_ref().is_none_or(|b| b.tier != tier) {
+                // A tier set by hand is an entitlement change as of now (see `entitlement`).
+                let newest = Store::entitlement_event(w, &id).await?;
+                let at = w.now_ms.max(newest.unwrap_or(i64::MIN));
+                Store::record_entitlement_event(w, &id, at).await?;
+            }
             let entry = SubjectEntry {
                 id,
                 tier,
@@ -548,8 +554,8 @@ async fn entitlement(
     require_policy(&snap)?;
     let before = snap.subjects.iter().find(|s| s.id == e.subject).cloned();
     let before_tier = before.as_ref().map(|b| b.tier.clone());
-    if let Some(at) = e.event_ms
-        && let Some(newest) = Store::entitlement_event(w, &e.subject).await?
+    let newest = Store::entitlement_event(w, &e.subject).await?;
+    if let (Some(at), Some(newest)) = (e.event_ms, newest)
         && newest > at
     {
         // A late delivery of an older event: the newer one stands.
@@ -598,9 +604,13 @@ async fn entitlement(
     if let Some((key, request_sha)) = &e.idempotency {
         Store::record_entitlement_request(w, key, request_sha, &answer.to_string()).await?;
     }
-    if let Some(at) = e.event_ms {
-        Store::record_entitlement_event(w, &e.subject, at).await?;
-    }
+    // Undated changes (the console, a webhook without `event_time`) happen now: a provider's
+    // event from before them, delivered late, must not undo them either.
+    let at = e
+        .event_ms
+        .unwrap_or(w.now_ms)
+        .max(newest.unwrap_or(i64::MIN));
+    Store::record_entitlement_event(w, &e.subject, at).await?;
     record.outcome = Outcome::Entitlement(answer);
     Ok(Step::Commit(record))
 }

@@ -141,7 +141,8 @@ impl Session {
     }
 }
 
-async fn sign_in(cp: &ControlPlane, token: &str) -> Session {
+/// Post the sign-in form with `token`; the answer.
+async fn try_sign_in(cp: &ControlPlane, token: &str) -> reqwest::Response {
     let base = format!("http://{}", cp.addr);
     let r = http()
         .get(format!("{base}/console/login"))
@@ -152,14 +153,19 @@ async fn sign_in(cp: &ControlPlane, token: &str) -> Session {
     let (login_cookie, _) = set_cookie(&r, "tg_login").expect("a sign-in cookie");
     let page = r.text().await.expect("page");
     let csrf = csrf_of(&page);
-    let r = http()
+    http()
         .post(format!("{base}/console/login"))
         .header("cookie", &login_cookie)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form(&[("token", token), ("csrf", &csrf)]))
         .send()
         .await
-        .expect("sign in");
+        .expect("sign in")
+}
+
+async fn sign_in(cp: &ControlPlane, token: &str) -> Session {
+    let base = format!("http://{}", cp.addr);
+    let r = try_sign_in(cp, token).await;
     assert_eq!(r.status(), 303, "signing in redirects to the overview");
     let (cookie, header) = set_cookie(&r, "tg_session").expect("a session cookie");
     assert!(header.contains("HttpOnly"), "{header}");
@@ -333,6 +339,14 @@ async fn console_roles_csrf_and_sessions() {
     assert_eq!(r.status(), 403, "sign-in without a CSRF token");
     let (viewer_token, viewer_id) = cp.issue_token("alice-viewer", "viewer").await;
     let (editor_token, _) = cp.issue_token("erin-editor", "editor").await;
+    // A payment webhook's token posts entitlements only: no console session for it.
+    let (billing_token, _) = cp.issue_token("stripe-webhook", "billing").await;
+    let r = try_sign_in(&cp, &billing_token).await;
+    assert_eq!(r.status(), 403, "a billing token signs in");
+    assert!(
+        set_cookie(&r, "tg_session").is_none(),
+        "a billing token got a session"
+    );
 
     // A viewer sees every page and no edit control, and is refused when posting anyway.
     let viewer = sign_in(&cp, &viewer_token).await;

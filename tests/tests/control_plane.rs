@@ -406,3 +406,61 @@ tiers:
         );
     }
 }
+
+/// The token a payment webhook holds moves subjects between tiers and does nothing else: it
+/// reads nothing, publishes no policy, issues no key (nor signs in to the console: see
+/// `console.rs`).
+#[tokio::test]
+async fn a_billing_token_changes_entitlements_and_nothing_else() {
+    let mock = MockUpstream::start();
+    let cp = ControlPlane::start(&Db::sqlite());
+    cp.seed_acme(cp_policy(mock.addr)).await;
+    let (billing, _) = cp.issue_token("stripe-webhook", "billing").await;
+    let send = |method: &str, path: &str, body: Option<Value>| {
+        let mut req = client()
+            .request(method.parse().expect("method"), cp.url(path))
+            .bearer_auth(&billing);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send()
+    };
+    let r = send(
+        "POST",
+        "/v1/entitlements",
+        Some(json!({ "subject": "acme", "tier": "pro" })),
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.status(), 200);
+    let (_, subject) = cp.call("GET", "/v1/subjects/acme", None).await;
+    assert_eq!(subject["tier"], "pro", "{subject}");
+    let (_, changes) = cp.call("GET", "/v1/changes", None).await;
+    assert!(
+        changes.to_string().contains("token:stripe-webhook"),
+        "the change names its actor: {changes}"
+    );
+
+    for (method, path, body) in [
+        ("GET", "/v1/subjects/acme", None),
+        ("GET", "/v1/policies/active", None),
+        ("GET", "/v1/watch", None),
+        ("POST", "/v1/subjects/acme/keys", None),
+        ("PUT", "/v1/subjects/acme", Some(json!({ "tier": "free" }))),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(json!({ "name": "x", "role": "admin" })),
+        ),
+    ] {
+        let r = send(method, path, body).await.expect("request");
+        assert_eq!(r.status(), 403, "{method} {path}");
+    }
+    let (_, subject) = cp.call("GET", "/v1/subjects/acme", None).await;
+    assert_eq!(subject["tier"], "pro", "nothing else changed: {subject}");
+    assert_eq!(
+        subject["keys"].as_array().map(Vec::len),
+        Some(1),
+        "{subject}"
+    );
+}

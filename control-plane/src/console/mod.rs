@@ -293,6 +293,10 @@ async fn login(
     }
     let token = f.token.trim().to_string();
     match crate::auth::verify(&c.state, &token).await {
+        Ok(actor) if !actor.role.permits(Role::Viewer) => forbidden(
+            None,
+            "a billing token only posts entitlements: sign in with a viewer, editor or admin token",
+        ),
         Ok(actor) => {
             let id = match c.sessions.open(&c.state.store, &token).await {
                 Ok(id) => id,
@@ -803,5 +807,5 @@ async fn changes(State(c): State<Arc<Console>>, who: Signed) -> Response {
 
 /// Whether `actor` may change things (the pages show edit controls only then).
 pub(crate) fn can_edit(actor: &Actor) -> bool {
-    actor.role >= Role::Editor
+    actor.role.permits(Role::Editor)
 }
