@@ -4,7 +4,9 @@
 //! consumer's, so a line read twice changes nothing (the ledger's key is the event id), lines that
 //! are not events are kept in `quota_audit_unreadable` and refused events become dead letters.
 //! A line is only read once it is complete (ends with a newline): a file being written is read up
-//! to its last whole line, and the next call goes on from there.
+//! to its last whole line, and the next call goes on from there. A line longer than a whole read
+//! (64 MiB) is kept as unreadable (its first bytes) and skipped, so the lines after it still
+//! reach the ledger.
 
 use crate::ledger::Ledger;
 use audit_kafka::{Delivered, Unreadable, Written};
@@ -27,6 +29,49 @@ pub enum IngestError {
 const BATCH: usize = 500;
 /// Bytes read per call at most (a huge file is read over several calls).
 const CHUNK: u64 = 64 << 20;
+/// What is kept of a line too long to read.
+const HEAD: usize = 4096;
+
+/// What one read of a file found.
+enum Found {
+    /// Bytes from `start`; the lines are those ending in a newline.
+    Bytes(Vec<u8>, u64),
+    /// A line from `start` to `end` (after its newline) longer than a read: its first bytes.
+    TooLong { head: Vec<u8>, start: u64, end: u64 },
+}
+
+/// Read from `offset` up to `chunk` bytes; when they hold no newline, look on for the end of
+/// that overlong line (not found yet: nothing to read this time).
+fn read_from(path: &Path, offset: u64, chunk: u64) -> std::io::Result<Found> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    // A file that shrank was replaced (rotated): start it from the top.
+    let start = if len < offset { 0 } else { offset };
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    (&mut f).take(chunk).read_to_end(&mut buf)?;
+    if (buf.len() as u64) < chunk || buf.contains(&b'\n') {
+        return Ok(Found::Bytes(buf, start));
+    }
+    buf.truncate(HEAD);
+    let mut at = start + chunk;
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut block)?;
+        if n == 0 {
+            return Ok(Found::Bytes(Vec::new(), start));
+        }
+        if let Some(p) = block[..n].iter().position(|&b| b == b'\n') {
+            let end = at + p as u64 + 1;
+            return Ok(Found::TooLong {
+                head: buf,
+                start,
+                end,
+            });
+        }
+        at += n as u64;
+    }
+}
 
 /// What one call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,26 +90,49 @@ pub async fn ingest_file(
     path: &Path,
     offset: u64,
 ) -> Result<Ingested, IngestError> {
+    ingest_chunked(ledger, path, offset, CHUNK).await
+}
+
+async fn ingest_chunked(
+    ledger: &Ledger,
+    path: &Path,
+    offset: u64,
+    chunk: u64,
+) -> Result<Ingested, IngestError> {
     let io = |source| IngestError::Io {
         path: path.display().to_string(),
         source,
     };
     let owned = path.to_path_buf();
-    let (bytes, start) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
-        let mut f = std::fs::File::open(&owned)?;
-        let len = f.metadata()?.len();
-        // A file that shrank was replaced (rotated): start it from the top.
-        let start = if len < offset { 0 } else { offset };
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = Vec::new();
-        f.take(CHUNK).read_to_end(&mut buf)?;
-        Ok((buf, start))
-    })
-    .await
-    .map_err(|e| io(std::io::Error::other(e)))?
-    .map_err(io)?;
-    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let found = tokio::task::spawn_blocking(move || read_from(&owned, offset, chunk))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
     let topic = format!("file:{}", path.display());
+    let (bytes, start) = match found {
+        Found::Bytes(bytes, start) => (bytes, start),
+        Found::TooLong { head, start, end } => {
+            let mut out = Ingested {
+                offset: end,
+                lines: 1,
+                ..Ingested::default()
+            };
+            tracing::warn!(path = %path.display(), offset = start, bytes = end - start, "audit log line too long to read; kept as unreadable and skipped");
+            let mut unreadable = vec![Unreadable {
+                topic,
+                partition: 0,
+                offset: i64::try_from(start).unwrap_or(i64::MAX),
+                payload: head,
+                error: format!(
+                    "a line of {} bytes, longer than {chunk} bytes: only its first bytes are kept",
+                    end - start
+                ),
+            }];
+            write(ledger, &mut Vec::new(), &mut unreadable, &mut out).await?;
+            return Ok(out);
+        }
+    };
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
     let mut out = Ingested {
         offset: start + whole as u64,
         ..Ingested::default()
@@ -144,5 +212,51 @@ pub async fn follow(ledger: Ledger, paths: Vec<std::path::PathBuf>, every: std::
                 Err(e) => tracing::warn!(error = %e, "ingesting an audit log failed; retrying"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line longer than a read is kept (its head) as unreadable and the lines after it are
+    /// ingested; a half-written overlong line waits.
+    #[tokio::test]
+    async fn an_overlong_line_is_skipped_and_the_rest_ingested() {
+        let store = crate::store::Store::connect("sqlite::memory:")
+            .await
+            .expect("store");
+        let ledger = Ledger::new(store.pool().clone()).await.expect("ledger");
+        let dir = std::env::temp_dir().join(format!("tollgate-ingest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let long = "x".repeat(5000);
+        std::fs::write(&path, &long).expect("write");
+        let chunk = 1024;
+        let first = ingest_chunked(&ledger, &path, 0, chunk)
+            .await
+            .expect("ingest");
+        assert_eq!(
+            (first.offset, first.lines),
+            (0, 0),
+            "an unfinished line waits"
+        );
+        std::fs::write(&path, format!("{long}\nnot json\n")).expect("write");
+        let mut offset = 0;
+        let mut total = Ingested::default();
+        for _ in 0..10 {
+            let done = ingest_chunked(&ledger, &path, offset, chunk)
+                .await
+                .expect("ingest");
+            total.lines += done.lines;
+            total.unreadable += done.unreadable;
+            if done.offset == offset {
+                break;
+            }
+            offset = done.offset;
+        }
+        assert_eq!(offset, 5000 + 1 + 9, "read to the end");
+        assert_eq!((total.lines, total.unreadable), (2, 2));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
