@@ -339,6 +339,40 @@ fn a_price_book_is_included_by_path_and_its_errors_point_into_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A model takes the price of an entry it is a version of, never of an entry that merely starts
+/// its name: `o1-pro` costs many times `o1`, `gpt-4o-mini` a fraction of `gpt-4o`.
+#[test]
+fn only_versions_of_a_model_share_its_price() {
+    let yaml = "upstreams:\n  u: { address: '127.0.0.1:9' }\n\
+         routes:\n  - { name: chat, match: { path_prefix: /v1 }, upstream: u, quota: requests,\n      llm: { provider: openai, tokens: tokens, spend: spend } }\n\
+         tiers:\n  t:\n    requests: { daily: 10 }\n    tokens: { daily: 10 }\n    spend: { daily: 10 }\n\
+         models:\n  o1: { input_per_million: 15, output_per_million: 60 }\n  \
+         claude-3-5-sonnet: { input_per_million: 3, output_per_million: 15 }\n  \
+         gpt-4: { input_per_million: 30, output_per_million: 60 }\n";
+    let p =
+        quota::policy::parse_sources(&[("p.yaml".to_string(), yaml.to_string())]).expect("policy");
+    let input = |m: &str| p.price(m).map(|x| x.input_micros_per_m);
+    for versioned in [
+        "o1-2024-12-17",
+        "o1@20241217",
+        "o1-latest",
+        "claude-3-5-sonnet-20241022",
+        "gpt-4-0613",
+    ] {
+        assert!(input(versioned).is_some(), "{versioned}");
+    }
+    assert_eq!(input("o1-2024-12-17"), Some(15_000_000));
+    for other in [
+        "o1-pro",
+        "o1-mini",
+        "gpt-4o",
+        "gpt-4-turbo",
+        "claude-3-5-sonnet-v2x",
+    ] {
+        assert_eq!(input(other), None, "{other} is another model");
+    }
+}
+
 /// A `${NAME}` the process lacks refuses a policy file, while a control-plane snapshot applies
 /// with that upstream marked unresolved (its requests refused, the rest enforced).
 #[test]

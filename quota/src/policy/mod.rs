@@ -123,20 +123,38 @@ impl Policy {
         self.subjects_by_id.get(id)
     }
 
-    /// The price of `model`: its own entry, else the longest entry its name starts with (dated
-    /// versions), else `default`.
+    /// The price of `model`: its own entry, else the longest entry it is a version of (the entry's
+    /// name then a version suffix: `gpt-4o-2024-08-06` of `gpt-4o`), else `default`. Another
+    /// suffix names another model (`o1-pro` is not `o1`, `gpt-4o-mini` not `gpt-4o`), often
+    /// dearer: it takes `default`, or is refused without one.
     pub fn price(&self, model: &str) -> Option<Price> {
+        // Longest first (sorted at load).
         self.models
             .iter()
             .find(|(name, _)| model == name)
             .or_else(|| {
-                self.models
-                    .iter()
-                    .find(|(name, _)| model.starts_with(name.as_str()))
+                self.models.iter().find(|(name, _)| {
+                    model
+                        .strip_prefix(name.as_str())
+                        .is_some_and(is_version_suffix)
+                })
             })
             .or_else(|| self.models.iter().find(|(name, _)| name == "default"))
             .map(|(_, p)| *p)
     }
+}
+
+/// A model version after its base name: `-2024-08-06`, `-20241022`, `-0613`, `@20241022`,
+/// `-latest`, `-v1:0` (dates, numbers and version tags; no other words).
+fn is_version_suffix(rest: &str) -> bool {
+    let Some(tag) = rest.strip_prefix(['-', '@', ':']) else {
+        return false;
+    };
+    tag == "latest"
+        || tag.split(['-', ':', '.']).all(|part| {
+            let digits = part.strip_prefix('v').unwrap_or(part);
+            !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 /// Where a gateway learns which subject an API key belongs to. The policy file is one source; the
