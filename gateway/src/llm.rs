@@ -549,11 +549,21 @@ async fn forward(
             out.insert_header("ratelimit", v)?;
         }
     }
-    let is_sse = out
+    // Asked for `identity`, an upstream may compress anyway: such a body cannot be metered (nor
+    // cut), so it is relayed as it is and billed what was reserved (`relay_json`).
+    let encoded = out
         .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+        .get("content-encoding")
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let is_sse = !encoded
+        && out
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.get(..17)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+            });
     if !out.status.is_success() {
         // The upstream refused or failed: nothing was produced; release the reservation and
         // relay its answer as it comes, without holding it.
@@ -705,7 +715,8 @@ async fn forward(
 
 /// A non-streamed completion: relayed as it arrives (its length as the upstream framed it),
 /// kept aside (by reference) to read its usage at the end. One whose usage cannot be read (cut,
-/// or too large to keep) is billed its whole reservation: `out_total` output tokens.
+/// too large to keep, not JSON: compressed, or a stream under another content type) is billed
+/// its whole reservation: `out_total` output tokens.
 #[allow(clippy::too_many_arguments)]
 async fn relay_json(
     state: &Arc<AppState>,
@@ -797,7 +808,7 @@ impl JsonBody {
                 &joined
             }
         };
-        Some(json_usage(provider, model, bytes, prompt_estimate))
+        json_usage(provider, model, bytes, prompt_estimate)
     }
 }
 

@@ -778,6 +778,56 @@ async fn a_call_longer_than_its_reservation_ttl_keeps_its_hold() {
     }
 }
 
+/// A hand-written HTTP/1.1 upstream on loopback: the `i`th request on a connection (its header
+/// and a body of its Content-Length) gets `answer(i)`, and `None` hangs up without answering.
+async fn raw_upstream<F>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(usize) -> Option<Vec<u8>> + Send + Sync + 'static,
+{
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = Vec::new();
+                for i in 0.. {
+                    // The whole request: its header and a body of its Content-Length.
+                    loop {
+                        let text = String::from_utf8_lossy(&seen).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text[..end]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= end + 4 + len {
+                                seen.drain(..end + 4 + len);
+                                break;
+                            }
+                        }
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let Some(bytes) = answer(i) else { return };
+                    if conn.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An upstream that closes a kept-alive connection as the next request arrives on it has not
 /// processed that request: the gateway sends it again on a new connection, once, and the client
 /// sees a normal answer.
@@ -785,56 +835,22 @@ async fn a_call_longer_than_its_reservation_ttl_keeps_its_hold() {
 async fn a_request_on_a_connection_the_upstream_closed_is_sent_again() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let answered = Arc::new(AtomicUsize::new(0));
     let count = answered.clone();
     // Each connection answers its first request (keeping the connection open, as HTTP/1.1
     // allows) and closes when a second one arrives on it, unanswered.
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let body = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#;
-                let mut buf = vec![0u8; 64 << 10];
-                let mut seen = Vec::new();
-                // The whole request: its header and a body of its Content-Length.
-                loop {
-                    let Ok(n) = conn.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&seen).to_lowercase();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len = text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if seen.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                if conn.write_all(answer.as_bytes()).await.is_err() {
-                    return;
-                }
-                count.fetch_add(1, Ordering::SeqCst);
-                // The next request on this connection: read, then hang up.
-                let _ = conn.read(&mut buf).await;
-            });
-        }
-    });
+    let addr = raw_upstream(move |i| {
+        let body = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#;
+        (i == 0).then(|| {
+            count.fetch_add(1, Ordering::SeqCst);
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        })
+    })
+    .await;
     let gw = Gateway::start(&policy(addr, ""));
     for rid in ["first", "second", "third"] {
         let r = post(&gw, "k1", rid, "/v1/chat/completions", &chat(false), &[]).await;
@@ -845,6 +861,57 @@ async fn a_request_on_a_connection_the_upstream_closed_is_sent_again() {
         3,
         "each request answered once"
     );
+}
+
+/// An upstream asked for `identity` that compresses anyway (or sends a body that is not what
+/// its content type says) produced output the gateway cannot read: the answer is relayed as it
+/// is and billed its reservation, never the prompt alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_gateway_cannot_read_is_billed_its_reservation() {
+    // gzip's magic, then bytes no JSON or SSE reader can make sense of.
+    let gzipped: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\x56\x2a\xc9";
+    let cases: [(&str, &str, &[u8]); 3] = [
+        ("text/event-stream", "content-encoding: gzip\r\n", gzipped),
+        ("application/json", "content-encoding: gzip\r\n", gzipped),
+        (
+            "application/json",
+            "",
+            b"<html>upstream proxy error page</html>",
+        ),
+    ];
+    for (i, (kind, encoding, body)) in cases.into_iter().enumerate() {
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\n{encoding}content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(body);
+        let addr = raw_upstream(move |_| Some(answer.clone())).await;
+        let gw = Gateway::start(&policy(addr, ""));
+        let mut req = chat(kind == "text/event-stream");
+        req["max_tokens"] = 500.into();
+        let r = post(
+            &gw,
+            "k1",
+            &format!("raw{i}"),
+            "/v1/chat/completions",
+            &req,
+            &[],
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK, "{kind} {encoding}");
+        assert_eq!(
+            r.bytes().await.expect("body").as_ref(),
+            body,
+            "relayed as it is"
+        );
+        wait_settled(&gw, 1).await;
+        let used = tokens_used(&gw, "u1").await;
+        assert!(
+            (500..600).contains(&used),
+            "{kind} {encoding}: billed {used}, the prompt and its 500 reserved output"
+        );
+    }
 }
 
 /// A `request_id` replays its first decision only for the same request: reused for another

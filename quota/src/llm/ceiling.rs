@@ -207,7 +207,7 @@ impl OutputCeiling {
     }
 }
 
-fn text_keys(provider: Provider) -> &'static [memmem::Finder<'static>] {
+pub(crate) fn text_keys(provider: Provider) -> &'static [memmem::Finder<'static>] {
     // Searchers built once: every event of every stream is scanned with them.
     static OPENAI: LazyLock<Vec<memmem::Finder<'static>>> = LazyLock::new(|| {
         finders(&[

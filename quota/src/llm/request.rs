@@ -62,7 +62,8 @@ pub struct LlmRequest {
     /// may honour either name, so none is left above the ceiling); the first names it in errors.
     pub max_tokens_fields: &'static [&'static str],
     /// Outputs the upstream generates for this one call, each up to `max_tokens`: OpenAI's `n`,
-    /// or `best_of` on completions (generated server-side and billed, though only `n` return).
+    /// or `best_of` on completions (generated server-side and billed, though only `n` return),
+    /// for each prompt of a completions call that sends several.
     pub choices: u64,
     /// OpenAI: the client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
@@ -76,6 +77,26 @@ impl LlmRequest {
         per_output.saturating_mul(self.choices)
     }
 }
+
+/// The request fields the gateway reads to meter a call.
+const READ_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "background",
+    "messages",
+    "prompt",
+    "input",
+    "instructions",
+    "system",
+    "tools",
+    "functions",
+];
 
 /// The most outputs one call may ask for (OpenAI's documented limit on `n`).
 pub const MAX_CHOICES: u64 = 128;
@@ -120,6 +141,16 @@ fn parse_with(
     let obj = v
         .as_object()
         .ok_or_else(|| RequestError::Invalid("the body must be a JSON object".into()))?;
+    // Some upstreams match field names without regard to case (Go's encoding/json): a `Model`
+    // or `MAX_TOKENS` beside the field this gateway read could be what they act on.
+    for key in obj.keys() {
+        let lower = key.to_ascii_lowercase();
+        if &lower != key && READ_FIELDS.contains(&lower.as_str()) {
+            return Err(RequestError::Invalid(format!(
+                "`{key}`: field names are case-sensitive; send `{lower}`"
+            )));
+        }
+    }
     let model = match obj.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(_) => {
@@ -173,13 +204,28 @@ fn parse_with(
                     "`n` (and `best_of`, at least `n`) must be between 1 and {MAX_CHOICES}"
                 )));
             }
-            best_of
+            // A completions `prompt` that is a list of prompts (strings or token lists; a list
+            // of numbers is one tokenized prompt) gets `best_of` outputs for each.
+            let prompts = match obj.get("prompt") {
+                Some(Value::Array(ps)) if endpoint == Endpoint::Completions => {
+                    if ps.iter().all(Value::is_number) {
+                        1
+                    } else {
+                        ps.len() as u64
+                    }
+                }
+                _ => 1,
+            };
+            best_of.saturating_mul(prompts.max(1))
         }
         _ => 1,
     };
     // A background response is generated after this call has answered, where no meter sees it.
+    // Anything but an explicit `false` is refused: an upstream may read `"true"` or `1` as true.
     if endpoint == Endpoint::Responses
-        && obj.get("background").and_then(Value::as_bool) == Some(true)
+        && obj
+            .get("background")
+            .is_some_and(|b| !b.is_null() && b != &Value::Bool(false))
     {
         return Err(RequestError::Invalid(
             "`background` responses are generated after the call returns and cannot be metered \
@@ -241,9 +287,15 @@ fn parse_with(
         ),
         (Provider::OpenAi, Endpoint::Completions) => match obj.get("prompt") {
             Some(Value::String(p)) => tokens::count(&model, p),
+            // Strings, or token ids (one list, or a list per prompt), each id a token.
+            Some(Value::Array(ps)) if ps.iter().all(Value::is_number) => ps.len() as u64,
             Some(Value::Array(ps)) => ps
                 .iter()
-                .map(|p| p.as_str().map_or(0, |s| tokens::count(&model, s)))
+                .map(|p| match p {
+                    Value::String(s) => tokens::count(&model, s),
+                    Value::Array(ids) => ids.len() as u64,
+                    _ => 0,
+                })
                 .fold(0u64, u64::saturating_add),
             _ => {
                 return Err(RequestError::Invalid(
@@ -427,9 +479,36 @@ mod tests {
         assert_eq!(completions(r#","n":2,"best_of":5"#), Ok(5));
         assert_eq!(completions(r#","n":3"#), Ok(3));
         assert!(completions(r#","n":3,"best_of":2"#).is_err());
+        // Each prompt of a list gets its outputs; a list of token ids is one prompt.
+        let prompts = |prompt: &str, extra: &str| {
+            let body = format!(r#"{{"model":"gpt-4o","prompt":{prompt}{extra}}}"#);
+            parse(
+                Provider::OpenAi,
+                Endpoint::Completions,
+                body.as_bytes(),
+                None,
+            )
+            .map(|r| (r.choices, r.prompt_tokens))
+        };
+        assert_eq!(prompts(r#"["a","b","c"]"#, r#","best_of":4"#), Ok((12, 3)));
+        assert_eq!(prompts(r#"[[1,2,3],[4,5]]"#, ""), Ok((2, 5)));
+        assert_eq!(prompts(r#"[1,2,3,4]"#, r#","n":2"#), Ok((2, 4)));
         let anthropic = br#"{"model":"c","n":7,"max_tokens":5,"messages":[]}"#;
         let r = parse(Provider::Anthropic, Endpoint::Messages, anthropic, None).unwrap();
         assert_eq!(r.choices, 1, "Anthropic has no `n`");
+    }
+
+    #[test]
+    fn field_names_that_differ_only_in_case_are_refused() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","Model":"gpt-4o","messages":[]}"#,
+            r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":5,"MAX_TOKENS":90000}"#,
+        ] {
+            let e = parse(Provider::OpenAi, Endpoint::Chat, body.as_bytes(), None).unwrap_err();
+            assert!(e.to_string().contains("case-sensitive"), "{e}");
+        }
+        let fine = br#"{"model":"gpt-4o-mini","messages":[],"User":"x"}"#;
+        assert!(parse(Provider::OpenAi, Endpoint::Chat, fine, None).is_ok());
     }
 
     #[test]
@@ -437,6 +516,11 @@ mod tests {
         let body = br#"{"model":"gpt-4o","background":true,"input":"hi"}"#;
         let e = parse(Provider::OpenAi, Endpoint::Responses, body, None).unwrap_err();
         assert!(e.to_string().contains("background"), "{e}");
+        for loose in ["\"true\"", "1", "{}"] {
+            let body = format!(r#"{{"model":"gpt-4o","background":{loose},"input":"hi"}}"#);
+            let e = parse(Provider::OpenAi, Endpoint::Responses, body.as_bytes(), None);
+            assert!(e.is_err(), "background {loose}");
+        }
         let body = br#"{"model":"gpt-4o","background":false,"input":"hi"}"#;
         assert!(parse(Provider::OpenAi, Endpoint::Responses, body, None).is_ok());
     }

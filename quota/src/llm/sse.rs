@@ -23,6 +23,7 @@
 //! had reported the output tokens before. The outcome does not depend on how the stream was cut
 //! into chunks: the limit applies to the length of a line or event, not to what is buffered.
 
+use super::ceiling::text_keys;
 use super::{Provider, Usage, tokens};
 use bytes::{Bytes, BytesMut};
 use memchr::{memchr, memmem};
@@ -334,10 +335,16 @@ impl StreamMeter {
         }
     }
 
-    /// Keep the escaped JSON string that follows `key` (e.g. `"content":`) in `data`.
-    fn keep_text(&mut self, data: &[u8], key: &memmem::Finder<'_>) {
-        if let Some(raw) = json_string_after(data, key) {
-            self.keep_piece(raw);
+    /// Keep every escaped JSON string that follows one of `keys` (e.g. `"content":`) in `data`:
+    /// the same generated text the output ceiling counts (tool arguments, reasoning and
+    /// thinking included), of every choice.
+    fn keep_texts(&mut self, data: &[u8], keys: &[memmem::Finder<'_>]) {
+        for key in keys {
+            for at in key.find_iter(data) {
+                if let Some(raw) = json_string_at(&data[at + key.needle().len()..]) {
+                    self.keep_piece(raw);
+                }
+            }
         }
     }
 
@@ -363,13 +370,14 @@ impl StreamMeter {
                     self.finished = true;
                     return false;
                 }
-                if finder!(b"\"type\":\"response.").find(data).is_some() {
-                    self.on_responses_event(data);
+                if let Some(kind) = top_level_str(data, b"type")
+                    && kind.starts_with(b"response.")
+                {
+                    self.on_responses_event(kind, data);
                     return false;
                 }
                 if finder!(b"\"usage\":{").find(data).is_none() {
-                    self.keep_text(data, finder!(b"\"content\":"));
-                    self.keep_text(data, finder!(b"\"text\":"));
+                    self.keep_texts(data, text_keys(Provider::OpenAi));
                     return false;
                 }
                 let Ok(c) = serde_json::from_slice::<serde_json::Value>(data) else {
@@ -377,7 +385,7 @@ impl StreamMeter {
                 };
                 let choices = c["choices"].as_array().map_or(&[][..], Vec::as_slice);
                 for ch in choices {
-                    if let Some(t) = ch["delta"]["content"].as_str().or(ch["text"].as_str()) {
+                    for t in choice_texts(&ch["delta"]).chain(ch["text"].as_str()) {
                         self.push_text(t);
                     }
                 }
@@ -393,7 +401,7 @@ impl StreamMeter {
                     .find(data)
                     .is_some()
                 {
-                    self.keep_text(data, finder!(b"\"text\":"));
+                    self.keep_texts(data, text_keys(Provider::Anthropic));
                     return false;
                 }
                 let Ok(e) = serde_json::from_slice::<serde_json::Value>(data) else {
@@ -420,17 +428,21 @@ impl StreamMeter {
     /// One event of a Responses API stream: text deltas are kept, the final event
     /// (`response.completed`, `response.failed`, `response.incomplete`) carries the usage and
     /// ends the stream. Other events (`…done` events repeat the whole text) are not read.
-    fn on_responses_event(&mut self, data: &[u8]) {
-        if finder!(b".delta\"").find(data).is_some() {
-            self.keep_text(data, finder!(b"\"delta\":"));
+    /// The kind is the event's own top-level `type`: a `.delta` or `response.completed` inside a
+    /// string the client chose (metadata, instructions) must not change how the event is read.
+    fn on_responses_event(&mut self, kind: &[u8], data: &[u8]) {
+        if kind.ends_with(b".delta") {
+            if let Some(raw) = json_string_after(data, finder!(b"\"delta\":")) {
+                self.keep_piece(raw);
+            }
             return;
         }
-        let last = [
-            finder!(b"\"type\":\"response.completed\""),
-            finder!(b"\"type\":\"response.failed\""),
-            finder!(b"\"type\":\"response.incomplete\""),
+        let last: [&[u8]; 3] = [
+            b"response.completed",
+            b"response.failed",
+            b"response.incomplete",
         ];
-        if !last.iter().any(|f| f.find(data).is_some()) {
+        if !last.contains(&kind) {
             return;
         }
         if let Ok(e) = serde_json::from_slice::<serde_json::Value>(data) {
@@ -509,6 +521,51 @@ pub(crate) fn data_payload(line: &[u8]) -> Option<&[u8]> {
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
+/// The value (escapes kept, quotes removed) of the string member `key` of the top-level JSON
+/// object in `data`, found by scanning: members of nested objects and text inside strings do not
+/// count. `None` when there is no such member or its value is not a string.
+pub(crate) fn top_level_str<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut depth = 0u32;
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b'"' => {
+                let s = json_string_at(&data[i..])?;
+                i += s.len();
+                if depth == 1 && &s[1..s.len() - 1] == key {
+                    let rest = &data[i..];
+                    let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+                    if rest.get(skip) == Some(&b':') {
+                        let v = json_string_at(&rest[skip + 1..])?;
+                        return Some(&v[1..v.len() - 1]);
+                    }
+                }
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The generated text of an OpenAI chat message or delta: content, refusal, reasoning, and the
+/// arguments of its tool calls.
+fn choice_texts(m: &serde_json::Value) -> impl Iterator<Item = &str> {
+    ["content", "refusal", "reasoning_content"]
+        .into_iter()
+        .filter_map(|k| m[k].as_str())
+        .chain(
+            m["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["function"]["arguments"].as_str()),
+        )
+}
+
 /// The JSON string (quotes included, escapes kept) right after `key` in `data`, if it is a string.
 fn json_string_after<'a>(data: &'a [u8], key: &memmem::Finder<'_>) -> Option<&'a [u8]> {
     let start = key.find(data)? + key.needle().len();
@@ -563,47 +620,59 @@ fn remove_usage_null(event: Bytes) -> Bytes {
 }
 
 /// Usage in a complete (non-streamed) JSON response (chat, completions, Responses API,
-/// embeddings, Anthropic messages); the text counted when usage is missing.
-pub fn json_usage(_provider: Provider, model: &str, body: &[u8], prompt_estimate: u64) -> Usage {
+/// embeddings, Anthropic messages); the generated text counted when usage is missing. `None`
+/// when the body is not a JSON object (compressed, HTML, a stream sent as plain JSON): what was
+/// produced is unknown, so the caller bills what it reserved.
+pub fn json_usage(
+    _provider: Provider,
+    model: &str,
+    body: &[u8],
+    prompt_estimate: u64,
+) -> Option<Usage> {
     /// The usage object alone: the rest of the body is skipped, not built into a tree.
     #[derive(serde::Deserialize)]
     struct UsageOnly {
         #[serde(default)]
         usage: serde_json::Value,
     }
-    if let Ok(u) = serde_json::from_slice::<UsageOnly>(body) {
-        let mut r = Reported::default();
-        r.merge(&u.usage);
-        if let Some(output) = r.output {
-            return r.usage(prompt_estimate, output);
+    let u = serde_json::from_slice::<UsageOnly>(body).ok()?;
+    let mut r = Reported::default();
+    r.merge(&u.usage);
+    if let Some(output) = r.output {
+        return Some(r.usage(prompt_estimate, output));
+    }
+    // No output reported: the text is counted, every kind the model generates.
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut text = String::new();
+    let mut add = |t: &str| text.push_str(t);
+    for c in v["choices"].as_array().into_iter().flatten() {
+        choice_texts(&c["message"])
+            .chain(c["text"].as_str())
+            .for_each(&mut add);
+    }
+    for c in v["content"].as_array().into_iter().flatten() {
+        ["text", "thinking"]
+            .into_iter()
+            .filter_map(|k| c[k].as_str())
+            .for_each(&mut add);
+        if c["type"] == "tool_use" {
+            add(&c["input"].to_string());
         }
     }
-    // No output reported: the text is counted.
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let mut r = Reported::default();
-    r.merge(&v["usage"]);
-    let completion = r.output.unwrap_or_else(|| {
-        let mut text = String::new();
-        for c in v["choices"].as_array().into_iter().flatten() {
-            text.push_str(
-                c["message"]["content"]
-                    .as_str()
-                    .or(c["text"].as_str())
-                    .unwrap_or(""),
-            );
-        }
-        for c in v["content"].as_array().into_iter().flatten() {
-            text.push_str(c["text"].as_str().unwrap_or(""));
-        }
-        // Responses API: the output items' text parts.
-        for item in v["output"].as_array().into_iter().flatten() {
-            for c in item["content"].as_array().into_iter().flatten() {
-                text.push_str(c["text"].as_str().unwrap_or(""));
+    // Responses API: message text, function call arguments, reasoning summaries.
+    for item in v["output"].as_array().into_iter().flatten() {
+        for part in ["content", "summary"] {
+            for c in item[part].as_array().into_iter().flatten() {
+                ["text", "refusal"]
+                    .into_iter()
+                    .filter_map(|k| c[k].as_str())
+                    .for_each(&mut add);
             }
         }
-        tokens::count(model, &text)
-    });
-    r.usage(prompt_estimate, completion)
+        item["arguments"].as_str().into_iter().for_each(&mut add);
+    }
+    let completion = tokens::count(model, &text);
+    Some(r.usage(prompt_estimate, completion))
 }
 
 #[cfg(test)]
@@ -696,12 +765,32 @@ mod tests {
         let body = br#"{"choices":[{"message":{"content":" the of"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#;
         assert_eq!(
             json_usage(Provider::OpenAi, "gpt-4o", body, 0),
-            Usage::plain(9, 2)
+            Some(Usage::plain(9, 2))
         );
         let body = br#"{"content":[{"type":"text","text":" the of and"}]}"#;
         assert_eq!(
             json_usage(Provider::Anthropic, "claude", body, 5),
-            Usage::plain(5, 3)
+            Some(Usage::plain(5, 3))
+        );
+        // Not JSON (a compressed or HTML body): unknown, never "no output".
+        for body in [
+            &b"\x1f\x8b\x08\x00"[..],
+            b"<html>oops</html>",
+            b"data: {}\n\n",
+        ] {
+            assert_eq!(json_usage(Provider::OpenAi, "gpt-4o", body, 5), None);
+        }
+        // No usage: tool arguments, refusals, reasoning and thinking are output too.
+        let body = br#"{"choices":[{"message":{"content":null,"tool_calls":[{"function":{"name":"f","arguments":" the of"}}]}},{"message":{"refusal":" and"}}]}"#;
+        assert_eq!(
+            json_usage(Provider::OpenAi, "gpt-4o", body, 5),
+            Some(Usage::plain(5, 3))
+        );
+        let body =
+            br#"{"content":[{"type":"thinking","thinking":" the"},{"type":"text","text":" of"}]}"#;
+        assert_eq!(
+            json_usage(Provider::Anthropic, "claude", body, 0),
+            Some(Usage::plain(0, 2))
         );
     }
 }
@@ -795,10 +884,64 @@ mod kind_tests {
         assert_eq!(m.usage(5), Usage::plain(5, 3));
     }
 
+    /// The client chooses strings the final event repeats (metadata, instructions): one ending
+    /// in `.delta` must not turn `response.completed` into a text delta and lose its usage.
+    #[test]
+    fn client_strings_do_not_change_how_an_event_is_read() {
+        let s = responses_stream("response.completed", true).replace(
+            "\"response\":{\"output\"",
+            "\"response\":{\"metadata\":{\"k\":\"x.delta\",\"type\":\"response.output_text.delta\"},\"output\"",
+        );
+        assert!(s.contains("x.delta"));
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        run(&mut m, &s, 64);
+        assert!(m.finished() && m.reported());
+        assert_eq!(m.usage(0).completion, 10);
+        // A chat chunk whose text looks like a Responses event is still a chat chunk.
+        let chat = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"type\\\":\\\"response.completed\\\"\"}}]}\n\n";
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        run(&mut m, chat, 5);
+        assert!(!m.finished());
+        assert!(m.usage(0).completion > 0);
+    }
+
+    /// A stream that never reports usage is counted from all it generated: tool arguments,
+    /// reasoning, thinking, and every choice.
+    #[test]
+    fn counted_output_includes_tools_reasoning_and_every_choice() {
+        let chat = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" the\"}},{\"index\":1,\"delta\":{\"content\":\" of\"}}]}\n\n\
+                    data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\" and\"}}]}}]}\n\n\
+                    data: {\"choices\":[{\"delta\":{\"reasoning_content\":\" the\"}}]}\n\n";
+        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        run(&mut m, chat, 7);
+        assert_eq!(m.usage(0), Usage::plain(0, 4));
+        let anthropic = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n\
+                         event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\" the of\"}}\n\n\
+                         event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\" and\"}}\n\n";
+        let mut m = StreamMeter::new(Provider::Anthropic, "claude", false);
+        run(&mut m, anthropic, 7);
+        assert_eq!(m.usage(0).completion, 3);
+    }
+
+    #[test]
+    fn top_level_members_are_told_from_nested_ones() {
+        let d = br#"{"response":{"type":"response.completed"},"note":""type":"x"","type":"response.output_text.delta"}"#;
+        assert_eq!(
+            top_level_str(d, b"type"),
+            Some(&b"response.output_text.delta"[..])
+        );
+        assert_eq!(top_level_str(br#"{"a":{"type":"x"}}"#, b"type"), None);
+        assert_eq!(top_level_str(br#"{"type":1}"#, b"type"), None);
+        assert_eq!(
+            top_level_str(br#"{"type" : "t"}"#, b"type"),
+            Some(&b"t"[..])
+        );
+    }
+
     #[test]
     fn plain_responses_and_embeddings_usage() {
         let body = br#"{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":" the"}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":2},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":4}}}"#;
-        let u = json_usage(Provider::OpenAi, "gpt-4o", body, 0);
+        let u = json_usage(Provider::OpenAi, "gpt-4o", body, 0).expect("usage");
         assert_eq!(
             (u.prompt, u.cached_input, u.completion, u.reasoning),
             (10, 2, 5, 4)
@@ -806,10 +949,10 @@ mod kind_tests {
         let body = br#"{"object":"list","data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":7,"total_tokens":7}}"#;
         assert_eq!(
             json_usage(Provider::OpenAi, "e", body, 0),
-            Usage::plain(7, 0)
+            Some(Usage::plain(7, 0))
         );
         let body = br#"{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":3,"cache_creation_input_tokens":10,"cache_read_input_tokens":20,"output_tokens":2}}"#;
-        let u = json_usage(Provider::Anthropic, "claude", body, 0);
+        let u = json_usage(Provider::Anthropic, "claude", body, 0).expect("usage");
         assert_eq!(
             (u.prompt, u.cache_write, u.cache_read, u.completion),
             (3, 10, 20, 2)
