@@ -40,19 +40,31 @@ pub fn workspace_root() -> PathBuf {
 
 /// A loopback port that was free a moment ago, for a process that must be told its port.
 ///
-/// Drawn at random from below the kernel's ephemeral range (32768 and up): a port from `bind(0)`
-/// would be free for any other test's `bind(0)` or outgoing connection to take before the
-/// process we hand it to binds it, and the test would then talk to a stranger.
+/// Drawn at random from 10000-19999, below the kernel's ephemeral range (32768 and up): a port
+/// from `bind(0)` would be free for any other test's `bind(0)` or outgoing connection to take
+/// before the process we hand it to binds it, and the test would then talk to a stranger. The
+/// port 10000 above it (20000-29999, never drawn) must be free too: a Redis Cluster node listens
+/// there for its cluster bus.
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
-    const LOW: u64 = 20_000;
-    const SPAN: u64 = 12_000;
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const LOW: u64 = 10_000;
+    const SPAN: u64 = 10_000;
+    const BUS: u16 = 10_000;
     for attempt in 0u64..1_000 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(attempt);
         h.write_u32(std::process::id());
         let port = (LOW + h.finish() % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + BUS)).is_ok()
+            // Never the same port twice in one test, before the first one was bound.
+            && HANDED_OUT
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port)
+        {
             return port;
         }
     }
