@@ -357,6 +357,7 @@ fn only_versions_of_a_model_share_its_price() {
         "o1@20241217",
         "o1-latest",
         "claude-3-5-sonnet-20241022",
+        "claude-3-5-sonnet-v2@20241022",
         "gpt-4-0613",
     ] {
         assert!(input(versioned).is_some(), "{versioned}");
@@ -378,7 +379,7 @@ fn only_versions_of_a_model_share_its_price() {
 #[test]
 fn a_missing_header_variable_refuses_a_file_and_marks_a_snapshot_upstream() {
     let yaml = "upstreams:\n  up: { address: '127.0.0.1:9' }\n  \
-         vendor: { address: '127.0.0.1:9', headers: { authorization: 'Bearer ${TOLLGATE_TEST_UNSET_VAR}' } }\n\
+         vendor: { address: '127.0.0.1:9', headers: { authorization: 'Bearer ${TG_TEST_UNSET_VAR}' } }\n\
          routes:\n  - { name: a, match: { path_prefix: /a }, upstream: up, quota: q }\n  \
          - { name: b, match: { path_prefix: /b }, upstream: vendor, quota: q }\n\
          tiers:\n  t:\n    q: { daily: 10 }\n";
@@ -386,7 +387,7 @@ fn a_missing_header_variable_refuses_a_file_and_marks_a_snapshot_upstream() {
     let err = quota::policy::parse_sources(&sources).expect_err("strict");
     assert!(
         err.to_string()
-            .contains("environment variable `TOLLGATE_TEST_UNSET_VAR` is not set"),
+            .contains("environment variable `TG_TEST_UNSET_VAR` is not set"),
         "{err}"
     );
     let p = quota::policy::parse_layered(&sources, 1, quota::policy::EnvMode::Lenient)
@@ -401,8 +402,18 @@ fn a_missing_header_variable_refuses_a_file_and_marks_a_snapshot_upstream() {
     };
     assert_eq!(
         upstream("b").unresolved.as_deref(),
-        Some("TOLLGATE_TEST_UNSET_VAR")
+        Some("TG_TEST_UNSET_VAR")
     );
     assert!(upstream("b").headers.is_empty());
     assert_eq!(upstream("a").unresolved, None);
+    // The gateway's own variables (its tokens) are never sent upstream, in either mode.
+    let own = yaml.replace("TG_TEST_UNSET_VAR", "TOLLGATE_API_TOKEN");
+    let sources = [("p.yaml".to_string(), own)];
+    for env in [
+        quota::policy::EnvMode::Strict,
+        quota::policy::EnvMode::Lenient,
+    ] {
+        let err = quota::policy::parse_layered(&sources, 1, env).expect_err("reserved");
+        assert!(err.to_string().contains("TOLLGATE_API_TOKEN"), "{err}");
+    }
 }

@@ -334,7 +334,7 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
 /// later revision, a key revocation among them, still reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_variable_only_the_gateways_have_does_not_stop_the_fleet() {
-    const VAR: &str = "TOLLGATE_E2E_VENDOR_KEY";
+    const VAR: &str = "VENDOR_E2E_KEY";
     let mock = MockUpstream::start();
     let cp = ControlPlane::start(&Db::sqlite());
     let policy = format!(

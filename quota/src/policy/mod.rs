@@ -145,13 +145,13 @@ impl Policy {
 }
 
 /// A model version after its base name: `-2024-08-06`, `-20241022`, `-0613`, `@20241022`,
-/// `-latest`, `-v1:0` (dates, numbers and version tags; no other words).
+/// `-v2@20241022`, `-latest`, `-v1:0` (dates, numbers and version tags; no other words).
 fn is_version_suffix(rest: &str) -> bool {
     let Some(tag) = rest.strip_prefix(['-', '@', ':']) else {
         return false;
     };
     tag == "latest"
-        || tag.split(['-', ':', '.']).all(|part| {
+        || tag.split(['-', ':', '.', '@']).all(|part| {
             let digits = part.strip_prefix('v').unwrap_or(part);
             !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
         })

@@ -148,9 +148,17 @@ pub(super) fn check_price_books(parsed: &[(&str, PolicyFile)], errors: &mut Vec<
     }
 }
 
-/// Replace every `${NAME}` with the environment variable NAME; the name of a missing one is the
-/// error.
-pub(super) fn expand_env(value: &str) -> Result<String, String> {
+/// Why a `${NAME}` was not expanded.
+pub(super) enum EnvError {
+    /// Not set in this process.
+    Missing(String),
+    /// `TOLLGATE_*`: the process's own settings and secrets (its API and control-plane tokens),
+    /// which a policy must not send to an upstream of its choosing.
+    Reserved(String),
+}
+
+/// Replace every `${NAME}` with the environment variable NAME.
+pub(super) fn expand_env(value: &str) -> Result<String, EnvError> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
@@ -159,7 +167,10 @@ pub(super) fn expand_env(value: &str) -> Result<String, String> {
         };
         let name = &rest[start + 2..start + 2 + len];
         out.push_str(&rest[..start]);
-        out.push_str(&std::env::var(name).map_err(|_| name.to_string())?);
+        if name.starts_with("TOLLGATE_") {
+            return Err(EnvError::Reserved(name.to_string()));
+        }
+        out.push_str(&std::env::var(name).map_err(|_| EnvError::Missing(name.to_string()))?);
         rest = &rest[start + 3 + len..];
     }
     out.push_str(rest);

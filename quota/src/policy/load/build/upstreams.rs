@@ -3,7 +3,7 @@
 
 use super::Builder;
 use crate::policy::dto::UpstreamDto;
-use crate::policy::load::sources::expand_env;
+use crate::policy::load::sources::{EnvError, expand_env};
 use crate::policy::{EnvMode, Upstream};
 use serde_saphyr::Spanned;
 use std::sync::Arc;
@@ -67,10 +67,17 @@ impl<'a> Builder<'a> {
                 continue;
             };
             match expand_env(&value.value) {
-                Err(var) if self.env == EnvMode::Lenient => {
+                Err(EnvError::Reserved(var)) => {
+                    let msg = format!(
+                        "`{var}`: TOLLGATE_* variables are the gateway's own settings and \
+                         secrets and are never sent upstream; use another name"
+                    );
+                    self.err(file, value.referenced, &hpath, msg);
+                }
+                Err(EnvError::Missing(var)) if self.env == EnvMode::Lenient => {
                     unresolved.get_or_insert(var);
                 }
-                Err(var) => {
+                Err(EnvError::Missing(var)) => {
                     let msg = format!("environment variable `{var}` is not set");
                     self.err(file, value.referenced, &hpath, msg);
                 }
