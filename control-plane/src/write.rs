@@ -267,8 +267,9 @@ async fn write(
         } => {
             require_policy(&snap)?;
             let before = snap.subjects.iter().find(|s| s.id == id).cloned();
-            if before.as_ref().is_none_or(|b| b.tier != tier) {
-                // A tier set by hand is an entitlement change as of now (see `entitlement`).
+            if before.as_ref().is_some_and(|b| b.tier != tier) {
+                // A tier changed by hand is an entitlement change as of now (see `entitlement`).
+                // Creating a subject is not: its checkout event, dated before, must still apply.
                 let newest = Store::entitlement_event(w, &id).await?;
                 let at = w.now_ms.max(newest.unwrap_or(i64::MIN));
                 Store::record_entitlement_event(w, &id, at).await?;

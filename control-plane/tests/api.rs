@@ -1131,6 +1131,16 @@ async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
             .await;
         assert_eq!(subject["tier"], "pro", "after {method} {path}");
     }
+    // Creating a subject is no tier change: the checkout event behind it, dated before and
+    // delivered after, still applies.
+    let (s, b) = api
+        .json("PUT", "/v1/subjects/s5", ADMIN, json!({ "tier": "free" }))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let checkout = json!({ "subject": "s5", "tier": "pro", "event_time": a_minute_ago, "idempotency_key": "s5-checkout" });
+    let (_, applied) = api.json("POST", "/v1/entitlements", ADMIN, checkout).await;
+    assert_eq!(applied["superseded"], false, "{applied}");
+    assert_eq!(applied["after_tier"], "pro", "{applied}");
     let (s, b) = api
         .json(
             "POST",

@@ -19,7 +19,9 @@ pub enum Endpoint {
     Responses,
     /// OpenAI `…/embeddings`: input only, billed at the embedding price.
     Embeddings,
-    /// `…/count_tokens`: free at the provider, generates nothing.
+    /// Anthropic `…/messages/count_tokens`, OpenAI `…/responses/input_tokens`: free at the
+    /// provider, generates nothing. Only those paths: an upstream that routes by prefix could
+    /// generate at `…/chat/completions/count_tokens`.
     CountTokens,
     /// Anything else (batches, files, models…): cannot be metered as one call.
     Other,
@@ -30,7 +32,10 @@ impl Endpoint {
     pub fn of(provider: Provider, path: &str) -> Endpoint {
         let path = path.trim_end_matches('/');
         match provider {
-            _ if path.ends_with("/count_tokens") => Endpoint::CountTokens,
+            Provider::Anthropic if path.ends_with("/messages/count_tokens") => {
+                Endpoint::CountTokens
+            }
+            Provider::OpenAi if path.ends_with("/responses/input_tokens") => Endpoint::CountTokens,
             Provider::OpenAi if path.ends_with("/chat/completions") => Endpoint::Chat,
             Provider::OpenAi if path.ends_with("/completions") => Endpoint::Completions,
             Provider::OpenAi if path.ends_with("/responses") => Endpoint::Responses,
@@ -144,6 +149,13 @@ fn parse_with(
     // Some upstreams match field names without regard to case (Go's encoding/json): a `Model`
     // or `MAX_TOKENS` beside the field this gateway read could be what they act on.
     for key in obj.keys() {
+        // Go also folds `ſ` into `s` and the Kelvin sign into `k`: no top-level field of these
+        // APIs is anything but ASCII.
+        if !key.is_ascii() {
+            return Err(RequestError::Invalid(format!(
+                "`{key}`: field names are ASCII in this API"
+            )));
+        }
         let lower = key.to_ascii_lowercase();
         if &lower != key && READ_FIELDS.contains(&lower.as_str()) {
             return Err(RequestError::Invalid(format!(
@@ -503,9 +515,13 @@ mod tests {
         for body in [
             r#"{"model":"gpt-4o-mini","Model":"gpt-4o","messages":[]}"#,
             r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":5,"MAX_TOKENS":90000}"#,
+            r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":5,"max_tokenſ":90000}"#,
         ] {
             let e = parse(Provider::OpenAi, Endpoint::Chat, body.as_bytes(), None).unwrap_err();
-            assert!(e.to_string().contains("case-sensitive"), "{e}");
+            assert!(
+                e.to_string().contains("case-sensitive") || e.to_string().contains("ASCII"),
+                "{e}"
+            );
         }
         let fine = br#"{"model":"gpt-4o-mini","messages":[],"User":"x"}"#;
         assert!(parse(Provider::OpenAi, Endpoint::Chat, fine, None).is_ok());
@@ -577,6 +593,10 @@ mod tests {
                 CountTokens,
             ),
             (Provider::Anthropic, "/v1/messages/batches", Other),
+            (Provider::OpenAi, "/v1/responses/input_tokens", CountTokens),
+            (Provider::OpenAi, "/v1/chat/completions/count_tokens", Other),
+            (Provider::Anthropic, "/v1/complete/count_tokens", Other),
+            (Provider::OpenAi, "/v1/messages/count_tokens", Other),
             (Provider::Anthropic, "/v1/chat/completions", Other),
         ] {
             assert_eq!(Endpoint::of(p, path), want, "{path}");

@@ -635,6 +635,10 @@ pub fn json_usage(
         #[serde(default)]
         usage: serde_json::Value,
     }
+    // An object only (serde would read a struct from an array too).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
     let u = serde_json::from_slice::<UsageOnly>(body).ok()?;
     let mut r = Reported::default();
     r.merge(&u.usage);
@@ -777,6 +781,8 @@ mod tests {
             &b"\x1f\x8b\x08\x00"[..],
             b"<html>oops</html>",
             b"data: {}\n\n",
+            b"[]",
+            b"",
         ] {
             assert_eq!(json_usage(Provider::OpenAi, "gpt-4o", body, 5), None);
         }
