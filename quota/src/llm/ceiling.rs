@@ -215,6 +215,8 @@ pub(crate) fn text_keys(provider: Provider) -> &'static [memmem::Finder<'static>
             b"\"text\":",
             b"\"arguments\":",
             b"\"reasoning_content\":",
+            // OpenAI-compatible servers (OpenRouter, vLLM) stream reasoning text under this name.
+            b"\"reasoning\":",
             b"\"refusal\":",
         ])
     });

@@ -554,7 +554,7 @@ pub(crate) fn top_level_str<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> 
 /// The generated text of an OpenAI chat message or delta: content, refusal, reasoning, and the
 /// arguments of its tool calls.
 fn choice_texts(m: &serde_json::Value) -> impl Iterator<Item = &str> {
-    ["content", "refusal", "reasoning_content"]
+    ["content", "refusal", "reasoning_content", "reasoning"]
         .into_iter()
         .filter_map(|k| m[k].as_str())
         .chain(
@@ -917,10 +917,11 @@ mod kind_tests {
     fn counted_output_includes_tools_reasoning_and_every_choice() {
         let chat = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" the\"}},{\"index\":1,\"delta\":{\"content\":\" of\"}}]}\n\n\
                     data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\" and\"}}]}}]}\n\n\
-                    data: {\"choices\":[{\"delta\":{\"reasoning_content\":\" the\"}}]}\n\n";
+                    data: {\"choices\":[{\"delta\":{\"reasoning_content\":\" the\"}}]}\n\n\
+                    data: {\"choices\":[{\"delta\":{\"reasoning\":\" of\"}}]}\n\n";
         let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
         run(&mut m, chat, 7);
-        assert_eq!(m.usage(0), Usage::plain(0, 4));
+        assert_eq!(m.usage(0), Usage::plain(0, 5));
         let anthropic = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n\
                          event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\" the of\"}}\n\n\
                          event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\" and\"}}\n\n";
