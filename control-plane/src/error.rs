@@ -25,12 +25,16 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// A limit on what one caller may hold open (watch streams).
+    #[error("{0}")]
+    TooMany(String),
 }
 
 /// What every error response carries.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
-    /// A stable code: unauthorized, forbidden, not_found, bad_request, invalid, conflict, internal.
+    /// A stable code: unauthorized, forbidden, not_found, bad_request, invalid, conflict,
+    /// internal, too_many.
     pub error: &'static str,
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -39,6 +43,9 @@ pub struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_id: Option<String>,
 }
+
+/// Policy errors listed in an answer at most.
+const MAX_ERRORS_LISTED: usize = 1_000;
 
 /// What a client is told about an internal error, whatever its cause.
 pub const INTERNAL_MESSAGE: &str = "internal error: nothing more is said here; the operator finds the cause in the control plane's log under this error id";
@@ -71,6 +78,7 @@ impl ApiError {
             Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many"),
         }
     }
 }
@@ -80,7 +88,10 @@ impl IntoResponse for ApiError {
         let (status, code) = self.parts();
         let (detail, error_id) = self.public_detail();
         let errors = match &self {
-            Self::Invalid { errors, .. } => errors.clone(),
+            // The first ones: a crafted document can hold tens of thousands (`detail` counts them).
+            Self::Invalid { errors, .. } => {
+                errors.iter().take(MAX_ERRORS_LISTED).cloned().collect()
+            }
             _ => Vec::new(),
         };
         let body = ErrorBody {

@@ -33,8 +33,20 @@ fn now_ms() -> i64 {
 }
 
 impl Registry {
-    /// A stream opened; returns its id (for `seen` and `closed`).
-    pub fn opened(&self, actor: &str, agent: &str, revision: u64) -> u64 {
+    /// A stream opened, unless `actor` holds `per_actor` already or `total` are open; returns
+    /// its id (for `seen` and `closed`).
+    pub fn try_open(
+        &self,
+        actor: &str,
+        agent: &str,
+        revision: u64,
+        per_actor: usize,
+        total: usize,
+    ) -> Option<u64> {
+        let mut open = self.lock();
+        if open.len() >= total || open.values().filter(|c| c.actor == actor).count() >= per_actor {
+            return None;
+        }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let now = now_ms();
         let conn = GatewayConn {
@@ -45,8 +57,8 @@ impl Registry {
             revision,
             last_seen_ms: now,
         };
-        self.lock().insert(id, conn);
-        id
+        open.insert(id, conn);
+        Some(id)
     }
 
     /// Something was written to stream `id`; `revision` when it was a snapshot.
@@ -85,5 +97,28 @@ pub struct Registered<'a> {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.registry.closed(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_limited_per_token_and_in_all() {
+        let r = Registry::default();
+        let a: Vec<u64> = (0..3)
+            .filter_map(|_| r.try_open("token:a", "gw", 0, 3, 5))
+            .collect();
+        assert_eq!(a.len(), 3);
+        assert_eq!(r.try_open("token:a", "gw", 0, 3, 5), None, "per token");
+        assert!(r.try_open("token:b", "gw", 0, 3, 5).is_some());
+        assert!(r.try_open("token:c", "gw", 0, 3, 5).is_some());
+        assert_eq!(r.try_open("token:d", "gw", 0, 3, 5), None, "in all");
+        r.closed(a[0]);
+        assert!(
+            r.try_open("token:a", "gw", 0, 3, 5).is_some(),
+            "a closed one frees its place"
+        );
     }
 }

@@ -18,7 +18,8 @@ use tokio::sync::{Mutex, watch};
 #[derive(Debug, Clone)]
 pub struct Published {
     pub revision: u64,
-    pub json: Bytes,
+    /// The whole `snapshot` event, built once: every watch stream sends this same buffer.
+    pub frame: Bytes,
     /// When this process published it (Unix milliseconds): gateways measure propagation from it.
     pub published_ms: u64,
 }
@@ -168,12 +169,14 @@ impl AppState {
 }
 
 fn publishable(s: &Snapshot) -> Published {
+    let json = serde_json::to_vec(s).unwrap_or_default();
+    let published_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     Published {
         revision: s.revision,
-        json: Bytes::from(serde_json::to_vec(s).unwrap_or_default()),
-        published_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        frame: crate::watch::frame(s.revision, published_ms, &json),
+        published_ms,
     }
 }
 

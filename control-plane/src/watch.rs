@@ -5,7 +5,7 @@
 
 use crate::auth::Viewer;
 use crate::error::ApiError;
-use crate::state::{AppState, Published};
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
@@ -23,19 +23,20 @@ pub struct WatchQuery {
 
 /// A snapshot event. `published_ms` (a field SSE clients ignore unless they know it) lets a
 /// gateway measure how long the revision took to reach it.
-fn frame(p: &Published) -> Bytes {
-    let mut out = Vec::with_capacity(p.json.len() + 80);
+pub(crate) fn frame(revision: u64, published_ms: u64, json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 80);
     out.extend_from_slice(
-        format!(
-            "event: snapshot\nid: {}\npublished_ms: {}\ndata: ",
-            p.revision, p.published_ms
-        )
-        .as_bytes(),
+        format!("event: snapshot\nid: {revision}\npublished_ms: {published_ms}\ndata: ").as_bytes(),
     );
-    out.extend_from_slice(&p.json);
+    out.extend_from_slice(json);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
 }
+
+/// Watch streams one token may hold open (a fleet's gateways often share one token).
+const MAX_STREAMS_PER_TOKEN: usize = 1_000;
+/// Watch streams this instance holds open in all.
+const MAX_STREAMS: usize = 10_000;
 
 /// Carries the interval, so a gateway knows how long a silence means the stream is dead.
 fn heartbeat(revision: u64, every: std::time::Duration) -> Bytes {
@@ -64,7 +65,9 @@ pub async fn watch(
     let mut closing = state.closing.subscribe();
     let mut rx = state.published.subscribe();
     let every = state.heartbeat;
-    let mut sent = q.since.unwrap_or(0);
+    // A caller cannot claim a revision that was never published (the gateways page would show
+    // it as current).
+    let mut sent = q.since.unwrap_or(0).min(rx.borrow().revision);
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     tracing::info!(actor = %actor.name, since = sent, "gateway watching");
     let agent = headers
@@ -74,8 +77,19 @@ pub async fn watch(
         .chars()
         .take(120)
         .collect::<String>();
+    let Some(id) = state.gateways.try_open(
+        &actor.name,
+        &agent,
+        sent,
+        MAX_STREAMS_PER_TOKEN,
+        MAX_STREAMS,
+    ) else {
+        return Err(ApiError::TooMany(format!(
+            "too many watch streams open (at most {MAX_STREAMS_PER_TOKEN} per token, \
+             {MAX_STREAMS} in all)"
+        )));
+    };
     tokio::spawn(async move {
-        let id = state.gateways.opened(&actor.name, &agent, sent);
         let _registered = crate::gateways::Registered {
             registry: &state.gateways,
             id,
@@ -95,7 +109,7 @@ pub async fn watch(
             let snapshot = current.revision > sent;
             let out = if snapshot {
                 sent = current.revision;
-                frame(&current)
+                current.frame.clone()
             } else {
                 heartbeat(current.revision, every)
             };

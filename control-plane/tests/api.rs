@@ -826,6 +826,57 @@ async fn revoking_a_token_ends_its_watch_stream() {
     assert!(ended.is_ok(), "the stream ended after the revocation");
 }
 
+/// A document with thousands of errors is answered with the first thousand and their count.
+#[tokio::test]
+async fn a_policy_with_thousands_of_errors_gets_a_bounded_answer() {
+    let api = api(false).await;
+    let quotas: Vec<String> = (0..1500).map(|i| format!("q{i}: {{ daily: 0 }}")).collect();
+    let many = format!("{POLICY}  huge: {{ {} }}\n", quotas.join(", "));
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/policies/validate",
+            Some(ADMIN),
+            Body::from(many),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(b["errors"].as_array().map(Vec::len), Some(1000));
+    assert!(
+        b["detail"].as_str().unwrap_or("").contains("1500 error"),
+        "{}",
+        b["detail"]
+    );
+}
+
+/// A watcher cannot claim a revision that was never published: the gateways page would list a
+/// fake gateway as current.
+#[tokio::test]
+async fn a_watch_stream_cannot_claim_a_revision_never_published() {
+    let api = api(false).await;
+    let viewer = api.token("viewer").await;
+    let resp = api
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/v1/watch?since=999999999")
+                .header("authorization", format!("Bearer {viewer}"))
+                .header("user-agent", "tollgate-gateway/fake")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    body.frame().await.expect("a first event").expect("frame");
+    let published = api.state.published.borrow().revision;
+    let listed = api.state.gateways.list();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].revision, published, "{listed:?}");
+}
+
 #[tokio::test]
 async fn a_policy_is_checked_with_whichever_subjects_gateways_may_compile() {
     let api = api(false).await;

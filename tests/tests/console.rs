@@ -511,6 +511,24 @@ async fn console_roles_csrf_and_sessions() {
         .unwrap()
         + 1;
     assert!(html.contains(&format!("line {line}, column")), "{html}");
+    // Thousands of mistakes on one long line: the first hundred are shown, the page stays small.
+    let quotas: Vec<String> = (0..5000).map(|i| format!("q{i}: {{ daily: 0 }}")).collect();
+    let many = format!("{POLICY}  huge: {{ {} }}\n", quotas.join(", "));
+    let (status, _, html) = editor
+        .post(
+            "/console/policies/validate",
+            &[("yaml", &many), ("comment", "")],
+            Some(&editor.csrf),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(html.matches("class=\"policy-error\"").count(), 100);
+    assert!(html.contains("and 4900 more"), "the rest is counted");
+    assert!(
+        html.len() < 2 * many.len() + 200_000,
+        "{} bytes",
+        html.len()
+    );
     let (status, _, _) = editor
         .post(
             "/console/policies/publish",

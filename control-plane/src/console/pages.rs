@@ -387,10 +387,23 @@ pub fn locate(error: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// Errors shown on the editor page, and the widest column a caret is drawn under: a document
+/// with tens of thousands of errors on one long line must not build a page of gigabytes.
+const SHOWN_ERRORS: usize = 100;
+const CARET_COLUMNS: u32 = 240;
+
 pub fn editor(who: &Signed, yaml: &str, comment: &str, checked: &Checked) -> Markup {
-    let located: Vec<(Option<(u32, u32)>, &String)> = match checked {
-        Checked::Invalid { errors, .. } => errors.iter().map(|e| (locate(e), e)).collect(),
-        _ => Vec::new(),
+    type Located<'a> = Vec<(Option<(u32, u32)>, &'a String)>;
+    let (located, more): (Located, usize) = match checked {
+        Checked::Invalid { errors, .. } => (
+            errors
+                .iter()
+                .take(SHOWN_ERRORS)
+                .map(|e| (locate(e), e))
+                .collect(),
+            errors.len().saturating_sub(SHOWN_ERRORS),
+        ),
+        _ => (Vec::new(), 0),
     };
     layout(
         "Edit policy",
@@ -413,6 +426,9 @@ pub fn editor(who: &Signed, yaml: &str, comment: &str, checked: &Checked) -> Mar
                                 @if let Some((l, c)) = at { strong { "line " (l) ", column " (c) } ": " }
                                 (e)
                             }
+                        }
+                        @if more > 0 {
+                            li #more-errors { "… and " (more) " more (fix these first)" }
                         }
                     }
                 } }
@@ -439,7 +455,11 @@ pub fn editor(who: &Signed, yaml: &str, comment: &str, checked: &Checked) -> Mar
                         "\n"
                         @for (at, e) in here {
                             @if let Some((_, c)) = at {
-                                span.caret { (format!("     {}^ {e}", " ".repeat(c.saturating_sub(1) as usize))) } "\n"
+                                @if *c <= CARET_COLUMNS {
+                                    span.caret { (format!("     {}^ {e}", " ".repeat(c.saturating_sub(1) as usize))) } "\n"
+                                } @else {
+                                    span.caret { (format!("     ^ (column {c}) {e}")) } "\n"
+                                }
                             }
                         }
                     }
