@@ -280,6 +280,7 @@ async fn handle_event(
             if let Ok(b) = serde_json::from_slice::<Beat>(&data) {
                 let behind = b.revision < link.applied();
                 if behind && !link.behind.swap(true, Ordering::Relaxed) {
+                    link.restored_at.store(b.revision.max(1), Ordering::Relaxed);
                     tracing::warn!(
                         theirs = b.revision,
                         ours = link.applied(),
@@ -288,6 +289,7 @@ async fn handle_event(
                 }
                 if !behind {
                     link.behind.store(false, Ordering::Relaxed);
+                    link.restored_at.store(0, Ordering::Relaxed);
                 }
                 link.latest.fetch_max(b.revision, Ordering::Relaxed);
                 every = b.every_ms.map(Duration::from_millis);
@@ -341,8 +343,16 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bo
         }
     };
     link.latest.fetch_max(snap.revision, Ordering::Relaxed);
-    // Never go back: a reconnect to a lagging replica must not undo a newer revision.
-    if snap.revision <= link.applied() {
+    // A control plane seen behind this gateway (its database restored) that then makes a change
+    // (a key revoked, a tier changed) is obeyed: its revision numbers restarted lower, so that
+    // change would otherwise wait until they pass this gateway's, revocations included.
+    let restored_at = link.restored_at.load(Ordering::Relaxed);
+    let after_restore = link.behind.load(Ordering::Relaxed)
+        && restored_at > 0
+        && snap.revision > restored_at
+        && snap.revision <= link.applied();
+    // Otherwise never go back: a reconnect to a lagging replica must not undo a newer revision.
+    if snap.revision <= link.applied() && !after_restore {
         m.snapshot_refresh.with_label_values(&["stale"]).inc();
         return false;
     }
@@ -359,6 +369,15 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bo
         return false;
     }
     link.applied.store(revision, Ordering::Relaxed);
+    if after_restore {
+        tracing::warn!(
+            revision,
+            "a change made on the restored control plane: its state replaces the newer one this gateway enforced"
+        );
+        link.latest.store(revision, Ordering::Relaxed);
+        link.behind.store(false, Ordering::Relaxed);
+        link.restored_at.store(0, Ordering::Relaxed);
+    }
     m.snapshot_refresh.with_label_values(&["applied"]).inc();
     m.control_plane_applied_at.set(unix_ms() as f64 / 1000.0);
     m.snapshot_refresh_seconds

@@ -38,6 +38,9 @@ pub struct Link {
     /// Set while the control plane announces an older revision than the one enforced (its
     /// database was restored?): keys it issued since then are unknown here.
     pub(crate) behind: AtomicBool,
+    /// The revision the control plane announced when it was first seen behind (0: it is not):
+    /// a snapshot newer than that is a change made on the restored control plane.
+    pub(crate) restored_at: AtomicU64,
     /// The client of the control plane's API (never used for proxied traffic).
     pub(crate) http: reqwest::Client,
 }
@@ -61,6 +64,7 @@ impl Link {
             applied: AtomicU64::new(0),
             latest: AtomicU64::new(0),
             behind: AtomicBool::new(false),
+            restored_at: AtomicU64::new(0),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .connect_timeout(std::time::Duration::from_secs(5))

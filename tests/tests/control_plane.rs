@@ -326,6 +326,26 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
         (503, Some("3".into())),
         "a key this gateway does not know cannot be checked against a restored control plane"
     );
+
+    // A change made on the restored control plane is obeyed although its revision number is
+    // not above the gateway's: a revoked key stops working.
+    let (_, subject) = cp.call("GET", "/v1/subjects/acme", None).await;
+    let key_id = subject["keys"][0]["id"].as_str().expect("key id");
+    let (status, _) = cp
+        .call("DELETE", &format!("/v1/subjects/acme/keys/{key_id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    assert!(
+        until_status(&gw, "/lookup", &key, 401, Duration::from_secs(10)).await,
+        "the key revoked after the restore is refused"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get_json(gw.api_url("/status")).await["control_plane"]["connected"] == true
+        })
+        .await,
+        "current again"
+    );
 }
 
 /// Upstream credentials live in the gateways' environment, not the control plane's: a policy
