@@ -337,6 +337,17 @@ async fn console_roles_csrf_and_sessions() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "sign-in without a CSRF token");
+    // Behind a TLS terminator the cookies are Secure; served directly (plain HTTP) they cannot be.
+    for (proto, secure) in [(Some("https"), true), (None, false)] {
+        let mut req = http().get(format!("{base}/console/login"));
+        if let Some(p) = proto {
+            req = req.header("x-forwarded-proto", p);
+        }
+        let r = req.send().await.unwrap();
+        let (_, header) = set_cookie(&r, "tg_login").expect("a sign-in cookie");
+        assert_eq!(header.contains("; Secure"), secure, "{proto:?}: {header}");
+        assert!(header.contains("HttpOnly"), "{header}");
+    }
     let (viewer_token, viewer_id) = cp.issue_token("alice-viewer", "viewer").await;
     let (editor_token, _) = cp.issue_token("erin-editor", "editor").await;
     // A payment webhook's token posts entitlements only: no console session for it.

@@ -85,7 +85,34 @@ pub fn router(console: Arc<Console>) -> Router {
         )
         .route("/console/gateways", get(gateways))
         .route("/console/changes", get(changes))
+        .layer(axum::middleware::from_fn(secure_cookies_behind_tls))
         .with_state(console)
+}
+
+/// Behind a TLS terminator (`X-Forwarded-Proto: https`), every cookie the console sets is
+/// `Secure`: the browser then never sends the session over plain HTTP. (Served directly, the
+/// console speaks plain HTTP, where a `Secure` cookie would not be kept.)
+async fn secure_cookies_behind_tls(req: Request, next: axum::middleware::Next) -> Response {
+    let https = req
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    let mut resp = next.run(req).await;
+    if https {
+        let secure: Vec<HeaderValue> = resp
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| HeaderValue::from_str(&format!("{v}; Secure")).ok())
+            .collect();
+        resp.headers_mut().remove(header::SET_COOKIE);
+        for v in secure {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
 }
 
 async fn css() -> Response {
