@@ -320,13 +320,17 @@ impl Store {
         row.map(|r| policy_row(&r, true)).transpose()
     }
 
+    /// Every version without its document (which only grows: each rollback stores a copy).
     pub async fn policy_history(&self) -> Result<Vec<PolicyVersion>, StoreError> {
-        sqlx::query("SELECT * FROM policy_versions ORDER BY version DESC")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| policy_row(r, false))
-            .collect()
+        sqlx::query(
+            "SELECT version, revision, label, sha256, comment, actor, created_at_ms
+             FROM policy_versions ORDER BY version DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| policy_row(r, false))
+        .collect()
     }
 
     pub async fn insert_policy(
