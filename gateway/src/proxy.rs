@@ -48,6 +48,21 @@ fn host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.headers.get("host").and_then(|v| v.to_str().ok()))
 }
 
+/// Why a request's target or Host cannot be routed as sent, if so. Only origin-form targets
+/// (`/path?query`) are taken: pingora routes an absolute-form or opaque target (`x:/exports`) by
+/// a path of its own while the upstream gets the raw bytes (and may read another path), and
+/// picks the upstream's Host from an absolute target after routing. An HTTP/1.1 request without
+/// Host is malformed (RFC 9112 §3.2).
+fn unroutable(req: &RequestHeader) -> Option<&'static str> {
+    if req.raw_path().first() != Some(&b'/') {
+        return Some("the request target must be a path (origin form: /path?query)");
+    }
+    if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
+        return Some("an HTTP/1.1 request needs a Host header");
+    }
+    None
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
@@ -63,6 +78,7 @@ impl ProxyHttp for Gateway {
             decision: None,
             charged: None,
             never_sent: false,
+            connected: false,
         }
     }
 
@@ -125,6 +141,17 @@ impl ProxyHttp for Gateway {
                 session,
                 403,
                 error_body("subject_disabled", msg, &ctx.request_id),
+                &[],
+                &ctx.request_id,
+            )
+            .await?;
+            return Ok(true);
+        }
+        if let Some(why) = unroutable(req) {
+            respond_json(
+                session,
+                400,
+                error_body("invalid_path", why, &ctx.request_id),
                 &[],
                 &ctx.request_id,
             )
@@ -315,7 +342,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         e: Box<Error>,
     ) -> Box<Error> {
-        ctx.never_sent = true;
+        ctx.never_sent = !ctx.connected;
         e
     }
 
@@ -330,10 +357,24 @@ impl ProxyHttp for Gateway {
             Ok(peer) => Ok(Box::new(peer)),
             Err(e) => {
                 // Never sent: the charge is given back in `logging`.
-                ctx.never_sent = true;
+                ctx.never_sent = !ctx.connected;
                 Err(Error::explain(ErrorType::ConnectNoRoute, e.to_string()))
             }
         }
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.connected = true;
+        Ok(())
     }
 
     async fn upstream_request_filter(

@@ -29,6 +29,9 @@ pub struct Ctx {
     pub(crate) charged: Option<Charge>,
     /// No connection to the upstream could be made for this request (so far).
     pub(crate) never_sent: bool,
+    /// A connection to the upstream was made for this request: an attempt may have reached it,
+    /// so a later retry that fails to connect does not make it "never sent".
+    pub(crate) connected: bool,
 }
 
 /// What a plain request consumed, to give back when it was never sent.

@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 
 /// Headers that carry the client's Tollgate key: removed before forwarding.
 pub const CLIENT_CREDENTIALS: [&str; 2] = ["authorization", "x-api-key"];
+/// Headers some frameworks read as the request's method: a route is matched (and billed) by the
+/// method on the wire, so the upstream must not act on another.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Headers that belong to one connection, never forwarded as they came (RFC 9110 §7.6.1).
 pub const HOP_BY_HOP: [&str; 6] = [
@@ -230,7 +237,7 @@ pub fn shape(
             req.remove_header(h);
         }
     }
-    for h in CLIENT_CREDENTIALS {
+    for h in CLIENT_CREDENTIALS.into_iter().chain(METHOD_OVERRIDES) {
         req.remove_header(h);
     }
     for (name, value) in &up.headers {

@@ -779,10 +779,11 @@ async fn a_call_longer_than_its_reservation_ttl_keeps_its_hold() {
 }
 
 /// A hand-written HTTP/1.1 upstream on loopback: the `i`th request on a connection (its header
-/// and a body of its Content-Length) gets `answer(i)`, and `None` hangs up without answering.
-async fn raw_upstream<F>(answer: F) -> std::net::SocketAddr
+/// and a body of its Content-Length) gets `answer(i, its header)`, and `None` hangs up without
+/// answering. After `connections` connections it stops listening (connections are refused).
+async fn raw_upstream<F>(connections: usize, answer: F) -> std::net::SocketAddr
 where
-    F: Fn(usize) -> Option<Vec<u8>> + Send + Sync + 'static,
+    F: Fn(usize, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
 {
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -792,14 +793,17 @@ where
     let addr = listener.local_addr().expect("addr");
     let answer = Arc::new(answer);
     tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
+        for _ in 0..connections {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
             let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 << 10];
                 let mut seen = Vec::new();
                 for i in 0.. {
                     // The whole request: its header and a body of its Content-Length.
-                    loop {
+                    let head = loop {
                         let text = String::from_utf8_lossy(&seen).to_lowercase();
                         if let Some(end) = text.find("\r\n\r\n") {
                             let len = text[..end]
@@ -808,16 +812,19 @@ where
                                 .and_then(|v| v.trim().parse::<usize>().ok())
                                 .unwrap_or(0);
                             if seen.len() >= end + 4 + len {
+                                let head = String::from_utf8_lossy(&seen[..end]).into_owned();
                                 seen.drain(..end + 4 + len);
-                                break;
+                                break head;
                             }
                         }
                         match conn.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => seen.extend_from_slice(&buf[..n]),
                         }
-                    }
-                    let Some(bytes) = answer(i) else { return };
+                    };
+                    let Some(bytes) = answer(i, &head) else {
+                        return;
+                    };
                     if conn.write_all(&bytes).await.is_err() {
                         return;
                     }
@@ -839,7 +846,7 @@ async fn a_request_on_a_connection_the_upstream_closed_is_sent_again() {
     let count = answered.clone();
     // Each connection answers its first request (keeping the connection open, as HTTP/1.1
     // allows) and closes when a second one arrives on it, unanswered.
-    let addr = raw_upstream(move |i| {
+    let addr = raw_upstream(usize::MAX, move |i, _| {
         let body = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#;
         (i == 0).then(|| {
             count.fetch_add(1, Ordering::SeqCst);
@@ -886,7 +893,7 @@ async fn an_answer_the_gateway_cannot_read_is_billed_its_reservation() {
         )
         .into_bytes();
         answer.extend_from_slice(body);
-        let addr = raw_upstream(move |_| Some(answer.clone())).await;
+        let addr = raw_upstream(usize::MAX, move |_, _| Some(answer.clone())).await;
         let gw = Gateway::start(&policy(addr, ""));
         let mut req = chat(kind == "text/event-stream");
         req["max_tokens"] = 500.into();
@@ -955,4 +962,169 @@ async fn a_request_id_cannot_replay_a_decision_for_another_request() {
             "{name}: nothing taken from export"
         );
     }
+}
+
+/// Send `head` (a request's line and headers, without the blank line) raw; the status and body.
+async fn raw_http(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("{head}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The target and Host a route is chosen (and billed) by are the ones the upstream acts on: a
+/// target that is not a path (`x:/exports`, absolute form) or an HTTP/1.1 request without Host is
+/// refused before any charge, a host route matches its name with a trailing dot or a port too,
+/// and method-override headers do not reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_and_host_billed_are_the_ones_the_upstream_sees() {
+    let mock = MockUpstream::start();
+    let yaml = format!(
+        "upstreams:\n  up: {{ address: '{}' }}\n\
+         routes:\n\
+         \x20 - {{ name: premium, match: {{ host: premium.example.com, path_prefix: / }}, upstream: up, quota: export }}\n\
+         \x20 - {{ name: any, match: {{ path_prefix: / }}, upstream: up, quota: lookup }}\n\
+         tiers:\n  free:\n    lookup: {{ daily: 1000 }}\n  pro:\n    lookup: {{ daily: 1000 }}\n    export: {{ daily: 1000 }}\n\
+         subjects:\n  - {{ key: k1, id: u1, tier: free }}\n",
+        mock.addr
+    );
+    let gw = Gateway::start(&yaml);
+    let auth = "authorization: Bearer k1";
+    let cases: &[(&str, u16, Option<&str>)] = &[
+        (
+            &*format!("GET x:/exports HTTP/1.1\r\nhost: gw\r\n{auth}"),
+            400,
+            Some("invalid_path"),
+        ),
+        (
+            &*format!("GET http://premium.example.com/x HTTP/1.1\r\n{auth}"),
+            400,
+            Some("invalid_path"),
+        ),
+        // With a Host that disagrees, pingora refuses it itself.
+        (
+            &*format!("GET http://premium.example.com/x HTTP/1.1\r\nhost: gw\r\n{auth}"),
+            400,
+            None,
+        ),
+        (
+            &*format!("GET /x HTTP/1.1\r\n{auth}"),
+            400,
+            Some("invalid_path"),
+        ),
+        // The free tier has no export quota: the premium route refuses it.
+        (
+            &*format!("GET /x HTTP/1.1\r\nhost: premium.example.com.\r\n{auth}"),
+            403,
+            None,
+        ),
+        (
+            &*format!("GET /x HTTP/1.1\r\nhost: Premium.Example.com.:8080\r\n{auth}"),
+            403,
+            None,
+        ),
+        (
+            &*format!("GET /x HTTP/1.1\r\nhost: gw\r\n{auth}"),
+            200,
+            None,
+        ),
+    ];
+    let reached = || async {
+        get_json(mock.url("/_mock/requests")).await["total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for (head, want, code) in cases {
+        let before = reached().await;
+        let (status, body) = raw_http(gw.proxy, head).await;
+        assert_eq!(status, *want, "{head}: {body}");
+        if let Some(code) = code {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            assert_eq!(v["error"], *code, "{head}: {body}");
+        }
+        let sent = reached().await - before;
+        assert_eq!(sent, u64::from(*want == 200), "{head}: upstream calls");
+    }
+
+    // Method overrides stay at the gateway.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let keep = seen.clone();
+    let addr = raw_upstream(usize::MAX, move |_, head| {
+        *keep.lock().expect("lock") = head.to_ascii_lowercase();
+        Some(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+    })
+    .await;
+    let gw = Gateway::start(&policy(addr, ""));
+    let (status, _) = raw_http(
+        gw.proxy,
+        "POST /lookup/1 HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer k1\r\nx-http-method-override: DELETE\r\nx-method-override: DELETE\r\nx-http-method: DELETE\r\ncontent-length: 0",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let head = seen.lock().expect("lock").clone();
+    assert!(head.starts_with("post /lookup/1"), "{head}");
+    assert!(
+        !head.contains("override") && !head.contains("x-http-method"),
+        "{head}"
+    );
+}
+
+/// A request that reached the upstream on a kept-alive connection, whose retry then cannot
+/// connect, may have been served: its units are not given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_may_have_been_served_is_not_refunded() {
+    // One connection: its first request is answered, its second read and hung up on; then the
+    // listener is gone, so the retry cannot connect.
+    let addr = raw_upstream(1, |i, _| {
+        (i == 0).then(|| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+    })
+    .await;
+    let gw = Gateway::start(&policy(addr, ""));
+    let used = || async {
+        let r = post_json(
+            gw.api_url("/check"),
+            &json!({ "subject": "u1", "quota": "lookup", "cost": 0 }),
+        )
+        .await;
+        1000 - r["remaining"].as_u64().expect("remaining")
+    };
+    let get = |rid: &'static str| {
+        client()
+            .get(gw.url("/lookup/1"))
+            .bearer_auth("k1")
+            .header("x-request-id", rid)
+            .send()
+    };
+    assert_eq!(get("first").await.expect("first").status(), StatusCode::OK);
+    let second = get("second").await.expect("second").status();
+    assert!(second.is_server_error(), "{second}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            tollgate_e2e::metric(
+                &tollgate_e2e::metrics(&gw).await,
+                "gateway_requests_total{route=\"lookup\",status=\"5xx\"}",
+            )
+            .unwrap_or(0)
+                >= 1
+        })
+        .await
+    );
+    assert_eq!(
+        used().await,
+        2,
+        "the second request reached the upstream: it stays charged"
+    );
 }

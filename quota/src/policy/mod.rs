@@ -105,8 +105,9 @@ impl Policy {
 
     /// The route for a request, most specific match first.
     pub fn route(&self, method: &str, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
-        self.routes.iter().find(|r| r.matches(method, host, path))
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, host.map(host_name), path))
     }
 
     /// Every distinct subject (one subject may hold several API keys).
@@ -142,6 +143,21 @@ impl Policy {
             .or_else(|| self.models.iter().find(|(name, _)| name == "default"))
             .map(|(_, p)| *p)
     }
+}
+
+/// The name in a Host value: without its port, and without the trailing dot of a fully
+/// qualified name (`api.example.com.:443` is `api.example.com`, as servers read it).
+fn host_name(h: &str) -> &str {
+    let name = match h.rsplit_once(':') {
+        Some((name, port))
+            if port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => h,
+    };
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// A model version after its base name: `-2024-08-06`, `-20241022`, `-0613`, `@20241022`,
