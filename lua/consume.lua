@@ -6,6 +6,9 @@
 --
 -- Time is passed in by the gateway (microseconds since the Unix epoch): Lua numbers are doubles,
 -- exact for integers below 2^53, which microsecond timestamps are and nanosecond ones are not.
+-- A bucket's emission interval comes to the nanosecond (`1.714`) and its TAT is stored with its
+-- fraction (`%.3f`; near 2^51 µs a double keeps quarter microseconds), so fast rates refill at
+-- their own pace rather than at a whole microsecond per unit.
 --
 -- KEYS[1]          idempotency record (only read/written when ARGV[2] is not empty)
 -- KEYS[2i], KEYS[2i+1]  counter i and its reservations (a hash: attempt -> "amount:expires_us")
@@ -157,7 +160,7 @@ for i = 1, n do
   if all then
     if v.kind == 'b' then
       -- The bucket is full again at `next`: the key is not needed after that.
-      redis.call('SET', v.key, string.format('%.0f', v.next),
+      redis.call('SET', v.key, string.format('%.3f', v.next),
         'PX', math.max(math.ceil((v.next - now) / 1000), 1))
     elseif v.next > 0 then
       redis.call('SET', v.key, string.format('%.0f', v.next), 'PX', math.max(v.ttl_ms, 1))

@@ -22,7 +22,7 @@ for i = 1, #KEYS do
     if kind == 'b' then
       local tat = math.max(stored - units * t, now)
       if tat > now then
-        redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.max(math.ceil((tat - now) / 1000), 1))
+        redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.max(math.ceil((tat - now) / 1000), 1))
       else
         redis.call('DEL', KEYS[i])
       end

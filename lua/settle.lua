@@ -44,7 +44,7 @@ for i = 1, n do
   if kind == 'b' then
     local tat = math.max(math.max(stored or now, now) + (actual - reserved) * a, now)
     if tat > now then
-      redis.call('SET', key, string.format('%.0f', tat), 'PX', math.max(math.ceil((tat - now) / 1000), 1))
+      redis.call('SET', key, string.format('%.3f', tat), 'PX', math.max(math.ceil((tat - now) / 1000), 1))
     else
       redis.call('DEL', key)
     end

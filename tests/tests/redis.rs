@@ -305,3 +305,50 @@ async fn leases_are_returned_on_graceful_shutdown() {
         "its unused units are back for the fleet"
     );
 }
+
+/// A fast rate refills at its own pace on every backend: 35,000,000 a minute is one unit every
+/// 1,714 ns, which the Redis scripts once ran at one a microsecond (71% over the rate).
+#[tokio::test]
+async fn a_fast_rate_refills_at_its_declared_pace() {
+    let mock = MockUpstream::start();
+    for backend in [Backend::Memory, Backend::shared_redis()] {
+        let yaml = lookup_policy(
+            mock.addr,
+            "{ rates: [{ limit: 35000000, per: minute }] }",
+            "",
+        );
+        let gw = Gateway::start_on(&backend, &yaml, &["--test-clock", "--no-leases"]);
+        let at = |now: &'static str| {
+            let url = gw.api_url("/test/clock");
+            async move {
+                let r = client()
+                    .post(url)
+                    .json(&serde_json::json!({ "now": now }))
+                    .send()
+                    .await
+                    .expect("clock");
+                assert_eq!(r.status(), StatusCode::OK);
+            }
+        };
+        let check = |cost: u64| {
+            let url = gw.api_url("/check");
+            async move {
+                let v = post_json(
+                    url,
+                    &serde_json::json!({ "subject": "user-free", "quota": "lookup", "cost": cost }),
+                )
+                .await;
+                v["allowed"].as_bool().expect("allowed")
+            }
+        };
+        at("2026-12-01T10:00:00Z").await;
+        assert!(check(35_000_000).await, "the whole burst");
+        // One second later 583,333 units have come back, not 1,000,000.
+        at("2026-12-01T10:00:01Z").await;
+        assert!(
+            !check(700_000).await,
+            "{backend:?}: more than a second's refill"
+        );
+        assert!(check(580_000).await, "{backend:?}: a second's refill");
+    }
+}

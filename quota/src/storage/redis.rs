@@ -338,13 +338,19 @@ impl Storage for RedisStore {
     }
 }
 
+/// A bucket's emission interval in microseconds (the scripts' unit), to the nanosecond: whole
+/// microseconds would refill a 35M-per-minute bucket (1,714 ns) every 1 µs, 71% over its rate.
+fn emission_us(emission_ns: i64) -> String {
+    format!("{}.{:03}", emission_ns / 1000, emission_ns % 1000)
+}
+
 /// Four script arguments per counter: kind, two limit parameters, cost (see `lua/consume.lua`).
 fn push_counter_args(inv: &mut redis::ScriptInvocation<'_>, counters: &[Counter]) {
     for c in counters {
         match c.limit {
             Limit::Bucket { emission_ns, burst } => {
                 inv.arg("b")
-                    .arg((emission_ns / 1000).max(1))
+                    .arg(emission_us(emission_ns))
                     .arg(burst)
                     .arg(c.cost);
             }
@@ -453,7 +459,7 @@ impl RedisStore {
         for it in items {
             inv.key(&it.key);
             match it.emission_ns {
-                Some(e) => inv.arg("b").arg(it.units).arg((e / 1000).max(1)),
+                Some(e) => inv.arg("b").arg(it.units).arg(emission_us(e)),
                 None => inv.arg("w").arg(it.units).arg(0),
             };
         }
