@@ -431,3 +431,45 @@ async fn two_gateways_reserving_from_leases_admit_exactly_the_limit() {
     );
     assert_eq!(shared_remaining(&prefix, &s).await, 0);
 }
+
+/// A `concurrent` limit has no window that ends: slots a gateway took through a lease come back
+/// when its calls end, however long they ran, and never leak from the shared count.
+#[tokio::test]
+async fn concurrent_slots_all_come_back() {
+    let prefix = unique_prefix();
+    // `concurrent` applies to an LLM route's token quota.
+    let yaml = "upstreams:\n  u: { address: '127.0.0.1:1' }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: u, quota: calls, llm: { provider: openai, tokens: q } }\n\
+         tiers:\n  t:\n    calls: { daily: 1000000 }\n    q: { daily: 100000000, concurrent: 500 }\nsubjects:\n  - { key: k, id: s, tier: t }\n";
+    let p = parse_sources(&[("leases.yaml".into(), yaml.into())]).expect("policy");
+    let s = p.subject_for_key("k").expect("subject");
+    let engine = leased(&prefix, Duration::from_secs(60));
+    // Twenty calls one after another, each settled a few seconds after it was reserved.
+    let t0 = now_ns() - 70_000_000_000;
+    for i in 0..20i64 {
+        let at = t0 + i * 3_000_000_000;
+        let attempt = reserve(&engine, &s, 1_000, at).await.expect("admitted");
+        assert_eq!(
+            settle(&engine, &s, &attempt, 500, at).await,
+            quota::storage::Settled::Charged
+        );
+    }
+    engine.store().return_leases(now_ns(), true).await.unwrap();
+    // Another gateway (straight to Redis) can then hold all 500 calls at once.
+    let direct = Engine::new(redis(&prefix));
+    let mut held = 0;
+    for i in 0..501 {
+        let d = direct
+            .reserve(
+                &s,
+                &[("q", 1)],
+                &format!("direct-{i}"),
+                now_ns() + 60_000_000_000,
+                now_ns(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        held += u64::from(d.allowed);
+    }
+    assert_eq!(held, 500, "every slot is free again, and no more than 500");
+}

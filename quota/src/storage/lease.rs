@@ -469,9 +469,17 @@ impl LeasedStore {
                 };
                 l.returning = l.returning.saturating_sub(r.units);
                 match &returned {
-                    // A window's units are tried again at the next pass (dropped once it ends);
-                    // a bucket refills by itself, so its units are let go.
-                    Err(_) if l.window_ends_ns.is_some() => l.units += r.units,
+                    // Redis was not reached: a window's units are tried again at the next pass
+                    // (dropped once it ends); a bucket refills by itself, so its units are let
+                    // go. A timeout may come after the script ran: returning the units again
+                    // could give them back twice (admitting that many over the limit), so they
+                    // are let go too, under-admitting at most them until the window ends.
+                    Err(StorageError::Unavailable(_)) if l.window_ends_ns.is_some() => {
+                        l.units += r.units
+                    }
+                    Err(e) if l.window_ends_ns.is_some() => {
+                        tracing::warn!(error = %e, units = r.units, "lease units whose return may have been applied are not returned again");
+                    }
                     _ => {}
                 }
                 if l.units == 0 && l.returning == 0 && (all || l.expires_ns <= now_ns) {
@@ -563,7 +571,15 @@ impl Storage for LeasedStore {
     async fn check_and_consume(&self, req: &ConsumeRequest<'_>) -> Result<Outcome, StorageError> {
         // Idempotent requests need their record in Redis; free probes (cost 0) want the shared
         // truth.
-        let leasing = req.idempotency_key.is_none() && req.counters.iter().any(|c| c.cost > 0);
+        // A `concurrent` limit (a window that never ends) is not leased: a slot is held for as
+        // long as its call runs, which no lease ttl bounds, and a slot lost on the way back
+        // would stay taken for good.
+        let leasing = req.idempotency_key.is_none()
+            && req.counters.iter().any(|c| c.cost > 0)
+            && !req
+                .counters
+                .iter()
+                .any(|c| matches!(c.limit, Limit::Window { window: 0, .. }));
         if leasing && let Some(o) = self.try_local(req, true) {
             return Ok(o);
         }
