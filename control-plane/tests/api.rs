@@ -135,6 +135,25 @@ impl Api {
             .await
     }
 
+    /// Open a watch stream at `uri` (200 expected); its body.
+    async fn watch(&self, uri: &str, token: &str) -> Body {
+        let resp = self
+            .router
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri(uri)
+                    .header("authorization", format!("Bearer {token}"))
+                    .header("user-agent", "tollgate-gateway/test")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body()
+    }
+
     async fn token(&self, role: &str) -> String {
         let (s, b) = self
             .json(
@@ -794,20 +813,7 @@ async fn a_subject_without_keys_still_binds_policy_changes() {
 async fn revoking_a_token_ends_its_watch_stream() {
     let api = api(false).await;
     let viewer = api.token("viewer").await;
-    let resp = api
-        .router
-        .clone()
-        .oneshot(
-            Request::builder()
-                .uri("/v1/watch")
-                .header("authorization", format!("Bearer {viewer}"))
-                .body(Body::empty())
-                .expect("request"),
-        )
-        .await
-        .expect("response");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
+    let mut body = api.watch("/v1/watch", &viewer).await;
     let first = body.frame().await.expect("a first event").expect("frame");
     assert!(first.data_ref().is_some());
     let id = viewer.split('_').nth(1).expect("id");
@@ -855,21 +861,7 @@ async fn a_policy_with_thousands_of_errors_gets_a_bounded_answer() {
 async fn a_watch_stream_cannot_claim_a_revision_never_published() {
     let api = api(false).await;
     let viewer = api.token("viewer").await;
-    let resp = api
-        .router
-        .clone()
-        .oneshot(
-            Request::builder()
-                .uri("/v1/watch?since=999999999")
-                .header("authorization", format!("Bearer {viewer}"))
-                .header("user-agent", "tollgate-gateway/fake")
-                .body(Body::empty())
-                .expect("request"),
-        )
-        .await
-        .expect("response");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
+    let mut body = api.watch("/v1/watch?since=999999999", &viewer).await;
     body.frame().await.expect("a first event").expect("frame");
     let published = api.state.published.borrow().revision;
     let listed = api.state.gateways.list();

@@ -634,6 +634,17 @@ impl Gateway {
         format!("http://{}{path}", self.api)
     }
 
+    /// Move a `--test-clock` gateway's clock to `now` (RFC 3339).
+    pub async fn set_clock(&self, now: &str) {
+        let r = client()
+            .post(self.api_url("/test/clock"))
+            .json(&serde_json::json!({ "now": now }))
+            .send()
+            .await
+            .expect("clock");
+        assert_eq!(r.status(), 200, "the gateway runs with --test-clock");
+    }
+
     /// Replace the policy file the way an editor does: write a new file, rename it over the old.
     pub fn rewrite_policy(&self, yaml: &str) {
         let tmp = self.policy_file.with_extension("tmp");
@@ -867,6 +878,22 @@ impl ControlPlane {
             .await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// Revoke `subject`'s first API key (204 expected).
+    pub async fn revoke_first_key(&self, subject: &str) {
+        let (_, s) = self
+            .call("GET", &format!("/v1/subjects/{subject}"), None)
+            .await;
+        let key_id = s["keys"][0]["id"].as_str().expect("key id");
+        let (status, body) = self
+            .call(
+                "DELETE",
+                &format!("/v1/subjects/{subject}/keys/{key_id}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
     }
 
     /// Publish `policy` (e.g. [`acme_policy`]), put subject `acme` on `free` with one API key, and issue a viewer token

@@ -329,12 +329,7 @@ async fn a_control_plane_restored_to_an_older_revision_is_not_trusted_for_unknow
 
     // A change made on the restored control plane is obeyed although its revision number is
     // not above the gateway's: a revoked key stops working.
-    let (_, subject) = cp.call("GET", "/v1/subjects/acme", None).await;
-    let key_id = subject["keys"][0]["id"].as_str().expect("key id");
-    let (status, _) = cp
-        .call("DELETE", &format!("/v1/subjects/acme/keys/{key_id}"), None)
-        .await;
-    assert_eq!(status, 204);
+    cp.revoke_first_key("acme").await;
     assert!(
         until_status(&gw, "/lookup", &key, 401, Duration::from_secs(10)).await,
         "the key revoked after the restore is refused"
@@ -413,12 +408,7 @@ tiers:
     );
 
     // A revocation still reaches the gateway that lacks the variable.
-    let (_, subject) = cp.call("GET", "/v1/subjects/acme", None).await;
-    let key_id = subject["keys"][0]["id"].as_str().expect("key id");
-    let (status, _) = cp
-        .call("DELETE", &format!("/v1/subjects/acme/keys/{key_id}"), None)
-        .await;
-    assert_eq!(status, 204);
+    cp.revoke_first_key("acme").await;
     for gw in [&with, &without] {
         assert!(
             until_status(gw, "/lookup", &key, 401, Duration::from_secs(10)).await,

@@ -141,20 +141,8 @@ async fn daily_quota_resets_at_the_subjects_local_midnight(backend: Backend) {
     let mock = MockUpstream::start();
     let yaml = free_lookup(mock.addr, 2).replace("time_zone: UTC", "time_zone: America/New_York");
     let gw = Gateway::start_on(&backend, &yaml, &["--test-clock"]);
-    let set_clock = |now: &'static str| {
-        let url = gw.api_url("/test/clock");
-        async move {
-            let r = client()
-                .post(url)
-                .json(&serde_json::json!({ "now": now }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-        }
-    };
     // 23:59:50 in New York (UTC-5 in November).
-    set_clock("2026-11-22T04:59:50Z").await;
+    gw.set_clock("2026-11-22T04:59:50Z").await;
     for _ in 0..2 {
         assert_eq!(lookup(&gw, "key-free").await, StatusCode::OK);
     }
@@ -169,7 +157,7 @@ async fn daily_quota_resets_at_the_subjects_local_midnight(backend: Backend) {
         (9..=10).contains(&body["retry_after_s"].as_i64().unwrap()),
         "{body}"
     );
-    set_clock("2026-11-22T05:00:01Z").await;
+    gw.set_clock("2026-11-22T05:00:01Z").await;
     let r = get(&gw, "/lookup", "key-free").await;
     assert_eq!(r.status(), StatusCode::OK, "a new local day");
     assert!(

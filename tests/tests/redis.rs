@@ -318,18 +318,6 @@ async fn a_fast_rate_refills_at_its_declared_pace() {
             "",
         );
         let gw = Gateway::start_on(&backend, &yaml, &["--test-clock", "--no-leases"]);
-        let at = |now: &'static str| {
-            let url = gw.api_url("/test/clock");
-            async move {
-                let r = client()
-                    .post(url)
-                    .json(&serde_json::json!({ "now": now }))
-                    .send()
-                    .await
-                    .expect("clock");
-                assert_eq!(r.status(), StatusCode::OK);
-            }
-        };
         let check = |cost: u64| {
             let url = gw.api_url("/check");
             async move {
@@ -341,10 +329,10 @@ async fn a_fast_rate_refills_at_its_declared_pace() {
                 v["allowed"].as_bool().expect("allowed")
             }
         };
-        at("2026-12-01T10:00:00Z").await;
+        gw.set_clock("2026-12-01T10:00:00Z").await;
         assert!(check(35_000_000).await, "the whole burst");
         // One second later 583,333 units have come back, not 1,000,000.
-        at("2026-12-01T10:00:01Z").await;
+        gw.set_clock("2026-12-01T10:00:01Z").await;
         assert!(
             !check(700_000).await,
             "{backend:?}: more than a second's refill"
