@@ -20,6 +20,9 @@ use std::time::Duration;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The wait after the control plane refused this gateway's token (401/403): only an operator
+/// fixes that, so asking every few seconds would only fill both logs.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// Until the first heartbeat says how often they come: three of the default 5 s missed.
 const SILENCE: Duration = Duration::from_secs(15);
 /// Largest event accepted (a snapshot of a few hundred thousand subjects fits): a peer that never
@@ -98,7 +101,7 @@ pub async fn follow(state: Arc<AppState>) {
         let url = link.url().to_string();
         // Another instance next (when there are several); the backoff grows once per round.
         let new_round = link.next_url();
-        match result {
+        match &result {
             Err(StreamError::Resync) => {
                 tracing::warn!(url = %url, next = %link.url(), "resyncing with the control plane");
                 continue;
@@ -110,7 +113,12 @@ pub async fn follow(state: Arc<AppState>) {
         }
         // Jitter, so a fleet does not reconnect in lockstep after an outage.
         let jitter = Duration::from_millis(u64::from(quota::ids::uuid_v7().as_bytes()[15]) % 50);
-        if new_round || connected {
+        if let Err(StreamError::Status(s)) = &result
+            && matches!(s.as_u16(), 401 | 403)
+        {
+            tracing::error!(url = %url, status = s.as_u16(), "the control plane refused this gateway's token; check --control-plane-token");
+            tokio::time::sleep(REFUSED_BACKOFF + jitter).await;
+        } else if new_round || connected {
             tokio::time::sleep(backoff + jitter).await;
             if new_round {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -149,6 +157,11 @@ async fn check_revision(state: Arc<AppState>) {
                 Ok(rev) => rev.revision,
                 Err(_) => continue,
             },
+            // The stream reports a refused token; asking again soon changes nothing.
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403) => {
+                tokio::time::sleep(REFUSED_BACKOFF).await;
+                continue;
+            }
             _ => continue,
         };
         link.latest.fetch_max(theirs, Ordering::Relaxed);
