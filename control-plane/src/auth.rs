@@ -122,8 +122,8 @@ pub fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
         .map(|c| c.0.ip())
 }
 
-/// Wrong guesses at live tokens allowed per client address in a minute; past them, its requests
-/// are answered 429 until the minute is over (valid tokens included: the address is guessing).
+/// Failed authentications allowed per client address in a minute; past them, its requests are
+/// answered 429 until the minute is over (valid tokens included: the address is guessing).
 pub const FAILURES_PER_MINUTE: u32 = 30;
 
 /// Failed authentications by client address, per minute.
@@ -167,9 +167,7 @@ impl Failures {
 }
 
 /// `verify` for a request from `peer`: refused (429) while that address is over its failures,
-/// and a failure counted against it when the token names a live token but is not it (a guess at
-/// the bootstrap token, or at a known id). A revoked or unknown token is not counted: gateways
-/// retrying with a revoked token must not lock their neighbours out.
+/// and a failure counted against it.
 pub async fn verify_from(
     state: &AppState,
     peer: Option<std::net::IpAddr>,
@@ -183,9 +181,7 @@ pub async fn verify_from(
         ));
     }
     let verified = verify(state, token).await;
-    if let (Err(ApiError::Unauthorized), Some(p)) = (&verified, peer)
-        && matches!(state.store.token(token_id(token)).await, Ok(Some(_)))
-    {
+    if let (Err(ApiError::Unauthorized), Some(p)) = (&verified, peer) {
         state.auth_failures.failed(p);
     }
     verified

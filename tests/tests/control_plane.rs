@@ -475,9 +475,8 @@ async fn a_billing_token_changes_entitlements_and_nothing_else() {
     );
 }
 
-/// Guessing tokens is slowed to a trickle: past 30 wrong guesses at a live token (here the
-/// bootstrap one) in a minute, an address is answered 429 (even with a good token) until the
-/// minute is over; revoked tokens do not count.
+/// Guessing tokens is slowed to a trickle: past 30 failed authentications in a minute, an
+/// address is answered 429 (even with a good token) until the minute is over.
 #[tokio::test]
 async fn guessing_tokens_is_cut_off_after_thirty_failures() {
     let cp = ControlPlane::start(&Db::sqlite());
@@ -487,13 +486,6 @@ async fn guessing_tokens_is_cut_off_after_thirty_failures() {
             .bearer_auth(token)
             .send()
     };
-    let (revoked, id) = cp.issue_token("gone", "viewer").await;
-    let (status, _) = cp.call("DELETE", &format!("/v1/tokens/{id}"), None).await;
-    assert_eq!(status, 204);
-    for _ in 0..40 {
-        let r = with(revoked.clone()).await.expect("request");
-        assert_eq!(r.status(), 401, "a revoked token is refused, not counted");
-    }
     for i in 0..30 {
         let r = with(format!("guess-{i:04}-of-the-admin-token"))
             .await
