@@ -109,82 +109,8 @@ impl FromRequestParts<Arc<AppState>> for Actor {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        verify_from(state, peer(parts), token).await
+        verify(state, bearer(&parts.headers).ok_or(ApiError::Unauthorized)?).await
     }
-}
-
-/// The client's address, when the server recorded it.
-pub fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
-    parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip())
-}
-
-/// Failed authentications allowed per client address in a minute; past them, its requests are
-/// answered 429 until the minute is over (valid tokens included: the address is guessing).
-pub const FAILURES_PER_MINUTE: u32 = 30;
-
-/// Failed authentications by client address, per minute.
-#[derive(Default)]
-pub struct Failures {
-    by_peer:
-        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
-}
-
-impl Failures {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>,
-    > {
-        self.by_peer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Whether `peer` has used up its failures this minute.
-    fn blocked(&self, peer: std::net::IpAddr) -> bool {
-        self.lock().get(&peer).is_some_and(|(since, n)| {
-            since.elapsed() < std::time::Duration::from_secs(60) && *n >= FAILURES_PER_MINUTE
-        })
-    }
-
-    fn failed(&self, peer: std::net::IpAddr) {
-        let mut map = self.lock();
-        // Bounded: entries of past minutes go when the map grows.
-        if map.len() > 100_000 {
-            map.retain(|_, (since, _)| since.elapsed() < std::time::Duration::from_secs(60));
-        }
-        let e = map.entry(peer).or_insert((std::time::Instant::now(), 0));
-        if e.0.elapsed() >= std::time::Duration::from_secs(60) {
-            *e = (std::time::Instant::now(), 0);
-        }
-        e.1 += 1;
-    }
-}
-
-/// `verify` for a request from `peer`: refused (429) while that address is over its failures,
-/// and a failure counted against it.
-pub async fn verify_from(
-    state: &AppState,
-    peer: Option<std::net::IpAddr>,
-    token: &str,
-) -> Result<Actor, ApiError> {
-    if let Some(p) = peer
-        && state.auth_failures.blocked(p)
-    {
-        return Err(ApiError::TooMany(
-            "too many failed authentications from this address; try again in a minute".into(),
-        ));
-    }
-    let verified = verify(state, token).await;
-    if let (Err(ApiError::Unauthorized), Some(p)) = (&verified, peer) {
-        state.auth_failures.failed(p);
-    }
-    verified
 }
 
 /// The bearer token of a request, if it has one.

@@ -361,8 +361,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("console: http://{local}/console");
     tracing::info!(revision = state.published.borrow().revision, "serving");
     let closing = state.closing.clone();
-    // Client addresses, for the failed-authentication limit.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         stop_signal().await;
         // Watch streams never end by themselves; end them so the server can drain.

@@ -38,8 +38,6 @@ pub struct AppState {
     pub closing: watch::Sender<bool>,
     /// The gateways following this instance (its open watch streams).
     pub gateways: crate::gateways::Registry,
-    /// Failed authentications per client address: guessing tokens is slowed to a trickle.
-    pub auth_failures: crate::auth::Failures,
     /// A committed change is not published yet (the store failed when it was read back).
     unpublished: AtomicBool,
 }
@@ -109,7 +107,6 @@ impl AppState {
             heartbeat,
             closing: watch::channel(false).0,
             gateways: crate::gateways::Registry::default(),
-            auth_failures: crate::auth::Failures::default(),
             unpublished: AtomicBool::new(false),
         });
         // Retries a failed publish; ends with the state (it holds only a weak reference).

@@ -308,7 +308,6 @@ fn login_page(status: StatusCode, message: Option<&str>) -> Response {
 
 async fn login(
     State(c): State<Arc<Console>>,
-    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -320,8 +319,7 @@ async fn login(
         );
     }
     let token = f.token.trim().to_string();
-    let peer = peer.map(|p| p.0.0.ip());
-    match crate::auth::verify_from(&c.state, peer, &token).await {
+    match crate::auth::verify(&c.state, &token).await {
         Ok(actor) if !actor.role.permits(Role::Viewer) => forbidden(
             None,
             "a billing token only posts entitlements: sign in with a viewer, editor or admin token",
