@@ -341,6 +341,8 @@ impl Storage for RedisStore {
 /// A bucket's emission interval in microseconds (the scripts' unit), to the nanosecond: whole
 /// microseconds would refill a 35M-per-minute bucket (1,714 ns) every 1 µs, 71% over its rate.
 fn emission_us(emission_ns: i64) -> String {
+    // Never zero: the scripts divide by it.
+    let emission_ns = emission_ns.max(1);
     format!("{}.{:03}", emission_ns / 1000, emission_ns % 1000)
 }
 

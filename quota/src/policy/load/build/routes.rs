@@ -127,7 +127,11 @@ impl<'a> Builder<'a> {
         Some(Route {
             name: r.name.as_str().into(),
             method,
-            host: r.matcher.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            host: r
+                .matcher
+                .host
+                .as_ref()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase()),
             path_prefix: prefix.value.clone(),
             upstream: upstream?,
             quota: r.quota.value.as_str().into(),
