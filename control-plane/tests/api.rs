@@ -135,6 +135,11 @@ impl Api {
             .await
     }
 
+    /// Post an entitlement change as the admin.
+    async fn entitle(&self, body: Value) -> (StatusCode, Value) {
+        self.json("POST", "/v1/entitlements", ADMIN, body).await
+    }
+
     /// Open a watch stream at `uri` (200 expected); its body.
     async fn watch(&self, uri: &str, token: &str) -> Body {
         let resp = self
@@ -540,37 +545,25 @@ async fn subjects_and_webhook(pg: bool) {
     // The webhook: one call upgrades; a retry with the same key changes nothing; the same key
     // with a different request is a conflict.
     let call = json!({ "subject": "acme", "tier": "pro", "idempotency_key": "evt_1" });
-    let (s, first) = api
-        .json("POST", "/v1/entitlements", ADMIN, call.clone())
-        .await;
+    let (s, first) = api.entitle(call.clone()).await;
     assert_eq!(s, StatusCode::OK, "{first}");
     assert_eq!(
         (first["before_tier"].as_str(), first["after_tier"].as_str()),
         (Some("free"), Some("pro"))
     );
     let rev = api.state.store.revision().await.expect("rev");
-    let (s, again) = api.json("POST", "/v1/entitlements", ADMIN, call).await;
+    let (s, again) = api.entitle(call).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(again["replayed"], true);
     assert_eq!(again["revision"], first["revision"]);
     assert_eq!(api.state.store.revision().await.expect("rev"), rev);
     let (s, _) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            json!({ "subject": "acme", "tier": "free", "idempotency_key": "evt_1" }),
-        )
+        .entitle(json!({ "subject": "acme", "tier": "free", "idempotency_key": "evt_1" }))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // A new customer is created by its first webhook.
     let (s, b) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            json!({ "subject": "newco", "tier": "free", "time_zone": "Asia/Tokyo" }),
-        )
+        .entitle(json!({ "subject": "newco", "tier": "free", "time_zone": "Asia/Tokyo" }))
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["before_tier"], Value::Null);
@@ -730,20 +723,10 @@ async fn every_admin_change_is_an_audit_event_with_its_actor() {
         .await;
     api.call("POST", "/v1/policies", Some(ADMIN), Body::from(POLICY))
         .await;
-    api.json(
-        "POST",
-        "/v1/entitlements",
-        ADMIN,
-        json!({ "subject": "acme", "tier": "free" }),
-    )
-    .await;
-    api.json(
-        "POST",
-        "/v1/entitlements",
-        ADMIN,
-        json!({ "subject": "acme", "tier": "pro" }),
-    )
-    .await;
+    api.entitle(json!({ "subject": "acme", "tier": "free" }))
+        .await;
+    api.entitle(json!({ "subject": "acme", "tier": "pro" }))
+        .await;
     let got: Vec<(Option<String>, EventBody)> = events
         .0
         .lock()
@@ -926,12 +909,7 @@ async fn blank_idempotency_keys_and_the_reserved_guest_id_are_refused() {
     api.json("PUT", "/v1/subjects/acme", ADMIN, json!({ "tier": "free" }))
         .await;
     let (s, b) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            json!({ "subject": "acme", "tier": "pro", "idempotency_key": " " }),
-        )
+        .entitle(json!({ "subject": "acme", "tier": "pro", "idempotency_key": " " }))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     let (s, b) = api
@@ -975,22 +953,12 @@ async fn names_that_would_break_keys_labels_or_the_ledger_are_refused_with_400()
     }
     for subject in ["{acme}", "acme corp", "ac\0me"] {
         let (s, b) = api
-            .json(
-                "POST",
-                "/v1/entitlements",
-                ADMIN,
-                json!({ "subject": subject, "tier": "pro" }),
-            )
+            .entitle(json!({ "subject": subject, "tier": "pro" }))
             .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{subject:?}: {b}");
     }
     let (s, b) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            json!({ "subject": "acme", "tier": "pro/x" }),
-        )
+        .entitle(json!({ "subject": "acme", "tier": "pro/x" }))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert!(b.to_string().contains("invalid tier name"), "{b}");
@@ -1065,42 +1033,22 @@ async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
     let event = |tier: &str, at: &str, id: &str| json!({ "subject": "acme", "tier": tier, "event_time": at, "idempotency_key": id });
     // An event dated in the future would freeze the subject's entitlement: refused.
     let (s, b) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("pro", "9999-01-01T00:00:00Z", "e0"),
-        )
+        .entitle(event("pro", "9999-01-01T00:00:00Z", "e0"))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     let (s, b) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("free", "2026-12-01T10:00:00Z", "e1"),
-        )
+        .entitle(event("free", "2026-12-01T10:00:00Z", "e1"))
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     // The upgrade happened at 10:05 and arrives first…
     let (s, up) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("pro", "2026-12-01T10:05:00Z", "e3"),
-        )
+        .entitle(event("pro", "2026-12-01T10:05:00Z", "e3"))
         .await;
     assert_eq!(s, StatusCode::OK, "{up}");
     assert_eq!(up["superseded"], false);
     // …then the provider delivers an older downgrade (10:02) late.
     let (s, late) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("free", "2026-12-01T10:02:00Z", "e2"),
-        )
+        .entitle(event("free", "2026-12-01T10:02:00Z", "e2"))
         .await;
     assert_eq!(s, StatusCode::OK, "{late}");
     assert_eq!(late["superseded"], true, "{late}");
@@ -1112,22 +1060,12 @@ async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
     assert_eq!(subject["tier"], "pro", "the newer upgrade stands");
     // Its retry gets the same answer; a newer event still applies.
     let (_, again) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("free", "2026-12-01T10:02:00Z", "e2"),
-        )
+        .entitle(event("free", "2026-12-01T10:02:00Z", "e2"))
         .await;
     assert_eq!(again["superseded"], true);
     assert_eq!(again["replayed"], true);
     let (_, newer) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("free", "2026-12-01T11:00:00Z", "e4"),
-        )
+        .entitle(event("free", "2026-12-01T11:00:00Z", "e4"))
         .await;
     assert_eq!(newer["superseded"], false, "{newer}");
     assert_eq!(newer["after_tier"], "free");
@@ -1145,23 +1083,13 @@ async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
     ] {
         let dated = |tier: &str, at: &str, key: String| json!({ "subject": id, "tier": tier, "event_time": at, "idempotency_key": key });
         let (s, b) = api
-            .json(
-                "POST",
-                "/v1/entitlements",
-                ADMIN,
-                dated("free", "2026-12-01T10:00:00Z", format!("{id}-first")),
-            )
+            .entitle(dated("free", "2026-12-01T10:00:00Z", format!("{id}-first")))
             .await;
         assert_eq!(s, StatusCode::OK, "{b}");
         let (s, b) = api.json(method, path, ADMIN, by_hand).await;
         assert_eq!(s, StatusCode::OK, "{method} {path}: {b}");
         let (_, late) = api
-            .json(
-                "POST",
-                "/v1/entitlements",
-                ADMIN,
-                dated("free", &a_minute_ago, format!("{id}-late")),
-            )
+            .entitle(dated("free", &a_minute_ago, format!("{id}-late")))
             .await;
         assert_eq!(late["superseded"], true, "after {method} {path}: {late}");
         let (_, subject) = api
@@ -1181,17 +1109,10 @@ async fn a_late_older_entitlement_event_does_not_undo_a_newer_one() {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let checkout = json!({ "subject": "s5", "tier": "pro", "event_time": a_minute_ago, "idempotency_key": "s5-checkout" });
-    let (_, applied) = api.json("POST", "/v1/entitlements", ADMIN, checkout).await;
+    let (_, applied) = api.entitle(checkout).await;
     assert_eq!(applied["superseded"], false, "{applied}");
     assert_eq!(applied["after_tier"], "pro", "{applied}");
-    let (s, b) = api
-        .json(
-            "POST",
-            "/v1/entitlements",
-            ADMIN,
-            event("pro", "yesterday", "e5"),
-        )
-        .await;
+    let (s, b) = api.entitle(event("pro", "yesterday", "e5")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
 }
 

@@ -244,7 +244,7 @@ async fn stream_once(
             }
             // Current only once the announced revision is enforced (a snapshot still in flight,
             // or one this gateway refused, leaves it behind).
-            let current = link.latest() <= link.applied() && !link.behind.load(Ordering::Relaxed);
+            let current = link.latest() <= link.applied() && !link.behind();
             link.connected.store(current, Ordering::Relaxed);
         }
         scanned = buf.len();
@@ -292,8 +292,17 @@ async fn handle_event(
             }
             if let Ok(b) = serde_json::from_slice::<Beat>(&data) {
                 let behind = b.revision < link.applied();
-                if behind && !link.behind.swap(true, Ordering::Relaxed) {
-                    link.restored_at.store(b.revision.max(1), Ordering::Relaxed);
+                if behind
+                    && link
+                        .behind_at
+                        .compare_exchange(
+                            0,
+                            b.revision.max(1),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                {
                     tracing::warn!(
                         theirs = b.revision,
                         ours = link.applied(),
@@ -301,8 +310,7 @@ async fn handle_event(
                     );
                 }
                 if !behind {
-                    link.behind.store(false, Ordering::Relaxed);
-                    link.restored_at.store(0, Ordering::Relaxed);
+                    link.behind_at.store(0, Ordering::Relaxed);
                 }
                 link.latest.fetch_max(b.revision, Ordering::Relaxed);
                 every = b.every_ms.map(Duration::from_millis);
@@ -359,11 +367,9 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bo
     // A control plane seen behind this gateway (its database restored) that then makes a change
     // (a key revoked, a tier changed) is obeyed: its revision numbers restarted lower, so that
     // change would otherwise wait until they pass this gateway's, revocations included.
-    let restored_at = link.restored_at.load(Ordering::Relaxed);
-    let after_restore = link.behind.load(Ordering::Relaxed)
-        && restored_at > 0
-        && snap.revision > restored_at
-        && snap.revision <= link.applied();
+    let behind_at = link.behind_at.load(Ordering::Relaxed);
+    let after_restore =
+        behind_at != 0 && snap.revision > behind_at && snap.revision <= link.applied();
     // Otherwise never go back: a reconnect to a lagging replica must not undo a newer revision.
     if snap.revision <= link.applied() && !after_restore {
         m.snapshot_refresh.with_label_values(&["stale"]).inc();
@@ -388,8 +394,7 @@ async fn apply_snapshot(state: &Arc<AppState>, link: &Link, data: Vec<u8>) -> bo
             "a change made on the restored control plane: its state replaces the newer one this gateway enforced"
         );
         link.latest.store(revision, Ordering::Relaxed);
-        link.behind.store(false, Ordering::Relaxed);
-        link.restored_at.store(0, Ordering::Relaxed);
+        link.behind_at.store(0, Ordering::Relaxed);
     }
     m.snapshot_refresh.with_label_values(&["applied"]).inc();
     m.control_plane_applied_at.set(unix_ms() as f64 / 1000.0);

@@ -35,12 +35,11 @@ pub struct Link {
     pub(crate) applied: AtomicU64,
     /// The newest revision the control plane has announced.
     pub(crate) latest: AtomicU64,
-    /// Set while the control plane announces an older revision than the one enforced (its
-    /// database was restored?): keys it issued since then are unknown here.
-    pub(crate) behind: AtomicBool,
-    /// The revision the control plane announced when it was first seen behind (0: it is not):
-    /// a snapshot newer than that is a change made on the restored control plane.
-    pub(crate) restored_at: AtomicU64,
+    /// While the control plane announces an older revision than the one enforced (its database
+    /// was restored?), the revision it announced when first seen so (at least 1); 0 otherwise.
+    /// Keys it issued since are unknown here; a snapshot newer than this is a change made on the
+    /// restored control plane.
+    pub(crate) behind_at: AtomicU64,
     /// The client of the control plane's API (never used for proxied traffic).
     pub(crate) http: reqwest::Client,
 }
@@ -63,8 +62,7 @@ impl Link {
             connected: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             latest: AtomicU64::new(0),
-            behind: AtomicBool::new(false),
-            restored_at: AtomicU64::new(0),
+            behind_at: AtomicU64::new(0),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .connect_timeout(std::time::Duration::from_secs(5))
@@ -99,6 +97,11 @@ impl Link {
 
     pub fn latest(&self) -> u64 {
         self.latest.load(Ordering::Relaxed)
+    }
+
+    /// Whether the control plane announces an older revision than the one enforced.
+    pub fn behind(&self) -> bool {
+        self.behind_at.load(Ordering::Relaxed) != 0
     }
 
     /// Record a snapshot enforced at start (from disk).

@@ -11,7 +11,7 @@
 
 use crate::admit::{Ask, admit};
 use crate::headers::{ratelimit, ratelimit_policy};
-use crate::respond::{Ctx, error_body, refuse, respond_json};
+use crate::respond::{Ctx, error_body, refuse, respond_error, respond_json};
 use crate::state::AppState;
 use crate::upstream::{HOP_BY_HOP, shape};
 use bytes::{Bytes, BytesMut};
@@ -113,14 +113,7 @@ pub async fn serve(
         let msg = format!(
             "`{path}` is not an endpoint this route meters (chat completions, completions, responses, embeddings, messages); the route must list it in `unmetered_paths` to forward it"
         );
-        respond_json(
-            session,
-            404,
-            error_body("unmetered_endpoint", msg, &rid),
-            &[],
-            &rid,
-        )
-        .await?;
+        respond_error(session, 404, "unmetered_endpoint", msg, &rid).await?;
         return Ok(true);
     }
     // Cheap refusals first: no request or no token left is answered before the body is read.
@@ -137,14 +130,7 @@ pub async fn serve(
     }
     let Some(body) = read_body(session, llm.max_body_bytes).await? else {
         let msg = format!("request body larger than {} bytes", llm.max_body_bytes);
-        respond_json(
-            session,
-            413,
-            error_body("body_too_large", msg, &rid),
-            &[],
-            &rid,
-        )
-        .await?;
+        respond_error(session, 413, "body_too_large", msg, &rid).await?;
         return Ok(true);
     };
     let body = Arc::new(body);
@@ -159,14 +145,7 @@ pub async fn serve(
     {
         Ok(r) => r,
         Err(e) => {
-            respond_json(
-                session,
-                400,
-                error_body("invalid_request", e.to_string(), &rid),
-                &[],
-                &rid,
-            )
-            .await?;
+            respond_error(session, 400, "invalid_request", e.to_string(), &rid).await?;
             return Ok(true);
         }
     };
@@ -183,14 +162,7 @@ pub async fn serve(
             "no price for model `{}`; add it (or `default`) under `models`",
             req.model
         );
-        respond_json(
-            session,
-            400,
-            error_body("unknown_model", msg, &rid),
-            &[],
-            &rid,
-        )
-        .await?;
+        respond_error(session, 400, "unknown_model", msg, &rid).await?;
         return Ok(true);
     }
     // The output ceiling: what the client asked for, within the route's cap; the route's default
@@ -215,14 +187,7 @@ pub async fn serve(
             } else {
                 format!("`{field}` is {asked}; this route allows at most {cap} output tokens")
             };
-            respond_json(
-                session,
-                400,
-                error_body("max_tokens_too_large", msg, &rid),
-                &[],
-                &rid,
-            )
-            .await?;
+            respond_error(session, 400, "max_tokens_too_large", msg, &rid).await?;
             return Ok(true);
         }
         Some(asked) => asked.min(per_choice_cap),
@@ -602,7 +567,11 @@ async fn forward(
             (None, Some(out))
         }
     };
-    let mut meter = StreamMeter::new(llm.provider, &req.model, inject);
+    let mut meter = if endpoint == Endpoint::Responses {
+        StreamMeter::for_responses(&req.model)
+    } else {
+        StreamMeter::new(llm.provider, &req.model, inject)
+    };
     // `cut`: the stream ends at what was reserved. `bill`: it may go on while the quota covers it.
     let ceiling = if llm.cut_overrun { out_total } else { u64::MAX };
     let mut guard = if endpoint == Endpoint::Responses {

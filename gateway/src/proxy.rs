@@ -5,7 +5,7 @@
 use crate::admit::{Ask, admit};
 use crate::guardrail::Standing;
 use crate::headers::{ceil_s, ratelimit, ratelimit_policy};
-use crate::respond::{Charge, Ctx, error_body, refuse, respond_json};
+use crate::respond::{Charge, Ctx, error_body, refuse, respond_error, respond_json};
 use crate::state::AppState;
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -124,52 +124,24 @@ impl ProxyHttp for Gateway {
             }
             _ => {
                 let msg = "a valid API key is required (Authorization: Bearer <key> or x-api-key)";
-                respond_json(
-                    session,
-                    401,
-                    error_body("unauthorized", msg, &ctx.request_id),
-                    &[],
-                    &ctx.request_id,
-                )
-                .await?;
+                respond_error(session, 401, "unauthorized", msg, &ctx.request_id).await?;
                 return Ok(true);
             }
         };
         if !subject.enabled {
             let msg = format!("subject `{}` is disabled", subject.id);
-            respond_json(
-                session,
-                403,
-                error_body("subject_disabled", msg, &ctx.request_id),
-                &[],
-                &ctx.request_id,
-            )
-            .await?;
+            respond_error(session, 403, "subject_disabled", msg, &ctx.request_id).await?;
             return Ok(true);
         }
         if let Some(why) = unroutable(req) {
-            respond_json(
-                session,
-                400,
-                error_body("invalid_path", why, &ctx.request_id),
-                &[],
-                &ctx.request_id,
-            )
-            .await?;
+            respond_error(session, 400, "invalid_path", why, &ctx.request_id).await?;
             return Ok(true);
         }
         let path = match quota::http_path::normalize(req.uri.path()) {
             Ok(p) => p,
             Err(e) => {
                 let msg = format!("invalid request path: {e}");
-                respond_json(
-                    session,
-                    400,
-                    error_body("invalid_path", msg, &ctx.request_id),
-                    &[],
-                    &ctx.request_id,
-                )
-                .await?;
+                respond_error(session, 400, "invalid_path", msg, &ctx.request_id).await?;
                 return Ok(true);
             }
         };
@@ -183,14 +155,7 @@ impl ProxyHttp for Gateway {
         }
         let Some(route) = route else {
             let msg = format!("no route for {} {path}", req.method);
-            respond_json(
-                session,
-                404,
-                error_body("no_route", msg, &ctx.request_id),
-                &[],
-                &ctx.request_id,
-            )
-            .await?;
+            respond_error(session, 404, "no_route", msg, &ctx.request_id).await?;
             return Ok(true);
         };
         ctx.route = Some(route.name.clone());
@@ -231,27 +196,20 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
-        if let Some(var) = ctx.upstream.as_ref().and_then(|u| u.unresolved.as_deref()) {
+        if ctx
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.unresolved.is_some())
+        {
             // Sending it without the credentials its headers carry would be refused upstream at
-            // best, and would bill nothing useful; the operator learns the variable's name from
-            // the log, not the client.
-            tracing::error!(
-                route = %route.name,
-                variable = var,
-                "upstream header needs an environment variable this gateway lacks; request refused"
-            );
+            // best, and would bill nothing useful. The operator learns the variable's name from
+            // the log line written when the policy loaded (`reload`), not the client, and not
+            // once per request.
             let msg = format!(
                 "route `{}` is not configured on this gateway (its upstream credentials are missing)",
                 route.name
             );
-            respond_json(
-                session,
-                503,
-                error_body("upstream_unconfigured", msg, &ctx.request_id),
-                &[],
-                &ctx.request_id,
-            )
-            .await?;
+            respond_error(session, 503, "upstream_unconfigured", msg, &ctx.request_id).await?;
             return Ok(true);
         }
         if let Some(up) = &ctx.upstream {

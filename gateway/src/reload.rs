@@ -43,15 +43,8 @@ pub fn rebuild(
         return Ok(false);
     }
     tracing::info!(version = %policy.version, hash = %policy.hash, source = %sources.describe(), "policy loaded");
-    let mut told = std::collections::HashSet::new();
-    for up in policy
-        .routes
-        .iter()
-        .flat_map(|r| std::iter::once(&r.upstream).chain(&r.fallback_upstream))
-    {
-        if let Some(var) = &up.unresolved
-            && told.insert(up.name.clone())
-        {
+    for up in policy.upstreams() {
+        if let Some(var) = &up.unresolved {
             tracing::error!(upstream = %up.name, variable = %var, "an upstream header needs an environment variable this gateway lacks: its requests are refused (503) until the gateway is restarted with it");
         }
     }
@@ -66,7 +59,7 @@ pub fn rebuild(
     state.policy.replace(policy);
     // The new policy's upstreams resolved before its requests need them.
     let (upstreams, enforced) = (state.upstreams.clone(), state.policy.load_full());
-    tokio::spawn(async move { upstreams.prepare(&enforced.routes).await });
+    tokio::spawn(async move { upstreams.prepare(&enforced).await });
     m.policy_reloads.with_label_values(&["success"]).inc();
     Ok(true)
 }

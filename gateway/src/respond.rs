@@ -124,6 +124,24 @@ pub(crate) async fn respond_json(
     Ok(())
 }
 
+/// Answer `status` with the plain error body ([`error_body`]) and no other header.
+pub(crate) async fn respond_error(
+    session: &mut Session,
+    status: u16,
+    error: &str,
+    message: impl Into<String>,
+    request_id: &str,
+) -> Result<()> {
+    respond_json(
+        session,
+        status,
+        error_body(error, message, request_id),
+        &[],
+        request_id,
+    )
+    .await
+}
+
 pub(crate) fn error_body(
     error: &str,
     message: impl Into<String>,

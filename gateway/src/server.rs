@@ -283,7 +283,7 @@ fn control_plane_tasks(
         if let Some(certs) = certs {
             tokio::spawn(certs.watch());
         }
-        state.upstreams.prepare(&state.policy.load().routes).await;
+        state.upstreams.prepare(&state.policy.load()).await;
         if state.control_plane.is_some() {
             tokio::spawn(crate::cp::follow(state.clone()));
         }

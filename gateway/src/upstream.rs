@@ -8,7 +8,7 @@ use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::ALPN;
 use pingora::tls::x509::X509;
-use quota::policy::{Route, Upstream};
+use quota::policy::{Policy, Upstream};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -69,23 +69,14 @@ struct Resolved {
 impl Upstreams {
     /// Resolve every upstream of a policy that is about to be enforced, so its first requests
     /// find their addresses ready. Failures are logged; requests will retry the lookup.
-    pub async fn prepare(&self, routes: &[Route]) {
-        let mut seen = std::collections::HashSet::new();
-        let mut ups: Vec<Arc<Upstream>> = Vec::new();
-        for r in routes {
-            for up in std::iter::once(&r.upstream).chain(&r.fallback_upstream) {
-                if seen.insert(up.name.clone()) {
-                    ups.push(up.clone());
-                }
-            }
-        }
-        for up in ups {
+    pub async fn prepare(&self, policy: &Policy) {
+        for up in policy.upstreams() {
             if up.literal.is_none()
                 && let Err(e) = self.lookup(&up.address).await
             {
                 tracing::warn!(upstream = %up.name, error = %e, "upstream address not resolved");
             }
-            if let Err(e) = self.ca(&up) {
+            if let Err(e) = self.ca(up) {
                 tracing::warn!(upstream = %up.name, error = %e, "upstream CA file not loaded");
             }
         }

@@ -41,7 +41,22 @@ pub struct Verdict {
     pub next: State,
 }
 
+/// The window id of a `concurrent` limit: one window that never ends, whose units come back
+/// only when released (calendar window ids count days or months from year 1, never 0).
+pub const EVERLASTING_WINDOW: i64 = 0;
+
 impl Limit {
+    /// A `concurrent` limit ([`EVERLASTING_WINDOW`]): nothing frees its units but their release.
+    pub fn is_everlasting(&self) -> bool {
+        matches!(
+            self,
+            Limit::Window {
+                window: EVERLASTING_WINDOW,
+                ..
+            }
+        )
+    }
+
     /// The state of a counter never used before.
     pub fn initial_state(&self, now_ns: i64) -> State {
         match *self {

@@ -12,13 +12,18 @@ fn cp_policy(upstream: SocketAddr) -> String {
     acme_policy(upstream, "cp-test", "")
 }
 
-async fn status_of(gw: &Gateway, path: &str, key: &str) -> (u16, Option<String>) {
-    let r = client()
+/// GET `path` through `gw` with `key`.
+async fn get(gw: &Gateway, path: &str, key: &str) -> reqwest::Response {
+    client()
         .get(gw.url(path))
         .bearer_auth(key)
         .send()
         .await
-        .expect("request");
+        .expect("request")
+}
+
+async fn status_of(gw: &Gateway, path: &str, key: &str) -> (u16, Option<String>) {
+    let r = get(gw, path, key).await;
     let retry = r
         .headers()
         .get("retry-after")
@@ -373,12 +378,7 @@ tiers:
     for gw in [&with, &without] {
         assert!(until_status(gw, "/lookup", &key, 200, Duration::from_secs(10)).await);
     }
-    let r = client()
-        .get(with.url("/vendor/x"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("request");
+    let r = get(&with, "/vendor/x", &key).await;
     assert_eq!(r.status(), 200);
     let echo: Value = r.json().await.expect("json");
     assert_eq!(
@@ -386,12 +386,7 @@ tiers:
         "the gateway's own value"
     );
 
-    let r = client()
-        .get(without.url("/vendor/x"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("request");
+    let r = get(&without, "/vendor/x", &key).await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"], "upstream_unconfigured", "{body}");

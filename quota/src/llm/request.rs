@@ -156,10 +156,12 @@ fn parse_with(
                 "`{key}`: field names are ASCII in this API"
             )));
         }
-        let lower = key.to_ascii_lowercase();
-        if &lower != key && READ_FIELDS.contains(&lower.as_str()) {
+        if let Some(field) = READ_FIELDS
+            .iter()
+            .find(|f| f.eq_ignore_ascii_case(key) && **f != key.as_str())
+        {
             return Err(RequestError::Invalid(format!(
-                "`{key}`: field names are case-sensitive; send `{lower}`"
+                "`{key}`: field names are case-sensitive; send `{field}`"
             )));
         }
     }

@@ -63,6 +63,8 @@ impl Default for MeterLimits {
 #[derive(Debug)]
 pub struct StreamMeter {
     provider: Provider,
+    /// A Responses API stream (its events are told by their `type`), not chat or completions.
+    responses: bool,
     model: String,
     strip_injected_usage: bool,
     limits: MeterLimits,
@@ -158,6 +160,15 @@ impl StreamMeter {
         )
     }
 
+    /// A meter for an OpenAI Responses API stream: told apart at the start, so chat chunks are
+    /// never scanned for an event type they do not have.
+    pub fn for_responses(model: &str) -> Self {
+        Self {
+            responses: true,
+            ..Self::new(Provider::OpenAi, model, false)
+        }
+    }
+
     /// A meter with other bounds than the defaults (tests, or a route that expects huge events).
     pub fn with_limits(
         provider: Provider,
@@ -167,6 +178,7 @@ impl StreamMeter {
     ) -> Self {
         Self {
             provider,
+            responses: false,
             model: model.to_string(),
             strip_injected_usage: strip_injected_usage && provider == Provider::OpenAi,
             limits,
@@ -370,10 +382,10 @@ impl StreamMeter {
                     self.finished = true;
                     return false;
                 }
-                if let Some(kind) = top_level_str(data, b"type")
-                    && kind.starts_with(b"response.")
-                {
-                    self.on_responses_event(kind, data);
+                if self.responses {
+                    if let Some(kind) = top_level_str(data, b"type") {
+                        self.on_responses_event(kind, data);
+                    }
                     return false;
                 }
                 if finder!(b"\"usage\":{").find(data).is_none() {
@@ -873,7 +885,7 @@ mod kind_tests {
             "response.failed",
         ] {
             for step in [1, 13, 4096] {
-                let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+                let mut m = StreamMeter::for_responses("gpt-4o");
                 run(&mut m, &responses_stream(last, true), step);
                 assert!(m.finished() && m.reported(), "{last}");
                 let u = m.usage(0);
@@ -885,7 +897,7 @@ mod kind_tests {
             }
         }
         // Without usage: the deltas, counted once (not the `done` events that repeat them).
-        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        let mut m = StreamMeter::for_responses("gpt-4o");
         run(&mut m, &responses_stream("response.completed", false), 7);
         assert_eq!(m.usage(5), Usage::plain(5, 3));
     }
@@ -899,7 +911,7 @@ mod kind_tests {
             "\"response\":{\"metadata\":{\"k\":\"x.delta\",\"type\":\"response.output_text.delta\"},\"output\"",
         );
         assert!(s.contains("x.delta"));
-        let mut m = StreamMeter::new(Provider::OpenAi, "gpt-4o", false);
+        let mut m = StreamMeter::for_responses("gpt-4o");
         run(&mut m, &s, 64);
         assert!(m.finished() && m.reported());
         assert_eq!(m.usage(0).completion, 10);

@@ -110,6 +110,16 @@ impl Policy {
             .find(|r| r.matches(method, host.map(host_name), path))
     }
 
+    /// Every upstream the routes send to (fallbacks included), once each, in route order.
+    pub fn upstreams(&self) -> Vec<&Arc<Upstream>> {
+        let mut seen = std::collections::HashSet::new();
+        self.routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.upstream).chain(&r.fallback_upstream))
+            .filter(|up| seen.insert(up.name.clone()))
+            .collect()
+    }
+
     /// Every distinct subject (one subject may hold several API keys).
     pub fn subjects(&self) -> impl Iterator<Item = &Arc<Subject>> {
         self.subjects_by_id.values()
@@ -380,7 +390,7 @@ impl LimitSpec {
             // One everlasting window; a refused client may retry in a second.
             LimitSpec::Concurrent { limit } => Limit::Window {
                 limit,
-                window: 0,
+                window: crate::limiter::EVERLASTING_WINDOW,
                 reset_at_ns: now_ns.saturating_add(1_000_000_000),
             },
         }

@@ -576,10 +576,7 @@ impl Storage for LeasedStore {
         // would stay taken for good.
         let leasing = req.idempotency_key.is_none()
             && req.counters.iter().any(|c| c.cost > 0)
-            && !req
-                .counters
-                .iter()
-                .any(|c| matches!(c.limit, Limit::Window { window: 0, .. }));
+            && !req.counters.iter().any(|c| c.limit.is_everlasting());
         if leasing && let Some(o) = self.try_local(req, true) {
             return Ok(o);
         }
